@@ -1,0 +1,4793 @@
+"""sqlrs-engine: disposable PostgreSQL databases from cached, content-addressed states.
+
+The local engine behind the ``sqlrs`` CLI. It turns psql scripts into immutable states (snapshots
+of a Postgres data directory), caches them by content, and starts instances (live Postgres
+servers with a DSN) from any state. It speaks the HTTP/JSON/NDJSON contract of the reference
+engine on loopback, authenticated by a bearer token it writes to ``engine.json``.
+
+Sections, in dependency order (later sections use earlier ones, never the reverse):
+ids, errors, config, store, queue, registry, auth, stream, snapshot, dbms, runtime, conntrack,
+instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, cli/main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import errno
+import fcntl
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import pwd
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("sqlrs-engine")
+
+JsonDict = dict[str, Any]
+
+###############################################################################
+# ids: identifier formats, validation, timestamps and Go durations.
+# Owns nothing; may call only the standard library.
+###############################################################################
+
+HEX32_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+LOWER_HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")
+GO_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
+GO_DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "µs": 1_000,
+    "μs": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+
+
+def random_hex(n_bytes: int) -> str:
+    return secrets.token_hex(n_bytes)
+
+
+def is_instance_id(value: str) -> bool:
+    """True for the instance id shape (32 hex characters, any case)."""
+    return bool(HEX32_RE.match(value))
+
+
+def is_job_id(value: str) -> bool:
+    return bool(LOWER_HEX32_RE.match(value))
+
+
+def is_state_id(value: str) -> bool:
+    return bool(HEX64_RE.match(value))
+
+
+def derived_instance_id(job_id: str) -> str:
+    return hashlib.sha256(f"instance\x00{job_id}\x00".encode()).hexdigest()[:32]
+
+
+def format_ts(ns: int | None = None) -> str:
+    """RFC 3339 UTC timestamp with nanoseconds (always nine digits, so strings sort)."""
+    ns = time.time_ns() if ns is None else ns
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+
+
+def parse_ts(value: str) -> float:
+    base, _, frac = value.rstrip("Z").partition(".")
+    secs = time.mktime(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    return secs + (float("0." + frac) if frac else 0.0)
+
+
+def parse_go_duration(text: str) -> float:
+    """Parse a Go duration (``30s``, ``2m0s``, ``1h30m``, ``0``) into seconds."""
+    value = text.strip()
+    sign = -1 if value.startswith("-") else 1
+    value = value.lstrip("+-")
+    if value == "0":
+        return 0.0
+    if not value:
+        raise ValueError(f"invalid duration {text!r}")
+    total_ns = 0.0
+    pos = 0
+    for match in GO_DURATION_RE.finditer(value):
+        if match.start() != pos or match.group(1) in ("", "."):
+            raise ValueError(f"invalid duration {text!r}")
+        total_ns += float(match.group(1)) * GO_DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(value):
+        raise ValueError(f"invalid duration {text!r}")
+    return sign * total_ns / 1e9
+
+
+def format_go_duration(seconds: float) -> str:
+    """Format seconds the way Go's ``time.Duration.String`` does (``10m0s``, ``1.5s``)."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    sign = "-" if ns < 0 else ""
+    ns = abs(ns)
+    if ns < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= size:
+                return sign + _trim_fraction(ns, size) + unit
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    out = f"{hours}h" if hours else ""
+    if hours or minutes:
+        out += f"{minutes}m"
+    return sign + out + _trim_fraction(rest, 1_000_000_000) + "s"
+
+
+def _trim_fraction(value: int, unit: int) -> str:
+    whole, frac = divmod(value, unit)
+    if not frac:
+        return str(whole)
+    digits = len(str(unit)) - 1
+    return f"{whole}.{frac:0{digits}d}".rstrip("0")
+
+
+def parse_go_bool(value: str) -> bool:
+    """Go's ``strconv.ParseBool``."""
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ValueError(f'strconv.ParseBool: parsing "{value}": invalid syntax')
+
+
+def safe_path_component(value: str) -> str:
+    """Map an arbitrary string (an image id) to one safe path component."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value).strip(".")
+    return cleaned[:120] or "_"
+
+
+###############################################################################
+# errors: the JSON error type every layer raises and the HTTP layer renders.
+###############################################################################
+
+
+class ApiError(Exception):
+    """A failure with an HTTP status and a JSON body ``{code, message[, details]}``."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+    def body(self) -> JsonDict:
+        out: JsonDict = {"code": self.code, "message": self.message}
+        if self.details not in (None, ""):
+            out["details"] = (
+                self.details if isinstance(self.details, str) else json.dumps(self.details)
+            )
+        return out
+
+
+def invalid_argument(message: str, details: Any = None) -> ApiError:
+    return ApiError(400, "invalid_argument", message, details)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def conflict(message: str, details: Any = None) -> ApiError:
+    return ApiError(409, "conflict", message, details)
+
+
+class JobFailure(Exception):
+    """A prepare job ends in ``failed`` with this error body."""
+
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.error = ApiError(500, code, message, details).body()
+
+
+class JobCancelled(JobFailure):
+    def __init__(self, message: str = "job cancelled") -> None:
+        super().__init__("cancelled", message)
+
+
+###############################################################################
+# config: engine settings persisted in <store>/config.json (§3.8).
+# Owns config.json; may call ids and errors.
+###############################################################################
+
+CONFIG_DEFAULTS: JsonDict = {
+    "log": {"level": "debug"},
+    "cache": {
+        "capacity": {
+            "maxBytes": 0,
+            "reserveBytes": None,
+            "highWatermark": 0.90,
+            "lowWatermark": 0.80,
+            "minStateAge": "10m",
+        }
+    },
+    "container": {"runtime": "auto"},
+    "snapshot": {"backend": "auto"},
+    "orchestrator": {"jobs": {"maxIdentical": 2}},
+}
+
+_NON_NEGATIVE_INT = {"type": ["integer", "null"], "minimum": 0}
+_WATERMARK = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+CONFIG_SCHEMA: JsonDict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sqlrs engine configuration",
+    "type": "object",
+    "properties": {
+        "log": {
+            "type": "object",
+            "properties": {"level": {"enum": ["debug", "info", "warn", "error"]}},
+        },
+        "cache": {
+            "type": "object",
+            "properties": {
+                "capacity": {
+                    "type": "object",
+                    "properties": {
+                        "maxBytes": _NON_NEGATIVE_INT,
+                        "reserveBytes": _NON_NEGATIVE_INT,
+                        "highWatermark": _WATERMARK,
+                        "lowWatermark": _WATERMARK,
+                        "minStateAge": {"type": "string", "description": "Go duration"},
+                    },
+                }
+            },
+        },
+        "container": {
+            "type": "object",
+            "properties": {"runtime": {"enum": ["auto", "docker", "podman"]}},
+        },
+        "snapshot": {
+            "type": "object",
+            "properties": {"backend": {"enum": ["auto", "overlay", "btrfs", "copy"]}},
+        },
+        "orchestrator": {
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "object", "properties": {"maxIdentical": _NON_NEGATIVE_INT}}
+            },
+        },
+    },
+}
+
+_PATH_TOKEN_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def parse_config_path(path: str) -> list[str | int]:
+    """Split ``a.b[0].c`` into keys and indices; raise ValueError when malformed."""
+    if not path or path.strip() != path:
+        raise ValueError("empty path")
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(path):
+        if parts and path[pos] == "." and not path.startswith("[", pos + 1):
+            pos += 1
+        match = _PATH_TOKEN_RE.match(path, pos)
+        if not match:
+            raise ValueError(f"bad path at offset {pos}")
+        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        pos = match.end()
+    return parts
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = deep_merge(base.get(key), value) if key in base else value
+        return merged
+    return copy.deepcopy(override)
+
+
+def _lookup(tree: Any, parts: Sequence[str | int]) -> Any:
+    node = tree
+    for part in parts:
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(part)
+    return node
+
+
+def validate_config(effective: JsonDict) -> None:
+    """Raise ValueError when the effective configuration breaks a rule of §3.8."""
+    def get(*keys: str) -> Any:
+        return _lookup(effective, keys)
+
+    checks: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
+        (("log", "level"), lambda v: v in ("debug", "info", "warn", "error"), "log level"),
+        (("container", "runtime"), lambda v: v in ("auto", "docker", "podman"), "runtime"),
+        (("snapshot", "backend"), lambda v: v in ("auto", "overlay", "btrfs", "copy"), "backend"),
+    ]
+    for key in ("maxBytes", "reserveBytes"):
+        checks.append((("cache", "capacity", key), _is_non_negative_int_or_none, key))
+    checks.append(
+        (("orchestrator", "jobs", "maxIdentical"), _is_non_negative_int_or_none, "maxIdentical")
+    )
+    for key in ("highWatermark", "lowWatermark"):
+        checks.append((("cache", "capacity", key), _is_watermark, key))
+    for keys, ok, label in checks:
+        try:
+            value = get(*keys)
+        except KeyError:
+            raise ValueError(f"{'.'.join(keys)} is missing") from None
+        if not ok(value):
+            raise ValueError(f"invalid {label}: {value!r}")
+    if get("cache", "capacity", "lowWatermark") >= get("cache", "capacity", "highWatermark"):
+        raise ValueError("lowWatermark must be below highWatermark")
+    age = get("cache", "capacity", "minStateAge")
+    if not isinstance(age, str):
+        raise ValueError("minStateAge must be a Go duration string")
+    parse_go_duration(age)
+
+
+def _is_non_negative_int_or_none(value: Any) -> bool:
+    return value is None or (type(value) is int and value >= 0)
+
+
+def _is_watermark(value: Any) -> bool:
+    return type(value) in (int, float) and 0 < value <= 1
+
+
+class ConfigManager:
+    """Engine configuration: defaults overlaid by overrides persisted atomically in config.json.
+
+    Thread-safe. Every change is validated on the resulting effective configuration before it
+    is written; a rejected change leaves file and memory untouched.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._overrides: JsonDict = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: config must be a JSON object")
+            validate_config(deep_merge(CONFIG_DEFAULTS, loaded))
+            self._overrides = loaded
+
+    def overrides(self) -> JsonDict:
+        with self._lock:
+            return copy.deepcopy(self._overrides)
+
+    def effective(self) -> JsonDict:
+        with self._lock:
+            merged: JsonDict = deep_merge(CONFIG_DEFAULTS, self._overrides)
+            return merged
+
+    def value(self, path: str) -> Any:
+        return _lookup(self.effective(), parse_config_path(path))
+
+    def get(self, path: str, effective: bool) -> Any:
+        tree = self.effective() if effective else self.overrides()
+        return _lookup(tree, parse_config_path(path))
+
+    def set(self, path: str, value: Any) -> Any:
+        parts = parse_config_path(path)
+        with self._lock:
+            updated = copy.deepcopy(self._overrides)
+            _assign(updated, parts, value)
+            validate_config(deep_merge(CONFIG_DEFAULTS, updated))
+            self._write(updated)
+            return value
+
+    def delete(self, path: str) -> Any:
+        parts = parse_config_path(path)
+        with self._lock:
+            updated = copy.deepcopy(self._overrides)
+            parent = _lookup(updated, parts[:-1])
+            last = parts[-1]
+            if isinstance(parent, dict) and isinstance(last, str) and last in parent:
+                del parent[last]
+            elif isinstance(parent, list) and isinstance(last, int) and last < len(parent):
+                parent.pop(last)
+            else:
+                raise KeyError(last)
+            effective = deep_merge(CONFIG_DEFAULTS, updated)
+            validate_config(effective)
+            self._write(updated)
+        try:
+            return _lookup(effective, parts)
+        except KeyError:
+            return None
+
+    def _write(self, overrides: JsonDict) -> None:
+        atomic_write(self.path, json.dumps(overrides, indent=2).encode() + b"\n", 0o600)
+        self._overrides = overrides
+
+
+def _assign(tree: JsonDict, parts: Sequence[str | int], value: Any) -> None:
+    node: Any = tree
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        if isinstance(part, int):
+            if not isinstance(node, list) or part > len(node):
+                raise KeyError(part)
+            if part == len(node):
+                node.append(None)
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise KeyError(part)
+            if last:
+                node[part] = value
+            else:
+                nxt = parts[index + 1]
+                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+
+
+def atomic_write(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+###############################################################################
+# store: SQLite metadata for states, instances and names (§7.4).
+# Owns state.db and its connections; may call ids and errors.
+###############################################################################
+
+STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS states (
+    state_id TEXT PRIMARY KEY,
+    parent_state_id TEXT,
+    state_fingerprint TEXT UNIQUE,
+    image_id TEXT NOT NULL,
+    prepare_kind TEXT NOT NULL,
+    prepare_args_normalized TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    size_bytes INTEGER,
+    last_used_at TEXT,
+    use_count INTEGER NOT NULL DEFAULT 0,
+    min_retention_until TEXT,
+    evicted_at TEXT,
+    eviction_reason TEXT,
+    status TEXT NOT NULL DEFAULT 'ready',
+    state_dir TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    state_id TEXT NOT NULL REFERENCES states(state_id),
+    image_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    runtime_id TEXT,
+    runtime_dir TEXT,
+    status TEXT NOT NULL DEFAULT 'active',
+    port INTEGER,
+    job_id TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state_id);
+CREATE TABLE IF NOT EXISTS names (
+    name TEXT PRIMARY KEY,
+    instance_id TEXT,
+    state_id TEXT,
+    state_fingerprint TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    last_used_at TEXT,
+    is_primary INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class Database:
+    """A pool of SQLite connections to one file: WAL, busy timeout, foreign keys.
+
+    ``read()`` lends a connection in autocommit mode; ``write()`` wraps the block in
+    ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any exception).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        with self.read() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.rollback()
+            self._idle.put(conn)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        with self.read() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def migrate(self, script: str) -> None:
+        with self.read() as conn:
+            conn.executescript(script)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def _omit_none(values: Mapping[str, Any]) -> JsonDict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _prefix_like(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+@dataclass
+class StateRow:
+    state_id: str
+    parent_state_id: str | None
+    image_id: str
+    prepare_kind: str
+    prepare_args_normalized: str
+    created_at: str
+    size_bytes: int | None
+    last_used_at: str | None
+    use_count: int
+    min_retention_until: str | None
+    state_dir: str
+    refcount: int = 0
+    children: int = 0
+
+    def to_json(self) -> JsonDict:
+        return _omit_none(
+            {
+                "state_id": self.state_id,
+                "parent_state_id": self.parent_state_id,
+                "image_id": self.image_id,
+                "prepare_kind": self.prepare_kind,
+                "prepare_args_normalized": self.prepare_args_normalized,
+                "created_at": self.created_at,
+                "size_bytes": self.size_bytes,
+                "last_used_at": self.last_used_at,
+                "use_count": self.use_count,
+                "min_retention_until": self.min_retention_until,
+                "refcount": self.refcount,
+            }
+        )
+
+
+@dataclass
+class InstanceRow:
+    instance_id: str
+    state_id: str
+    image_id: str
+    created_at: str
+    expires_at: str | None
+    runtime_id: str | None
+    runtime_dir: str | None
+    status: str
+    port: int | None
+    job_id: str | None
+    name: str | None = None
+
+
+@dataclass
+class NameRow:
+    name: str
+    instance_id: str | None
+    state_id: str | None
+    state_fingerprint: str
+    image_id: str
+    last_used_at: str | None
+    instance_expires_at: str | None
+    instance_exists: bool
+
+    def to_json(self) -> JsonDict:
+        status = "active"
+        if not self.instance_exists:
+            status = "missing"
+        elif self.instance_expires_at and self.instance_expires_at < format_ts():
+            status = "expired"
+        return _omit_none(
+            {
+                "name": self.name,
+                "instance_id": self.instance_id,
+                "image_id": self.image_id,
+                "state_id": self.state_id or self.state_fingerprint,
+                "state_fingerprint": self.state_fingerprint,
+                "status": status,
+                "last_used_at": self.last_used_at,
+            }
+        )
+
+
+_STATE_SELECT = """
+SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.state_id = s.state_id) AS refcount,
+       (SELECT COUNT(*) FROM states c WHERE c.parent_state_id = s.state_id) AS children
+FROM states s
+"""
+_INSTANCE_SELECT = """
+SELECT i.*, (SELECT n.name FROM names n WHERE n.instance_id = i.instance_id
+             ORDER BY n.is_primary DESC, n.name LIMIT 1) AS name
+FROM instances i
+"""
+_NAME_SELECT = """
+SELECT n.*, i.expires_at AS instance_expires_at, i.instance_id IS NOT NULL AS instance_exists
+FROM names n LEFT JOIN instances i ON i.instance_id = n.instance_id
+"""
+
+
+def _state_from(row: sqlite3.Row) -> StateRow:
+    return StateRow(
+        **{k: row[k] for k in StateRow.__dataclass_fields__ if k in row.keys()}  # noqa: SIM118
+    )
+
+
+def _instance_from(row: sqlite3.Row) -> InstanceRow:
+    return InstanceRow(**{k: row[k] for k in InstanceRow.__dataclass_fields__})
+
+
+def _name_from(row: sqlite3.Row) -> NameRow:
+    values = {k: row[k] for k in NameRow.__dataclass_fields__}
+    values["instance_exists"] = bool(values["instance_exists"])
+    return NameRow(**values)
+
+
+def _where(filters: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
+    clauses = [clause for clause, value in filters if value is not None]
+    params = [value for _, value in filters if value is not None]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+class MetadataStore:
+    """States, instances and names in SQLite. Every write is one ``BEGIN IMMEDIATE`` transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate(STORE_SCHEMA)
+
+    # states -------------------------------------------------------------------------------
+    def insert_state(self, state: StateRow) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO states (state_id, parent_state_id, state_fingerprint,"
+                " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
+                " last_used_at, use_count, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    state.state_id, state.parent_state_id, state.state_id, state.image_id,
+                    state.prepare_kind, state.prepare_args_normalized, state.created_at,
+                    state.size_bytes, state.created_at, 0, state.state_dir,
+                ),
+            )
+
+    def get_state(self, state_id: str) -> StateRow | None:
+        with self.db.read() as conn:
+            row = conn.execute(_STATE_SELECT + " WHERE s.state_id = ?", (state_id,)).fetchone()
+        return _state_from(row) if row else None
+
+    def list_states(
+        self,
+        kind: str | None = None,
+        image: str | None = None,
+        id_prefix: str | None = None,
+        parent: str | None = None,
+    ) -> list[StateRow]:
+        where, params = _where(
+            [
+                ("s.prepare_kind = ?", kind),
+                ("s.image_id = ?", image),
+                ("lower(s.state_id) LIKE ? ESCAPE '\\'", id_prefix and _prefix_like(id_prefix)),
+                ("s.parent_state_id = ?", parent),
+            ]
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(_STATE_SELECT + where + " ORDER BY s.rowid", params).fetchall()
+        return [_state_from(row) for row in rows]
+
+    def delete_state(self, state_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM states WHERE state_id = ?", (state_id,))
+
+    # instances ----------------------------------------------------------------------------
+    def insert_instance(self, inst: InstanceRow) -> None:
+        """Insert the instance and bump its state's use in the same transaction."""
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO instances (instance_id, state_id, image_id, created_at, expires_at,"
+                " runtime_id, runtime_dir, status, port, job_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    inst.instance_id, inst.state_id, inst.image_id, inst.created_at,
+                    inst.expires_at, inst.runtime_id, inst.runtime_dir, inst.status, inst.port,
+                    inst.job_id,
+                ),
+            )
+            conn.execute(
+                "UPDATE states SET last_used_at = ?, use_count = use_count + 1"
+                " WHERE state_id = ?",
+                (inst.created_at, inst.state_id),
+            )
+
+    def get_instance(self, instance_id: str) -> InstanceRow | None:
+        with self.db.read() as conn:
+            row = conn.execute(
+                _INSTANCE_SELECT + " WHERE i.instance_id = ?", (instance_id.lower(),)
+            ).fetchone()
+        return _instance_from(row) if row else None
+
+    def list_instances(
+        self, state: str | None = None, image: str | None = None, id_prefix: str | None = None
+    ) -> list[InstanceRow]:
+        where, params = _where(
+            [
+                ("i.state_id = ?", state),
+                ("i.image_id = ?", image),
+                ("lower(i.instance_id) LIKE ? ESCAPE '\\'", id_prefix and _prefix_like(id_prefix)),
+            ]
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(_INSTANCE_SELECT + where + " ORDER BY i.rowid", params).fetchall()
+        return [_instance_from(row) for row in rows]
+
+    def update_instance_runtime(self, instance_id: str, runtime_id: str | None, port: int | None,
+                                status: str) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "UPDATE instances SET runtime_id = ?, port = ?, status = ? WHERE instance_id = ?",
+                (runtime_id, port, status, instance_id),
+            )
+
+    def delete_instance(self, instance_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM names WHERE instance_id = ?", (instance_id,))
+            conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+
+    # names --------------------------------------------------------------------------------
+    def list_names(
+        self, instance: str | None = None, state: str | None = None, image: str | None = None
+    ) -> list[NameRow]:
+        where, params = _where(
+            [
+                ("n.instance_id = ?", instance),
+                ("COALESCE(n.state_id, n.state_fingerprint) = ?", state),
+                ("n.image_id = ?", image),
+            ]
+        )
+        with self.db.read() as conn:
+            rows = conn.execute(_NAME_SELECT + where + " ORDER BY n.rowid", params).fetchall()
+        return [_name_from(row) for row in rows]
+
+    def get_name(self, name: str) -> NameRow | None:
+        with self.db.read() as conn:
+            row = conn.execute(_NAME_SELECT + " WHERE n.name = ?", (name,)).fetchone()
+        return _name_from(row) if row else None
+
+    def bind_name(self, name: str, inst: InstanceRow) -> bool:
+        """Bind ``name`` to the instance; True when the name is new."""
+        with self.db.write() as conn:
+            existed = conn.execute("SELECT 1 FROM names WHERE name = ?", (name,)).fetchone()
+            conn.execute("UPDATE names SET is_primary = 0 WHERE instance_id = ?",
+                         (inst.instance_id,))
+            conn.execute(
+                "INSERT INTO names (name, instance_id, state_id, state_fingerprint, image_id,"
+                " last_used_at, is_primary) VALUES (?,?,?,?,?,?,1) ON CONFLICT(name) DO UPDATE"
+                " SET instance_id = excluded.instance_id, state_id = excluded.state_id,"
+                " state_fingerprint = excluded.state_fingerprint, image_id = excluded.image_id,"
+                " last_used_at = excluded.last_used_at, is_primary = 1",
+                (name, inst.instance_id, inst.state_id, inst.state_id, inst.image_id,
+                 format_ts()),
+            )
+        return existed is None
+
+    def unbind_name(self, name: str) -> bool:
+        with self.db.write() as conn:
+            return conn.execute("DELETE FROM names WHERE name = ?", (name,)).rowcount > 0
+
+
+###############################################################################
+# queue: prepare jobs, their tasks and events in SQLite (§5.9), plus the wake-up signal
+# for event streams. Owns the prepare_* tables; may call store (Database), ids, errors.
+###############################################################################
+
+QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prepare_jobs (
+    job_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    prepare_kind TEXT NOT NULL,
+    image_id TEXT NOT NULL,
+    plan_only INTEGER NOT NULL DEFAULT 0,
+    snapshot_mode TEXT NOT NULL DEFAULT 'always',
+    prepare_args_normalized TEXT,
+    signature TEXT,
+    request_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    result_json TEXT,
+    error_json TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS prepare_tasks (
+    job_id TEXT NOT NULL REFERENCES prepare_jobs(job_id) ON DELETE CASCADE,
+    task_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    planner_kind TEXT,
+    input_kind TEXT,
+    input_id TEXT,
+    image_id TEXT,
+    resolved_image_id TEXT,
+    args_summary TEXT,
+    task_hash TEXT,
+    output_state_id TEXT,
+    cached INTEGER,
+    instance_mode TEXT,
+    changeset_id TEXT,
+    changeset_author TEXT,
+    changeset_path TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    error_json TEXT,
+    PRIMARY KEY (job_id, task_id)
+);
+CREATE TABLE IF NOT EXISTS prepare_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL REFERENCES prepare_jobs(job_id) ON DELETE CASCADE,
+    type TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    status TEXT,
+    task_id TEXT,
+    message TEXT,
+    result_json TEXT,
+    error_json TEXT
+);
+CREATE INDEX IF NOT EXISTS prepare_events_job ON prepare_events(job_id, seq);
+"""
+
+TERMINAL_STATUSES = ("succeeded", "failed")
+TASK_FIELDS = (
+    "task_id", "type", "status", "planner_kind", "input_kind", "input_id", "image_id",
+    "resolved_image_id", "args_summary", "task_hash", "output_state_id", "cached",
+    "instance_mode", "changeset_id", "changeset_author", "changeset_path", "started_at",
+    "finished_at", "error_json",
+)
+
+
+@dataclass
+class JobRow:
+    job_id: str
+    status: str
+    prepare_kind: str
+    image_id: str
+    plan_only: bool
+    prepare_args_normalized: str | None
+    signature: str | None
+    request_json: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    result_json: str | None
+    error_json: str | None
+    attempts: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass
+class PlanTask:
+    """One task of a prepare plan (§5.4); ``to_json`` gives the wire shape."""
+
+    task_id: str
+    type: str
+    status: str = "queued"
+    planner_kind: str | None = None
+    input_kind: str | None = None
+    input_id: str | None = None
+    image_id: str | None = None
+    resolved_image_id: str | None = None
+    args_summary: str | None = None
+    task_hash: str | None = None
+    output_state_id: str | None = None
+    cached: bool | None = None
+    instance_mode: str | None = None
+    changeset_id: str | None = None
+    changeset_author: str | None = None
+    changeset_path: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    error_json: str | None = None
+
+    def to_json(self, job_id: str | None = None) -> JsonDict:
+        out = _omit_none(
+            {
+                "task_id": self.task_id,
+                "job_id": job_id,
+                "type": self.type,
+                "status": self.status if job_id else None,
+                "planner_kind": self.planner_kind,
+                "input": (
+                    {"kind": self.input_kind, "id": self.input_id} if self.input_kind else None
+                ),
+                "image_id": self.image_id,
+                "resolved_image_id": self.resolved_image_id,
+                "args_summary": self.args_summary if job_id else None,
+                "task_hash": self.task_hash,
+                "output_state_id": self.output_state_id,
+                "cached": self.cached,
+                "instance_mode": self.instance_mode,
+                "changeset_id": self.changeset_id,
+                "changeset_author": self.changeset_author,
+                "changeset_path": self.changeset_path,
+            }
+        )
+        return out
+
+
+def _job_from(row: sqlite3.Row) -> JobRow:
+    values = {k: row[k] for k in JobRow.__dataclass_fields__}
+    values["plan_only"] = bool(values["plan_only"])
+    return JobRow(**values)
+
+
+def _task_from(row: sqlite3.Row) -> PlanTask:
+    values = {k: row[k] for k in TASK_FIELDS}
+    if values["cached"] is not None:
+        values["cached"] = bool(values["cached"])
+    return PlanTask(**values)
+
+
+def event_to_json(row: sqlite3.Row) -> JsonDict:
+    return _omit_none(
+        {
+            "type": row["type"],
+            "ts": row["ts"],
+            "status": row["status"],
+            "task_id": row["task_id"],
+            "message": row["message"],
+            "result": json.loads(row["result_json"]) if row["result_json"] else None,
+            "error": json.loads(row["error_json"]) if row["error_json"] else None,
+        }
+    )
+
+
+class JobQueue:
+    """Prepare jobs, tasks and events in SQLite; wakes event-stream readers on every append."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate(QUEUE_SCHEMA)
+        self.changed = threading.Condition()
+        self.version = 0
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.version += 1
+            self.changed.notify_all()
+
+    def wait_for_change(self, since: int, timeout: float) -> None:
+        """Block until something changed after ``version`` was ``since`` (or timeout)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.version != since, timeout)
+
+    # jobs ---------------------------------------------------------------------------------
+    def create_job(self, job: JobRow) -> None:
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO prepare_jobs (job_id, status, prepare_kind, image_id, plan_only,"
+                " prepare_args_normalized, signature, request_json, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (job.job_id, job.status, job.prepare_kind, job.image_id, int(job.plan_only),
+                 job.prepare_args_normalized, job.signature, job.request_json, job.created_at),
+            )
+            self._insert_event(conn, job.job_id, {"type": "status", "status": job.status})
+        self._notify()
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self.db.read() as conn:
+            row = conn.execute("SELECT * FROM prepare_jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job_from(row) if row else None
+
+    def list_jobs(self, prefix: str | None = None) -> list[JobRow]:
+        where, params = _where([("job_id LIKE ? ESCAPE '\\'", prefix and _prefix_like(prefix))])
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM prepare_jobs" + where + " ORDER BY created_at, rowid", params
+            ).fetchall()
+        return [_job_from(row) for row in rows]
+
+    def jobs_in(self, statuses: Sequence[str]) -> list[JobRow]:
+        marks = ",".join("?" * len(statuses))
+        with self.db.read() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM prepare_jobs WHERE status IN ({marks}) ORDER BY created_at",
+                list(statuses),
+            ).fetchall()
+        return [_job_from(row) for row in rows]
+
+    def completed_with_signature(self, signature: str) -> list[JobRow]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM prepare_jobs WHERE signature = ? AND status IN"
+                " ('succeeded','failed') ORDER BY COALESCE(finished_at, created_at) DESC",
+                (signature,),
+            ).fetchall()
+        return [_job_from(row) for row in rows]
+
+    def update_job(self, job_id: str, *events: JsonDict, **fields: Any) -> None:
+        """Update job columns and append ``events`` in the same transaction."""
+        with self.db.write() as conn:
+            if fields:
+                sets = ", ".join(f"{key} = ?" for key in fields)
+                conn.execute(f"UPDATE prepare_jobs SET {sets} WHERE job_id = ?",
+                             [*fields.values(), job_id])
+            for event in events:
+                self._insert_event(conn, job_id, event)
+        self._notify()
+
+    def delete_job(self, job_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM prepare_jobs WHERE job_id = ?", (job_id,))
+        self._notify()
+
+    # tasks --------------------------------------------------------------------------------
+    def replace_tasks(self, job_id: str, tasks: Sequence[PlanTask]) -> None:
+        with self.db.write() as conn:
+            conn.execute("DELETE FROM prepare_tasks WHERE job_id = ?", (job_id,))
+            for position, task in enumerate(tasks):
+                values = [getattr(task, name) for name in TASK_FIELDS]
+                marks = ",".join("?" * (len(TASK_FIELDS) + 2))
+                conn.execute(
+                    f"INSERT INTO prepare_tasks (job_id, position, {', '.join(TASK_FIELDS)})"
+                    f" VALUES ({marks})",
+                    [job_id, position, *values],
+                )
+
+    def update_task(self, job_id: str, task_id: str, event: JsonDict | None = None,
+                    **fields: Any) -> None:
+        with self.db.write() as conn:
+            sets = ", ".join(f"{key} = ?" for key in fields)
+            conn.execute(f"UPDATE prepare_tasks SET {sets} WHERE job_id = ? AND task_id = ?",
+                         [*fields.values(), job_id, task_id])
+            if event:
+                self._insert_event(conn, job_id, event)
+        self._notify()
+
+    def list_tasks(self, job_id: str | None = None) -> list[tuple[str, PlanTask]]:
+        where, params = _where([("job_id = ?", job_id)])
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM prepare_tasks" + where + " ORDER BY job_id, position", params
+            ).fetchall()
+        return [(row["job_id"], _task_from(row)) for row in rows]
+
+    # events -------------------------------------------------------------------------------
+    def append_event(self, job_id: str, event: JsonDict) -> None:
+        with self.db.write() as conn:
+            self._insert_event(conn, job_id, event)
+        self._notify()
+
+    @staticmethod
+    def _insert_event(conn: sqlite3.Connection, job_id: str, event: JsonDict) -> None:
+        conn.execute(
+            "INSERT INTO prepare_events (job_id, type, ts, status, task_id, message,"
+            " result_json, error_json) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                job_id, event["type"], event.get("ts") or format_ts(), event.get("status"),
+                event.get("task_id"), event.get("message"),
+                json.dumps(event["result"]) if event.get("result") else None,
+                json.dumps(event["error"]) if event.get("error") else None,
+            ),
+        )
+
+    def events(self, job_id: str, start: int) -> list[JsonDict]:
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT * FROM prepare_events WHERE job_id = ? ORDER BY seq LIMIT -1 OFFSET ?",
+                (job_id, start),
+            ).fetchall()
+        return [event_to_json(row) for row in rows]
+
+
+###############################################################################
+# registry: resolves instance references (id or name), the "redirect decision" of §3.3.
+# Owns nothing; may call store.
+###############################################################################
+
+
+@dataclass
+class Resolution:
+    instance: InstanceRow
+    by_name: bool
+
+
+class Registry:
+    """Maps an instance reference (32-hex id, else a name) to an instance row."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+
+    def resolve(self, ref: str) -> Resolution | None:
+        if not ref:
+            return None
+        if is_instance_id(ref):
+            found = self.store.get_instance(ref)
+            if found:
+                return Resolution(found, by_name=False)
+        name = self.store.get_name(ref)
+        if name and name.instance_id:
+            target = self.store.get_instance(name.instance_id)
+            if target:
+                return Resolution(target, by_name=True)
+        return None
+
+
+def validate_name(name: str) -> None:
+    if not name:
+        raise invalid_argument("invalid name", "name is empty")
+    if is_instance_id(name):
+        raise invalid_argument("invalid name", "name must not look like an instance id")
+    if not NAME_RE.match(name):
+        raise invalid_argument(
+            "invalid name", "name must be 1-63 characters of [A-Za-z0-9._-]"
+        )
+
+
+###############################################################################
+# auth: bearer token and Host header checks. Owns the token; may call nothing above.
+###############################################################################
+
+
+class Guard:
+    """Checks a request's ``Authorization`` (constant time) and ``Host`` (DNS rebinding)."""
+
+    LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+    def __init__(self, token: str, listen_host: str, listen_port: int) -> None:
+        self.token = token
+        self._expected = f"Bearer {token}".encode()
+        self._hosts = {name.lower() for name in self.LOOPBACK_NAMES}
+        self._hosts.add(listen_host.lower())
+        self.listen_port = listen_port
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.token:
+            return True
+        return hmac.compare_digest((header or "").strip().encode(), self._expected)
+
+    def host_allowed(self, header: str | None) -> bool:
+        if header is None:
+            return True
+        host = header.strip().lower()
+        if host.startswith("["):
+            bracket = host.find("]")
+            name, rest = host[: bracket + 1], host[bracket + 1 :]
+        else:
+            name, _, port = host.partition(":")
+            rest = f":{port}" if port else ""
+        if rest and rest != f":{self.listen_port}":
+            return False
+        return name in self._hosts or name.rstrip(".") == "localhost"
+
+
+###############################################################################
+# stream: NDJSON encoding for list negotiation and event streams.
+###############################################################################
+
+
+def json_line(value: Any) -> bytes:
+    return (json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def wants_ndjson(accept: str | None) -> bool:
+    return "application/x-ndjson" in (accept or "").lower()
+
+
+def parse_events_range(header: str | None) -> int | None:
+    """``Range: events=N-`` → N; None when absent or not of that form."""
+    if not header:
+        return None
+    match = re.fullmatch(r"\s*events\s*=\s*(\d+)\s*-\s*", header)
+    return int(match.group(1)) if match else None
+
+
+###############################################################################
+# snapshot: writable clones of immutable directories and atomic publication of states (§14.2).
+# Owns mounts under the expose root and the directories it is handed; may call ids, errors.
+###############################################################################
+
+MNT_DETACH = 2
+
+
+@dataclass(frozen=True)
+class ServerUser:
+    """The OS user Postgres runs as (``postgres`` when the engine is root, else ourselves)."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def detect(cls) -> ServerUser:
+        if os.geteuid() == 0:
+            for candidate in ("postgres", "nobody"):
+                with contextlib.suppress(KeyError):
+                    entry = pwd.getpwnam(candidate)
+                    return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+        entry = pwd.getpwuid(os.geteuid())
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+
+class Libc:
+    """``mount(2)``/``umount2(2)`` through ctypes: no process spawn on the hot path."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(self, source: str, target: str, fstype: str, flags: int, data: str) -> None:
+        ok = self._libc.mount(source.encode(), target.encode(), fstype.encode(),
+                              self._ctypes.c_ulong(flags), data.encode())
+        if ok != 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+    def umount(self, target: str) -> None:
+        if self._libc.umount2(target.encode(), MNT_DETACH) != 0:
+            err = self._ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOENT):
+                raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix``, deepest first."""
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix.rstrip("/") + "/"):
+                found.append(point)
+    return sorted(found, key=len, reverse=True)
+
+
+def dir_size(path: str) -> int:
+    """Bytes allocated on disk below ``path`` (hard links counted once)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(root, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for name in [*files, "."]:
+            target = os.path.join(root, name)
+            if name != "." and os.path.islink(target):
+                continue
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def remove_tree(path: str) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            raise OSError(errno.EBUSY, f"cannot remove {path}")
+
+
+def copy_tree(source: str, dest: str) -> None:
+    """``cp -a`` with reflinks where the filesystem has them (ownership and modes kept)."""
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(errno.EIO, f"copy {source} -> {dest}: {proc.stderr.strip()}")
+
+
+class SnapshotManager:
+    """Clones states into writable data directories and publishes immutable states.
+
+    ``overlay`` mounts the immutable directory as the lower layer of a fresh overlay (root
+    only); ``copy`` copies it. When the engine is root the store stays 0700, so every data
+    directory the server must reach is mounted under ``expose_root`` (0711) instead.
+    """
+
+    def __init__(self, backend: str, expose_root: str | None, user: ServerUser) -> None:
+        self.expose_root = expose_root
+        self.user = user
+        self._libc = Libc() if os.geteuid() == 0 else None
+        self.backend = self._choose_backend(backend)
+
+    def _choose_backend(self, wanted: str) -> str:
+        if wanted == "copy" or self._libc is None:
+            return "copy"
+        if wanted == "overlay" or self._overlay_works():
+            return "overlay"
+        return "copy"
+
+    def _overlay_works(self) -> bool:
+        assert self.expose_root
+        probe = os.path.join(self.expose_root, f".probe-{random_hex(4)}")
+        try:
+            for sub in ("lower", "upper", "work", "merged"):
+                os.makedirs(os.path.join(probe, sub))
+            self._mount_overlay(os.path.join(probe, "lower"), probe, os.path.join(probe, "merged"))
+            self.unmount(os.path.join(probe, "merged"))
+            return True
+        except OSError:
+            return False
+        finally:
+            remove_tree(probe)
+
+    def _mount_overlay(self, lower: str, runtime_dir: str, target: str) -> None:
+        assert self._libc
+        base = f"lowerdir={lower},upperdir={runtime_dir}/upper,workdir={runtime_dir}/work"
+        try:
+            self._libc.mount("overlay", target, "overlay", 0, base + ",volatile")
+        except OSError:
+            self._libc.mount("overlay", target, "overlay", 0, base)
+
+    def exposed_path(self, key: str) -> str:
+        return os.path.join(self.expose_root, key) if self.expose_root else ""
+
+    def clone(self, source: str, runtime_dir: str, key: str) -> str:
+        """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
+        os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        if self.backend == "overlay":
+            for sub in ("upper", "work"):
+                os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
+            upper = os.path.join(runtime_dir, "upper")
+            os.chown(upper, self.user.uid, self.user.gid)
+            os.chmod(upper, 0o700)
+            target = self._mount_point(key)
+            self._mount_overlay(source, runtime_dir, target)
+            return target
+        private = os.path.join(runtime_dir, "data")
+        copy_tree(source, private)
+        return self.expose(private, key)
+
+    def expose(self, private: str, key: str) -> str:
+        """Make ``private`` reachable by the server user (bind mount when root)."""
+        if self._libc is None:
+            return private
+        target = self._mount_point(key)
+        self._libc.mount(private, target, "", 4096, "")  # MS_BIND
+        return target
+
+    def _mount_point(self, key: str) -> str:
+        target = os.path.join(self.exposed_path(key), "data")
+        os.makedirs(target, mode=0o700, exist_ok=True)
+        os.chmod(self.exposed_path(key), 0o711)
+        return target
+
+    def unmount(self, target: str) -> None:
+        if self._libc:
+            self._libc.umount(target)
+
+    def data_dir_for(self, runtime_dir: str, key: str) -> str:
+        if self._libc is None:
+            return os.path.join(runtime_dir, "data")
+        return os.path.join(self.exposed_path(key), "data")
+
+    def socket_dir_for(self, key: str) -> str:
+        if self.expose_root:
+            return os.path.join(self.exposed_path(key), "sock")
+        return os.path.join(tempfile.gettempdir(), f"sqlrs-{key[:24]}")
+
+    def unexpose(self, key: str) -> None:
+        if self.expose_root:
+            for point in mounts_under(self.exposed_path(key)):
+                self.unmount(point)
+            remove_tree(self.exposed_path(key))
+        else:
+            remove_tree(self.socket_dir_for(key))
+
+    def release(self, runtime_dir: str, key: str) -> None:
+        """Unmount and remove everything of runtime ``key``."""
+        self.unexpose(key)
+        remove_tree(runtime_dir)
+
+    def publish(self, data_dir: str, final_dir: str, marker: str) -> int:
+        """Copy ``data_dir`` into ``final_dir/pgdata`` atomically; return its size in bytes."""
+        parent = os.path.dirname(final_dir)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{random_hex(4)}")
+        try:
+            os.makedirs(tmp, mode=0o700)
+            copy_tree(data_dir, os.path.join(tmp, "pgdata"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
+            fsync_tree(tmp)
+            os.rename(tmp, final_dir)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        fsync_dir(parent)
+        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600)
+        return dir_size(final_dir)
+
+    def stale_mounts(self, keep: set[str]) -> list[str]:
+        if not self.expose_root:
+            return []
+        return [
+            point for point in mounts_under(self.expose_root)
+            if os.path.relpath(point, self.expose_root).split(os.sep)[0] not in keep
+        ]
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+###############################################################################
+# dbms: the Postgres server lifecycle through its own binaries (initdb, start, fast stop).
+# Owns the server processes it starts; may call ids, errors, snapshot (ServerUser).
+###############################################################################
+
+SUPERUSER = "sqlrs"
+INITDB_OPTIONS = (
+    f"--username={SUPERUSER}", "--auth=trust", "--encoding=UTF8", "--locale=C",
+    "--wal-segsize=1", "--no-sync",
+)
+SERVER_SETTINGS = (
+    "listen_addresses=127.0.0.1", "fsync=off", "synchronous_commit=off",
+    "full_page_writes=off", "logging_collector=off", "max_wal_size=256MB",
+)
+READY_POLL_SECONDS = 0.002
+
+
+class DbmsError(Exception):
+    """Postgres could not be initialised, started or stopped; the message says why."""
+
+
+def read_postmaster_pid(data_dir: str) -> list[str]:
+    try:
+        with open(os.path.join(data_dir, "postmaster.pid"), encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def tail_file(path: str, limit: int = 4000) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - limit))
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class PostgresDbms:
+    """Starts and stops Postgres servers without ``pg_ctl -w`` pacing (§ runtime notes).
+
+    Readiness is read from ``postmaster.pid`` (line 8 becomes ``ready``) every 2 ms and
+    confirmed with one TCP connection; stop is SIGINT (fast shutdown) and a wait for the pid.
+    """
+
+    def __init__(self, user: ServerUser) -> None:
+        self.user = user
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def _as_server_user(self) -> dict[str, Any]:
+        """Popen keywords that drop privileges to the server user."""
+        if self.user.is_self:
+            return {}
+        return {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
+
+    def initdb(self, bindir: str, data_dir: str) -> None:
+        proc = subprocess.run(
+            [os.path.join(bindir, "initdb"), "-D", data_dir, *INITDB_OPTIONS],
+            capture_output=True, text=True, cwd="/", check=False, **self._as_server_user(),
+        )
+        if proc.returncode != 0:
+            raise DbmsError(f"initdb failed: {proc.stdout}{proc.stderr}".strip())
+
+    def start(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
+              deadline_s: float = 60.0) -> tuple[int, int]:
+        """Start a server on a free loopback port; return (pid, port) once it accepts."""
+        os.makedirs(socket_dir, mode=0o700, exist_ok=True)
+        os.chown(socket_dir, self.user.uid, self.user.gid)
+        last_error = ""
+        for _attempt in range(5):
+            port = free_port()
+            pid = self._spawn(bindir, data_dir, socket_dir, log_path, port)
+            outcome = self._wait_ready(pid, data_dir, port, time.monotonic() + deadline_s)
+            if outcome == "ready":
+                return pid, port
+            last_error = tail_file(log_path)
+            self.kill(pid)
+            if "could not bind" not in last_error and "already in use" not in last_error:
+                break
+        raise DbmsError(f"postgres did not start: {last_error.strip()[-2000:]}")
+
+    def _spawn(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
+               port: int) -> int:
+        argv = [os.path.join(bindir, "postgres"), "-D", data_dir, "-p", str(port),
+                "-k", socket_dir]
+        for setting in SERVER_SETTINGS:
+            argv += ["-c", setting]
+        with open(log_path, "ab") as log_file:
+            os.chmod(log_path, 0o600)
+            proc: subprocess.Popen[bytes] = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
+                start_new_session=True, **self._as_server_user(),
+            )
+        with self._lock:
+            self._children[proc.pid] = proc
+        return proc.pid
+
+    def _wait_ready(self, pid: int, data_dir: str, port: int, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            lines = read_postmaster_pid(data_dir)
+            if len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready":
+                with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", port), timeout=1
+                ):
+                    return "ready"
+            if not self.alive(pid):
+                return "exited"
+            time.sleep(READY_POLL_SECONDS)
+        return "timeout"
+
+    def alive(self, pid: int) -> bool:
+        with self._lock:
+            child = self._children.get(pid)
+        if child is not None:
+            return child.poll() is None
+        return pid_alive(pid)
+
+    def stop(self, pid: int, timeout_s: float = 60.0) -> None:
+        """Fast shutdown (SIGINT) and wait for the postmaster to exit."""
+        self._signal_and_wait(pid, signal.SIGINT, timeout_s)
+        if self.alive(pid):
+            self.kill(pid)
+
+    def kill(self, pid: int) -> None:
+        """Immediate shutdown (SIGQUIT), then SIGKILL; for runtimes that are thrown away."""
+        self._signal_and_wait(pid, signal.SIGQUIT, 5.0)
+        if self.alive(pid):
+            self._signal_and_wait(pid, signal.SIGKILL, 5.0)
+
+    def _signal_and_wait(self, pid: int, signum: int, timeout_s: float) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        deadline = time.monotonic() + timeout_s
+        while self.alive(pid) and time.monotonic() < deadline:
+            time.sleep(READY_POLL_SECONDS)
+        with self._lock:
+            child = self._children.get(pid)
+            if child is not None and child.poll() is not None:
+                del self._children[pid]
+
+    def stop_by_data_dir(self, data_dir: str) -> None:
+        """Stop whatever server holds ``data_dir`` (used when cleaning up after a crash)."""
+        lines = read_postmaster_pid(data_dir)
+        if lines and lines[0].strip().isdigit():
+            pid = int(lines[0].strip())
+            if pid_alive(pid) and self._is_postgres(pid):
+                self.kill(pid)
+
+    @staticmethod
+    def _is_postgres(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
+                return handle.read().strip() in ("postgres", "postmaster")
+        except OSError:
+            return False
+
+
+###############################################################################
+# runtime: where Postgres runs. ``host`` uses this machine's binaries (§14.1).
+# Owns image resolution and the base cluster per image; may call dbms, snapshot, errors.
+###############################################################################
+
+HOST_IMAGE_PREFIX = "host:"
+DEBIAN_BINDIR = "/usr/lib/postgresql/{major}/bin"
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """An image id resolved to something exact: the cache key of every state built on it."""
+
+    requested: str
+    resolved_id: str
+    runtime_kind: str
+    engine_dir: str
+    bindir: str = ""
+    version: str = ""
+
+
+@dataclass
+class RuntimeHandle:
+    """One live (or stopped) Postgres runtime: its data, socket dir, process and port."""
+
+    key: str
+    image: ResolvedImage
+    runtime_dir: str
+    data_dir: str
+    socket_dir: str
+    pid: int | None = None
+    port: int | None = None
+    content_id: str = ""
+
+    @property
+    def runtime_id(self) -> str | None:
+        return f"host:{self.pid}" if self.pid else None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.runtime_dir, "postgres.log")
+
+    def dsn(self) -> str:
+        return f"postgres://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+
+
+class HostRuntime:
+    """Postgres from this machine's binaries: ``host:<major>`` or ``host:<absolute bindir>``."""
+
+    kind = "host"
+
+    def __init__(self, dbms: PostgresDbms) -> None:
+        self.dbms = dbms
+        self._fingerprints: dict[tuple[str, float, int], str] = {}
+        self._lock = threading.Lock()
+
+    def bindir_for(self, image_id: str) -> str:
+        spec = image_id[len(HOST_IMAGE_PREFIX):].split("@", 1)[0]
+        if spec.isdigit():
+            return DEBIAN_BINDIR.format(major=spec)
+        if os.path.isabs(spec):
+            return os.path.normpath(spec)
+        raise invalid_argument("invalid image_id",
+                               "host images are host:<major> or host:<absolute bindir>")
+
+    def resolve(self, image_id: str) -> ResolvedImage:
+        bindir = self.bindir_for(image_id)
+        postgres = os.path.join(bindir, "postgres")
+        if not os.access(postgres, os.X_OK):
+            raise JobFailure("image_not_found", f"no PostgreSQL server binaries in {bindir}",
+                             image_id)
+        version, fingerprint = self._fingerprint(bindir)
+        resolved = f"{HOST_IMAGE_PREFIX}{version}@sha256:{fingerprint}"
+        if "@" in image_id and image_id.split("@", 1)[1] != f"sha256:{fingerprint}":
+            raise JobFailure("image_not_found", "host binaries do not match the image digest",
+                             f"requested {image_id}, found {resolved}")
+        return ResolvedImage(
+            requested=image_id, resolved_id=resolved, runtime_kind=self.kind,
+            engine_dir=os.path.join("host", f"{safe_path_component(version)}_{fingerprint[:16]}"),
+            bindir=bindir, version=version,
+        )
+
+    def _fingerprint(self, bindir: str) -> tuple[str, str]:
+        postgres = os.path.join(bindir, "postgres")
+        st = os.stat(postgres)
+        cache_key = (bindir, st.st_mtime, st.st_size)
+        with self._lock:
+            cached = self._fingerprints.get(cache_key)
+        if cached:
+            return cached.split("|", 1)[0], cached.split("|", 1)[1]
+        out = subprocess.run([postgres, "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        version = out.split()[2] if len(out.split()) > 2 else out
+        digest = hashlib.sha256()
+        with open(postgres, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(out.encode())
+        digest.update("\x00".join(INITDB_OPTIONS).encode())
+        fingerprint = digest.hexdigest()
+        with self._lock:
+            self._fingerprints[cache_key] = f"{version}|{fingerprint}"
+        return version, fingerprint
+
+    def init_base(self, image: ResolvedImage, pgdata: str) -> None:
+        self.dbms.initdb(image.bindir, pgdata)
+
+    def start(self, handle: RuntimeHandle) -> None:
+        pid, port = self.dbms.start(handle.image.bindir, handle.data_dir, handle.socket_dir,
+                                    handle.log_path)
+        handle.pid, handle.port = pid, port
+
+    def stop(self, handle: RuntimeHandle) -> None:
+        if handle.pid:
+            self.dbms.stop(handle.pid)
+        handle.pid = None
+
+    def discard(self, handle: RuntimeHandle) -> None:
+        if handle.pid:
+            self.dbms.kill(handle.pid)
+        else:
+            self.dbms.stop_by_data_dir(handle.data_dir)
+        handle.pid = None
+
+    def alive(self, handle: RuntimeHandle) -> bool:
+        return bool(handle.pid) and self.dbms.alive(handle.pid or 0)
+
+    def client_argv(self, handle: RuntimeHandle, program: str) -> list[str]:
+        """Command line of a client binary connected to the runtime's server."""
+        return [os.path.join(handle.image.bindir, program), "-h", "127.0.0.1",
+                "-p", str(handle.port), "-U", SUPERUSER]
+
+    def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
+        """Re-attach to a server left running by an earlier engine process."""
+        lines = read_postmaster_pid(handle.data_dir)
+        if not runtime_id or not lines or f"host:{lines[0].strip()}" != runtime_id:
+            return False
+        pid = int(lines[0].strip())
+        if not pid_alive(pid) or len(lines) < 8 or lines[7].strip() != "ready":
+            return False
+        handle.pid, handle.port = pid, int(lines[3].strip())
+        return True
+
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """Paths inside the state store (§7.3); every id is validated before it becomes a path."""
+
+    root: str
+
+    def engine_dir(self, image: ResolvedImage) -> str:
+        return os.path.join(self.root, "engines", image.engine_dir)
+
+    def base_dir(self, image: ResolvedImage) -> str:
+        return os.path.join(self.engine_dir(image), "base")
+
+    def states_dir(self, image: ResolvedImage) -> str:
+        return os.path.join(self.engine_dir(image), "states")
+
+    def state_dir(self, image: ResolvedImage, state_id: str) -> str:
+        if not is_state_id(state_id):
+            raise invalid_argument("invalid state id", state_id)
+        return os.path.join(self.states_dir(image), state_id)
+
+    def instances_dir(self) -> str:
+        return os.path.join(self.root, "instances")
+
+    def instance_dir(self, instance_id: str) -> str:
+        if not is_job_id(instance_id):
+            raise invalid_argument("invalid instance id", instance_id)
+        return os.path.join(self.instances_dir(), instance_id)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: released by the kernel if the engine dies."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Runtimes:
+    """Chooses the runtime for an image id and keeps one base cluster per resolved image."""
+
+    def __init__(self, host: HostRuntime, layout: StoreLayout, snapshots: SnapshotManager) -> None:
+        self.host = host
+        self.layout = layout
+        self.snapshots = snapshots
+
+    def for_image(self, image_id: str) -> HostRuntime:
+        if image_id.startswith(HOST_IMAGE_PREFIX):
+            return self.host
+        raise JobFailure("unsupported_image",
+                         "only host:<major> images are supported by this engine build", image_id)
+
+    def resolve(self, image_id: str) -> ResolvedImage:
+        return self.for_image(image_id).resolve(image_id)
+
+    def ensure_base(self, image: ResolvedImage, emit: Callable[[str], None]) -> str:
+        """Initialise the base cluster of ``image`` once (under a lock); return its pgdata."""
+        base = self.layout.base_dir(image)
+        pgdata = os.path.join(base, "pgdata")
+        if os.path.exists(os.path.join(base, ".init.ok")):
+            return pgdata
+        with file_lock(os.path.join(self.layout.engine_dir(image), ".init.lock")):
+            if os.path.exists(os.path.join(base, ".init.ok")):
+                return pgdata
+            emit(f"{image.runtime_kind}: init base {image.resolved_id}")
+            remove_tree(base)
+            work = os.path.join(self.layout.engine_dir(image), f".init-{random_hex(4)}")
+            os.makedirs(os.path.join(work, "pgdata"), mode=0o700)
+            key = f"init-{random_hex(8)}"
+            try:
+                exposed = self.snapshots.expose(work, key)
+                os.chown(os.path.join(work, "pgdata"), self.host.dbms.user.uid,
+                         self.host.dbms.user.gid)
+                self.for_image(image.requested).init_base(image, os.path.join(exposed, "pgdata"))
+            except BaseException:
+                self.snapshots.unexpose(key)
+                remove_tree(work)
+                raise
+            self.snapshots.unexpose(key)
+            fsync_tree(work)
+            os.rename(work, base)
+            atomic_write(os.path.join(base, ".init.ok"), b"ok\n", 0o600)
+            return pgdata
+
+
+###############################################################################
+# conntrack: active client connections of an instance, from pg_stat_activity (§14.7).
+# Owns nothing; may call runtime handles. psycopg2 is imported on first use.
+###############################################################################
+
+COUNT_CONNECTIONS_SQL = (
+    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+    " AND pid <> pg_backend_pid()"
+)
+TERMINATE_CONNECTIONS_SQL = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+)
+
+
+class ConnectionTracker:
+    """Counts and terminates client sessions of a running instance (not the engine's own)."""
+
+    def _query(self, handle: RuntimeHandle, sql: str) -> int:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=handle.port, user=SUPERUSER,
+                                dbname="postgres", connect_timeout=5,
+                                application_name="sqlrs-engine-conntrack")
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                row = cur.fetchone()
+                return int(row[0]) if row else 0
+        finally:
+            conn.close()
+
+    def active(self, handle: RuntimeHandle) -> int:
+        return self._query(handle, COUNT_CONNECTIONS_SQL) if handle.port else 0
+
+    def terminate(self, handle: RuntimeHandle) -> int:
+        return self._query(handle, TERMINATE_CONNECTIONS_SQL) if handle.port else 0
+
+
+
+###############################################################################
+# instances: live databases cloned from states (§6, §14.3, §14.5).
+# Owns <store>/instances/<id> and the runtime of each instance; may call store, snapshot,
+# runtime, conntrack.
+###############################################################################
+
+
+class InstanceManager:
+    """Creates, tracks, adopts and destroys instances; each has its own clone and server.
+
+    Live runtime handles are cached in memory; the truth is the ``instances`` table plus the
+    processes and mounts it points at, so a restart re-adopts or marks rows ``orphaned``.
+    """
+
+    def __init__(self, store: MetadataStore, layout: StoreLayout, snapshots: SnapshotManager,
+                 runtimes: Runtimes, conntrack: ConnectionTracker) -> None:
+        self.store = store
+        self.layout = layout
+        self.snapshots = snapshots
+        self.runtimes = runtimes
+        self.conntrack = conntrack
+        self._handles: dict[str, RuntimeHandle] = {}
+        self._lock = threading.Lock()
+        self.clone_lock = threading.Lock()
+
+    # runtimes -----------------------------------------------------------------------------
+    def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
+        runtime_dir = self.layout.instance_dir(key)
+        return RuntimeHandle(
+            key=key, image=image, runtime_dir=runtime_dir,
+            data_dir=self.snapshots.data_dir_for(runtime_dir, key),
+            socket_dir=self.snapshots.socket_dir_for(key),
+        )
+
+    def new_runtime(self, key: str, image: ResolvedImage, source_pgdata: str,
+                    content_id: str) -> RuntimeHandle:
+        """Clone ``source_pgdata`` into a fresh (stopped) runtime named ``key``."""
+        handle = self._handle(key, image)
+        self.snapshots.release(handle.runtime_dir, key)
+        try:
+            self.snapshots.clone(source_pgdata, handle.runtime_dir, key)
+        except BaseException:
+            self.snapshots.release(handle.runtime_dir, key)
+            raise
+        handle.content_id = content_id
+        return handle
+
+    def start(self, handle: RuntimeHandle) -> None:
+        self.runtimes.for_image(handle.image.requested).start(handle)
+
+    def stop(self, handle: RuntimeHandle) -> None:
+        self.runtimes.for_image(handle.image.requested).stop(handle)
+
+    def discard(self, handle: RuntimeHandle) -> None:
+        """Kill the server and remove every trace of the runtime."""
+        self.runtimes.for_image(handle.image.requested).discard(handle)
+        self.snapshots.release(handle.runtime_dir, handle.key)
+        with self._lock:
+            self._handles.pop(handle.key, None)
+
+    def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
+        image = self.runtimes.resolve(state.image_id)
+        return image, os.path.join(state.state_dir, "pgdata")
+
+    # instances ----------------------------------------------------------------------------
+    def register(self, handle: RuntimeHandle, state_id: str, job_id: str | None,
+                 ttl_seconds: int | None) -> InstanceRow:
+        now = time.time_ns()
+        row = InstanceRow(
+            instance_id=handle.key, state_id=state_id, image_id=handle.image.resolved_id,
+            created_at=format_ts(now),
+            expires_at=format_ts(now + ttl_seconds * 1_000_000_000) if ttl_seconds else None,
+            runtime_id=handle.runtime_id, runtime_dir=handle.runtime_dir, status="active",
+            port=handle.port, job_id=job_id,
+        )
+        self.store.insert_instance(row)
+        with self._lock:
+            self._handles[handle.key] = handle
+        return row
+
+    def create(self, state: StateRow, ttl_seconds: int | None) -> InstanceRow:
+        """A new instance from ``state``: clone, start, register (§14.3)."""
+        image, source = self.source_of(state)
+        key = random_hex(16)
+        with self.clone_lock:
+            if self.store.get_state(state.state_id) is None:
+                raise not_found("state not found")
+            handle = self.new_runtime(key, image, source, state.state_id)
+        try:
+            self.start(handle)
+            return self.register(handle, state.state_id, None, ttl_seconds)
+        except BaseException:
+            self.discard(handle)
+            raise
+
+    def live_handle(self, row: InstanceRow) -> RuntimeHandle | None:
+        with self._lock:
+            handle = self._handles.get(row.instance_id)
+        if handle and self.runtimes.for_image(handle.image.requested).alive(handle):
+            return handle
+        return None
+
+    def status(self, row: InstanceRow) -> str:
+        if row.expires_at and row.expires_at < format_ts():
+            return "expired"
+        return "active" if self.live_handle(row) else "orphaned"
+
+    def entry(self, row: InstanceRow) -> JsonDict:
+        handle = self.live_handle(row)
+        return _omit_none(
+            {
+                "instance_id": row.instance_id,
+                "image_id": row.image_id,
+                "state_id": row.state_id,
+                "name": row.name,
+                "created_at": row.created_at,
+                "expires_at": row.expires_at,
+                "runtime_id": row.runtime_id,
+                "status": self.status(row),
+                "dsn": handle.dsn() if handle else None,
+            }
+        )
+
+    def connections(self, row: InstanceRow) -> int:
+        handle = self.live_handle(row)
+        return self.conntrack.active(handle) if handle else 0
+
+    def destroy(self, row: InstanceRow, terminate_connections: bool) -> None:
+        """Stop the server, remove the clone and delete the row (and its names)."""
+        handle = self.live_handle(row)
+        if handle and terminate_connections:
+            with contextlib.suppress(Exception):
+                self.conntrack.terminate(handle)
+        if handle is None:
+            image = self.runtimes.resolve(row.image_id)
+            handle = self._handle(row.instance_id, image)
+        self.discard(handle)
+        self.store.delete_instance(row.instance_id)
+
+    # recovery -----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Re-adopt live instances, mark dead ones orphaned, remove runtimes nobody owns."""
+        rows = self.store.list_instances()
+        for row in rows:
+            try:
+                image = self.runtimes.resolve(row.image_id)
+            except (ApiError, JobFailure):
+                self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
+                continue
+            handle = self._handle(row.instance_id, image)
+            if self.runtimes.for_image(image.requested).adopt(handle, row.runtime_id):
+                with self._lock:
+                    self._handles[row.instance_id] = handle
+                self.store.update_instance_runtime(row.instance_id, handle.runtime_id,
+                                                   handle.port, "active")
+            else:
+                self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
+        self.remove_unowned({row.instance_id for row in rows})
+
+    def remove_unowned(self, keep: set[str]) -> list[str]:
+        """Kill servers, unmount and delete runtime dirs that no instance row owns."""
+        removed = []
+        root = self.layout.instances_dir()
+        keys = set(os.listdir(root)) if os.path.isdir(root) else set()
+        if self.snapshots.expose_root and os.path.isdir(self.snapshots.expose_root):
+            keys |= set(os.listdir(self.snapshots.expose_root))
+        for key in sorted(keys - keep):
+            if key.startswith(".probe-"):
+                continue
+            data_dir = os.path.join(self.snapshots.exposed_path(key) or
+                                    os.path.join(root, key), "data")
+            self.runtimes.host.dbms.stop_by_data_dir(data_dir)
+            self.snapshots.release(os.path.join(root, key), key)
+            removed.append(key)
+        return removed
+
+
+
+###############################################################################
+# deletion: deletion trees for instances and states (§6.4); nothing is deleted unless the
+# whole tree may be. Owns nothing; may call store, instances.
+###############################################################################
+
+
+def delete_result(dry_run: bool, root: JsonDict) -> tuple[int, JsonDict]:
+    blocked = "blocked" in root
+    outcome = "blocked" if blocked else ("would_delete" if dry_run else "deleted")
+    status = 409 if blocked and not dry_run else 200
+    return status, {"dry_run": dry_run, "outcome": outcome, "root": root}
+
+
+class DeletionManager:
+    """Plans and carries out deletions of instances and states, post-order, all or nothing."""
+
+    def __init__(self, store: MetadataStore, instances: InstanceManager) -> None:
+        self.store = store
+        self.instances = instances
+        self._lock = threading.Lock()
+
+    def _instance_node(self, row: InstanceRow, force: bool) -> JsonDict:
+        node: JsonDict = {"kind": "instance", "id": row.instance_id,
+                          "connections": self.instances.connections(row)}
+        if row.runtime_id:
+            node["runtime_id"] = row.runtime_id
+        if node["connections"] > 0 and not force:
+            node["blocked"] = "active_connections"
+        return node
+
+    def _state_node(self, state: StateRow, recurse: bool, force: bool) -> JsonDict:
+        node: JsonDict = {"kind": "state", "id": state.state_id}
+        instances = self.store.list_instances(state=state.state_id)
+        children = self.store.list_states(parent=state.state_id)
+        if not recurse:
+            if instances or children:
+                node["blocked"] = "has_descendants"
+            return node
+        kids = [self._instance_node(row, force) for row in instances]
+        kids += [self._state_node(child, True, force) for child in children]
+        if kids:
+            node["children"] = kids
+        if any("blocked" in kid for kid in kids):
+            node["blocked"] = "blocked_by_descendant"
+        return node
+
+    def delete_instance(self, instance_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
+        with self._lock:
+            row = self.store.get_instance(instance_id) if is_instance_id(instance_id) else None
+            if row is None:
+                raise not_found("instance not found")
+            node = self._instance_node(row, force)
+            status, result = delete_result(dry_run, node)
+            if result["outcome"] == "deleted":
+                self.instances.destroy(row, terminate_connections=force)
+            return status, result
+
+    def delete_state(self, state_id: str, recurse: bool, force: bool,
+                     dry_run: bool) -> tuple[int, JsonDict]:
+        with self._lock, self.instances.clone_lock:
+            state = self.store.get_state(state_id) if is_state_id(state_id) else None
+            if state is None:
+                raise not_found("state not found")
+            node = self._state_node(state, recurse, force)
+            status, result = delete_result(dry_run, node)
+            if result["outcome"] == "deleted":
+                self._carry_out(node, force)
+            return status, result
+
+    def _carry_out(self, node: JsonDict, force: bool) -> None:
+        for child in node.get("children", []):
+            self._carry_out(child, force)
+        if node["kind"] == "instance":
+            row = self.store.get_instance(node["id"])
+            if row:
+                self.instances.destroy(row, terminate_connections=force)
+            return
+        state = self.store.get_state(node["id"])
+        if state:
+            remove_state_files(state)
+            self.store.delete_state(state.state_id)
+
+
+def remove_state_files(state: StateRow) -> None:
+    """Drop the ``.build.ok`` marker first, so a crash mid-way never leaves a complete-looking
+    half state."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(state.state_dir, ".build.ok"))
+    remove_tree(state.state_dir)
+
+
+
+###############################################################################
+# planner: psql argument validation and normalisation (§5.2), content hashing (§5.5) and
+# task lists (§5.4). Pure logic apart from reading script files; may call ids, errors.
+###############################################################################
+
+PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
+INPUT_BOUNDARY = "\n-- sqlrs: input-boundary\n"
+INCLUDE_BOUNDARY = "\n-- sqlrs: include-boundary\n"
+CONNECTION_FLAGS = ("-h", "-p", "-U", "-d")
+CONNECTION_LONG = ("--host", "--port", "--username", "--dbname", "--database")
+VALUE_FLAGS_SHORT = ("-c", "-f", "-v", "-L", "-o", "-P", "-F", "-R", "-T")
+VALUE_FLAGS_LONG = (
+    "--command", "--file", "--set", "--variable", "--log-file", "--output", "--pset",
+    "--field-separator", "--record-separator", "--table-attr",
+)
+INCLUDE_RE = re.compile(r"^\\(i|ir|include|include_relative)\s+(.+)$")
+
+
+def hash_records(*records: tuple[str, str]) -> str:
+    """SHA-256 over ``key=<byte length>:<value>\\n`` records, hex (the reference hasher)."""
+    digest = hashlib.sha256()
+    for key, value in records:
+        data = value.encode()
+        digest.update(f"{key}={len(data)}:".encode() + data + b"\n")
+    return digest.hexdigest()
+
+
+@dataclass
+class PsqlInput:
+    kind: str  # file | stdin | command
+    value: str
+
+    @property
+    def args(self) -> list[str]:
+        return ["-c", self.value] if self.kind == "command" else ["-f", self.value]
+
+    @property
+    def summary(self) -> str:
+        return " ".join(self.args)
+
+
+@dataclass
+class PsqlPlan:
+    """Validated psql arguments: shared flags, inputs (one step each) and the include dir."""
+
+    normalized: list[str]
+    shared: list[str]
+    inputs: list[PsqlInput]
+    work_dir: str
+    stdin: str | None
+
+    def step_args(self, index: int) -> list[str]:
+        if not self.inputs:
+            return list(self.shared)
+        return [*self.shared, *self.inputs[index].args]
+
+    @property
+    def step_count(self) -> int:
+        return max(1, len(self.inputs))
+
+
+def _split_flag(token: str, short: Sequence[str], long: Sequence[str]) -> tuple[str, str | None]:
+    """Return (flag, attached value) when ``token`` is one of the flags, else ("", None)."""
+    for flag in long:
+        if token == flag:
+            return flag, None
+        if token.startswith(flag + "="):
+            return flag, token[len(flag) + 1:]
+    for flag in short:
+        if token == flag:
+            return flag, None
+        if token.startswith(flag) and len(token) > 2:
+            return flag, token[2:]
+    return "", None
+
+
+def plan_psql(args: Sequence[str], stdin: str | None, cwd: str) -> PsqlPlan:
+    """Validate and normalise psql arguments exactly as §5.2 (ValidationError → 400)."""
+    shared: list[str] = []
+    inputs: list[PsqlInput] = []
+    has_no_psqlrc = has_on_error_stop = False
+    pos = 0
+    while pos < len(args):
+        token = args[pos]
+        pos += 1
+        if token == "--":
+            if pos < len(args):
+                raise invalid_argument("positional arguments are not allowed")
+            continue
+        if _split_flag(token, CONNECTION_FLAGS, CONNECTION_LONG)[0]:
+            raise invalid_argument("connection flags are not allowed", token)
+        if not token.startswith("-") or token == "-":
+            raise invalid_argument("positional database arguments are not allowed", token)
+        flag, value = _split_flag(token, VALUE_FLAGS_SHORT, VALUE_FLAGS_LONG)
+        if flag and value is None:
+            if pos >= len(args):
+                if flag in ("-v", "--set", "--variable"):
+                    raise invalid_argument("missing value for variable flag", token)
+                raise invalid_argument(f"missing value for {flag}", token)
+            value = args[pos]
+            pos += 1
+        if flag in ("-f", "--file"):
+            inputs.append(_file_input(value or ""))
+        elif flag in ("-c", "--command"):
+            inputs.append(PsqlInput("command", value or ""))
+        elif flag in ("-v", "--set", "--variable"):
+            name, _, var_value = (value or "").partition("=")
+            if name == "ON_ERROR_STOP":
+                if var_value != "1":
+                    raise invalid_argument("ON_ERROR_STOP must be set to 1", value)
+                has_on_error_stop = True
+            shared += ["-v", value or ""]
+        elif flag:
+            shared += [flag, value or ""]
+        else:
+            has_no_psqlrc |= token in ("-X", "--no-psqlrc")
+            shared.append(token)
+    uses_stdin = any(item.kind == "stdin" for item in inputs)
+    if uses_stdin and stdin is None:
+        raise invalid_argument("stdin is required when using -f -")
+    if stdin is not None and not uses_stdin:
+        raise invalid_argument("stdin is only valid with -f -")
+    if not has_no_psqlrc:
+        shared.append("-X")
+    if not has_on_error_stop:
+        shared += ["-v", "ON_ERROR_STOP=1"]
+    files = [item.value for item in inputs if item.kind == "file"]
+    work_dir = os.path.dirname(files[0]) if files else cwd
+    normalized = [arg for item in inputs for arg in item.args] + shared
+    return PsqlPlan(normalized, shared, inputs, work_dir, stdin)
+
+
+def _file_input(path: str) -> PsqlInput:
+    if path == "-":
+        return PsqlInput("stdin", "-")
+    if not os.path.isabs(path):
+        raise invalid_argument("file path must be absolute", path)
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise invalid_argument("cannot read file", path)
+    return PsqlInput("file", os.path.normpath(path))
+
+
+class ContentHasher:
+    """Expands ``\\i``-style includes and hashes script content as the reference engine does."""
+
+    def __init__(self, work_dir: str, stdin: str | None) -> None:
+        self.work_dir = work_dir
+        self.stdin = stdin
+
+    def input_text(self, item: PsqlInput) -> str:
+        if item.kind == "command":
+            return self._expand(item.value, self.work_dir, [])
+        if item.kind == "stdin":
+            return self._expand(self.stdin or "", self.work_dir, [])
+        return self._expand_file(item.value, [])
+
+    def _expand_file(self, path: str, stack: list[str]) -> str:
+        real = os.path.realpath(path)
+        if real in stack:
+            raise invalid_argument("recursive include", " -> ".join([*stack, real]))
+        try:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise invalid_argument("cannot read file", f"{path}: {exc.strerror}") from None
+        return self._expand(text, os.path.dirname(path), [*stack, real])
+
+    def _expand(self, text: str, file_dir: str, stack: list[str]) -> str:
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        out = []
+        for line in lines:
+            line = line.removesuffix("\r")
+            match = INCLUDE_RE.match(line.strip())
+            if not match:
+                out.append(line + "\n")
+                continue
+            target = match.group(2).strip().strip("'\"")
+            base = file_dir if match.group(1) in ("ir", "include_relative") else self.work_dir
+            resolved = target if os.path.isabs(target) else os.path.join(base, target)
+            out.append(INCLUDE_BOUNDARY + self._expand_file(resolved, stack) + INCLUDE_BOUNDARY)
+        return "".join(out)
+
+    def content_hash(self, items: Sequence[PsqlInput]) -> str:
+        text = INPUT_BOUNDARY.join(self.input_text(item) for item in items)
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def psql_task_hash(content_hash: str, engine_version: str) -> str:
+    return hash_records(
+        ("prepare_kind", "psql"), ("content_hash", content_hash),
+        ("engine_version", engine_version), ("psql_task_hash_schema", PSQL_TASK_HASH_SCHEMA),
+    )
+
+
+def state_id_for(input_kind: str, input_id: str, task_hash: str) -> str:
+    return hash_records(("input_kind", input_kind), ("input_id", input_id),
+                        ("task_hash", task_hash))
+
+
+def job_signature(all_inputs_task_hash: str, resolved_image: str, plan_only: bool) -> str:
+    return hash_records(("task_hash", all_inputs_task_hash), ("image_id", resolved_image),
+                        ("plan_only", "true" if plan_only else "false"))
+
+
+@dataclass
+class PrepareRequest:
+    """A validated ``POST /v1/prepare-jobs`` body."""
+
+    prepare_kind: str
+    image_id: str
+    psql_args: list[str]
+    stdin: str | None
+    plan_only: bool
+    ttl_seconds: int | None
+    plan: PsqlPlan
+
+    @classmethod
+    def parse(cls, body: Any, cwd: str) -> PrepareRequest:
+        if not isinstance(body, dict):
+            raise invalid_argument("invalid json payload", "body must be a JSON object")
+        kind = _opt_str(body, "prepare_kind").strip()
+        if not kind:
+            raise invalid_argument("prepare_kind is required")
+        if kind == "lb":
+            raise invalid_argument("unsupported prepare_kind",
+                                   "lb (Liquibase) prepares are not supported yet")
+        if kind != "psql":
+            raise invalid_argument("unsupported prepare_kind", kind)
+        image = _opt_str(body, "image_id").strip()
+        if not image:
+            raise invalid_argument("image_id is required")
+        args = body.get("psql_args") or []
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise invalid_argument("invalid psql_args", "psql_args must be an array of strings")
+        stdin = body.get("stdin")
+        if stdin is not None and not isinstance(stdin, str):
+            raise invalid_argument("invalid stdin", "stdin must be a string or null")
+        plan_only = body.get("plan_only", False)
+        if not isinstance(plan_only, bool):
+            raise invalid_argument("invalid plan_only", "plan_only must be a boolean")
+        ttl = parse_ttl(body.get("ttl_seconds"))
+        plan = plan_psql(args, stdin, cwd)
+        return cls(kind, image, args, stdin, plan_only, ttl, plan)
+
+    def to_json(self) -> JsonDict:
+        return {"prepare_kind": self.prepare_kind, "image_id": self.image_id,
+                "psql_args": self.psql_args, "stdin": self.stdin, "plan_only": self.plan_only,
+                "ttl_seconds": self.ttl_seconds}
+
+
+def _opt_str(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise invalid_argument(f"invalid {key}", f"{key} must be a string")
+    return value
+
+
+def parse_ttl(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value <= 0:
+        raise invalid_argument("invalid ttl_seconds", "ttl_seconds must be a positive integer")
+    return value
+
+
+@dataclass
+class StepPlan:
+    index: int
+    input_kind: str
+    input_id: str
+    task_hash: str
+    state_id: str
+    args: list[str]
+    summary: str
+
+
+def plan_steps(request: PrepareRequest, resolved_image: str,
+               engine_version: str) -> tuple[list[StepPlan], str]:
+    """The chain of states of a psql request and its job signature."""
+    plan = request.plan
+    hasher = ContentHasher(plan.work_dir, plan.stdin)
+    steps: list[StepPlan] = []
+    input_kind, input_id = "image", resolved_image
+    for index in range(plan.step_count):
+        items = plan.inputs[index:index + 1]
+        task_hash = psql_task_hash(hasher.content_hash(items), engine_version)
+        state_id = state_id_for(input_kind, input_id, task_hash)
+        summary = items[0].summary if items else ""
+        steps.append(StepPlan(index, input_kind, input_id, task_hash, state_id,
+                              plan.step_args(index), summary))
+        input_kind, input_id = "state", state_id
+    whole = psql_task_hash(hasher.content_hash(plan.inputs), engine_version)
+    return steps, job_signature(whole, resolved_image, request.plan_only)
+
+
+def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[StepPlan],
+                cached: Callable[[str], bool]) -> list[PlanTask]:
+    tasks = [PlanTask("plan", "plan", planner_kind="psql")]
+    if "@" not in request.image_id:
+        tasks.append(PlanTask("resolve-image", "resolve_image", image_id=request.image_id,
+                              resolved_image_id=resolved_image))
+    for step in steps:
+        tasks.append(PlanTask(
+            f"execute-{step.index}", "state_execute", input_kind=step.input_kind,
+            input_id=step.input_id, task_hash=step.task_hash, output_state_id=step.state_id,
+            cached=cached(step.state_id), args_summary=step.summary,
+        ))
+    tasks.append(PlanTask("prepare-instance", "prepare_instance", input_kind="state",
+                          input_id=steps[-1].state_id, instance_mode="ephemeral"))
+    return tasks
+
+
+
+###############################################################################
+# executor: runs one job's tasks in order and records every step as events (§5.3, §5.6).
+# Owns the job's runtime while it runs; may call queue, store, snapshot, runtime, instances,
+# planner.
+###############################################################################
+
+HEARTBEAT_SECONDS = 0.5
+LOG_LINES_IN_FULL = 200
+OUTPUT_TAIL_BYTES = 64 * 1024
+STATE_MARKER = ".build.ok"
+
+
+class EventEmitter:
+    """Appends a job's events; re-appends the last running-task/log event as a heartbeat."""
+
+    def __init__(self, jobs: JobQueue, job_id: str) -> None:
+        self.jobs = jobs
+        self.job_id = job_id
+        self._last: JsonDict | None = None
+        self._last_at = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def emit(self, event: JsonDict, *more: JsonDict, **job_fields: Any) -> None:
+        with self._lock:
+            event = {**event, "ts": format_ts()}
+            self.jobs.update_job(self.job_id, event, *({**e, "ts": event["ts"]} for e in more),
+                                 **job_fields)
+            if event["type"] == "log" or (event["type"] == "task" and
+                                          event.get("status") == "running"):
+                self._last = event
+            elif event["type"] == "task":
+                self._last = None
+            self._last_at = time.monotonic()
+
+    def log(self, message: str) -> None:
+        self.emit({"type": "log", "message": message})
+
+    def task(self, task_id: str, status: str, error: JsonDict | None = None,
+             **fields: Any) -> None:
+        now = format_ts()
+        event: JsonDict = {"type": "task", "task_id": task_id, "status": status}
+        if error:
+            event["error"] = error
+            event["message"] = error.get("message")
+        times = {"started_at": now} if status == "running" else {"finished_at": now}
+        with self._lock:
+            self.jobs.update_task(self.job_id, task_id, {**event, "ts": now}, status=status,
+                                  error_json=json.dumps(error) if error else None,
+                                  **times, **fields)
+            self._last = event if status == "running" else None
+            self._last_at = time.monotonic()
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id[:8]}",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS / 5):
+            with self._lock:
+                due = time.monotonic() - self._last_at >= HEARTBEAT_SECONDS
+                if due and self._last is not None:
+                    self.jobs.append_event(self.job_id, {**self._last, "ts": format_ts()})
+                    self._last_at = time.monotonic()
+
+
+@dataclass
+class JobRun:
+    """In-memory companion of a running job: its cancel flag and, while building, runtime."""
+
+    job_id: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    runtime: RuntimeHandle | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled()
+
+
+class Executor:
+    """Plans and executes prepare jobs; every change is persisted before it is announced."""
+
+    def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
+                 runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
+                 engine_version: str) -> None:
+        self.jobs = jobs
+        self.store = store
+        self.layout = layout
+        self.runtimes = runtimes
+        self.instances = instances
+        self.snapshots = snapshots
+        self.engine_version = engine_version
+
+    # planning -----------------------------------------------------------------------------
+    def state_ready(self, state_id: str) -> bool:
+        state = self.store.get_state(state_id)
+        return bool(state and os.path.exists(os.path.join(state.state_dir, STATE_MARKER)))
+
+    def plan(self, request: PrepareRequest, emit: EventEmitter | None
+             ) -> tuple[ResolvedImage, list[StepPlan], str, list[PlanTask]]:
+        if emit:
+            emit.log(f"resolve image {request.image_id}")
+        image = self.runtimes.resolve(request.image_id)
+        if emit:
+            emit.log(f"resolved image {image.resolved_id}")
+        steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
+        tasks = build_tasks(request, image.resolved_id, steps, self.state_ready)
+        return image, steps, signature, tasks
+
+    # execution ----------------------------------------------------------------------------
+    def run(self, job: JobRow, request: PrepareRequest, run: JobRun,
+            after_plan: Callable[[str], None]) -> None:
+        emit = EventEmitter(self.jobs, job.job_id)
+        emit.emit({"type": "status", "status": "running"}, status="running",
+                  started_at=format_ts(), attempts=job.attempts + 1,
+                  prepare_args_normalized=" ".join(request.plan.normalized))
+        emit.start_heartbeat()
+        try:
+            result = self._run_tasks(job, request, run, emit, after_plan)
+            fields: JsonDict = {"status": "succeeded", "finished_at": format_ts()}
+            if result:
+                fields["result_json"] = json.dumps(result)
+            more = [{"type": "result", "result": result}] if result else []
+            emit.emit({"type": "status", "status": "succeeded"}, *more, **fields)
+        except JobFailure as exc:
+            self._fail(job.job_id, run, emit, exc.error)
+        except ApiError as exc:
+            self._fail(job.job_id, run, emit, exc.body())
+        except Exception as exc:
+            log.exception("job %s crashed", job.job_id)
+            self._fail(job.job_id, run, emit,
+                       ApiError(500, "internal_error", "internal error", str(exc)).body())
+        finally:
+            emit.stop_heartbeat()
+
+    def _fail(self, job_id: str, run: JobRun, emit: EventEmitter, error: JsonDict) -> None:
+        if run.runtime:
+            with contextlib.suppress(Exception):
+                self.instances.discard(run.runtime)
+            run.runtime = None
+        for _job, task in self.jobs.list_tasks(job_id):
+            if task.status == "running":
+                emit.task(task.task_id, "failed", error)
+        emit.emit({"type": "status", "status": "failed"}, {"type": "error", "error": error},
+                  status="failed", finished_at=format_ts(), error_json=json.dumps(error))
+
+    def _run_tasks(self, job: JobRow, request: PrepareRequest, run: JobRun, emit: EventEmitter,
+                   after_plan: Callable[[str], None]) -> JsonDict | None:
+        image, steps, signature, tasks = self.plan(request, emit)
+        self.jobs.replace_tasks(job.job_id, tasks)
+        self.jobs.update_job(job.job_id, signature=signature)
+        after_plan(signature)
+        for task in tasks:
+            run.check()
+            emit.task(task.task_id, "running")
+            if request.plan_only or task.type in ("plan", "resolve_image"):
+                emit.task(task.task_id, "succeeded")
+            elif task.type == "state_execute":
+                step = steps[int(task.task_id.split("-")[1])]
+                cached = self._execute_step(job, request, image, step, run, emit)
+                emit.task(task.task_id, "succeeded", cached=int(cached))
+            else:
+                return self._prepare_instance(job, request, image, steps[-1], run, emit)
+        return None
+
+    def _execute_step(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
+                      step: StepPlan, run: JobRun, emit: EventEmitter) -> bool:
+        if self.state_ready(step.state_id):
+            return True
+        lock = os.path.join(self.layout.states_dir(image), ".build", f"{step.state_id}.lock")
+        with file_lock(lock):
+            if self.state_ready(step.state_id):
+                return True
+            run.check()
+            handle = self._runtime_for(job, image, step.input_kind, step.input_id, run, emit)
+            self._run_psql(request, handle, step, run, emit)
+            run.check()
+            self._snapshot(image, handle, step, emit)
+            return False
+
+    def _runtime_for(self, job: JobRow, image: ResolvedImage, input_kind: str, input_id: str,
+                     run: JobRun, emit: EventEmitter) -> RuntimeHandle:
+        """The job's runtime holding ``input_id``'s content, started."""
+        if run.runtime and run.runtime.content_id != input_id:
+            self.instances.discard(run.runtime)
+            run.runtime = None
+        if run.runtime is None:
+            if input_kind == "image":
+                source = self.runtimes.ensure_base(image, emit.log)
+            else:
+                state = self.store.get_state(input_id)
+                if state is None:
+                    raise JobFailure("internal_error", "input state disappeared", input_id)
+                source = os.path.join(state.state_dir, "pgdata")
+            with self.instances.clone_lock:
+                run.runtime = self.instances.new_runtime(derived_instance_id(job.job_id), image,
+                                                         source, input_id)
+            emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
+        if not self.runtimes.for_image(image.requested).alive(run.runtime):
+            self.instances.start(run.runtime)
+            emit.log(f"{image.runtime_kind}: postgres ready on port {run.runtime.port}")
+        return run.runtime
+
+    def _run_psql(self, request: PrepareRequest, handle: RuntimeHandle, step: StepPlan,
+                  run: JobRun, emit: EventEmitter) -> None:
+        runtime = self.runtimes.for_image(handle.image.requested)
+        argv = [*runtime.client_argv(handle, "psql"), "-d", "postgres", *step.args]
+        feeds_stdin = "-f" in step.args and step.args[step.args.index("-f") + 1] == "-"
+        emit.log("psql: start")
+        proc = subprocess.Popen(
+            argv, cwd=request.plan.work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE if feeds_stdin else subprocess.DEVNULL,
+            env={**os.environ, "PGAPPNAME": "sqlrs-prepare"},
+        )
+        run.process = proc
+        if feeds_stdin:
+            threading.Thread(target=_feed_stdin, args=(proc, request.stdin or ""),
+                             daemon=True).start()
+        output = collect_output(proc, emit.log, "psql: ")
+        code = proc.wait()
+        run.process = None
+        run.check()
+        if code != 0:
+            raise JobFailure("internal_error", "psql execution failed", output)
+
+    def _snapshot(self, image: ResolvedImage, handle: RuntimeHandle, step: StepPlan,
+                  emit: EventEmitter) -> None:
+        emit.log("pg_ctl: stop for snapshot")
+        self.instances.stop(handle)
+        emit.log("snapshot: start")
+        final_dir = self.layout.state_dir(image, step.state_id)
+        remove_tree(final_dir)
+        try:
+            size = self.snapshots.publish(handle.data_dir, final_dir, STATE_MARKER)
+            self.store.insert_state(StateRow(
+                state_id=step.state_id,
+                parent_state_id=step.input_id if step.input_kind == "state" else None,
+                image_id=image.resolved_id, prepare_kind="psql",
+                prepare_args_normalized=" ".join(step.args), created_at=format_ts(),
+                size_bytes=size, last_used_at=None, use_count=0, min_retention_until=None,
+                state_dir=final_dir,
+            ))
+        except OSError as exc:
+            remove_tree(final_dir)
+            if exc.errno == errno.ENOSPC:
+                raise JobFailure("cache_limit_too_small", "no space left for the new state",
+                                 {"state_id": step.state_id}) from exc
+            raise
+        handle.content_id = step.state_id
+        emit.log("snapshot: complete")
+
+    def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
+                          last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
+        handle = self._runtime_for(job, image, "state", last.state_id, run, emit)
+        row = self.instances.register(handle, last.state_id, job.job_id, request.ttl_seconds)
+        run.runtime = None
+        emit.log(f"instance created {row.instance_id}")
+        emit.task("prepare-instance", "succeeded")
+        return {
+            "dsn": handle.dsn(), "instance_id": row.instance_id, "state_id": last.state_id,
+            "image_id": image.resolved_id, "prepare_kind": "psql",
+            "prepare_args_normalized": " ".join(request.plan.normalized),
+        }
+
+
+def _feed_stdin(proc: subprocess.Popen[bytes], text: str) -> None:
+    assert proc.stdin
+    with contextlib.suppress(BrokenPipeError, OSError):
+        proc.stdin.write(text.encode())
+    with contextlib.suppress(BrokenPipeError, OSError):
+        proc.stdin.close()
+
+
+def collect_output(proc: subprocess.Popen[bytes], log_line: Callable[[str], None],
+                   prefix: str) -> str:
+    """Forward output lines as log events (every line at first, then at most two a second)
+    and return the output's tail for error details."""
+    assert proc.stdout
+    tail = bytearray()
+    skipped = 0
+    last_flush = time.monotonic()
+    for count, raw in enumerate(proc.stdout, start=1):
+        tail += raw
+        if len(tail) > OUTPUT_TAIL_BYTES:
+            del tail[: len(tail) - OUTPUT_TAIL_BYTES]
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if count <= LOG_LINES_IN_FULL or time.monotonic() - last_flush >= 0.5:
+            suffix = f" (+{skipped} lines)" if skipped else ""
+            log_line(prefix + line + suffix)
+            skipped, last_flush = 0, time.monotonic()
+        else:
+            skipped += 1
+    return tail.decode("utf-8", "replace")
+
+
+
+###############################################################################
+# prepare manager: submit, status, cancel, list, delete, retention and restart recovery of
+# prepare jobs (§3.5, §5.3, §5.10). Owns the worker pool and the in-memory JobRun table; may
+# call queue, store, instances, planner, executor.
+###############################################################################
+
+MAX_CRASH_ATTEMPTS = 3
+
+
+class PrepareManager:
+    """Accepts prepare jobs and runs them on a thread pool, several at once."""
+
+    def __init__(self, jobs: JobQueue, executor: Executor, config: ConfigManager,
+                 instances: InstanceManager, workers: int = 4) -> None:
+        self.jobs = jobs
+        self.executor = executor
+        self.config = config
+        self.instances = instances
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
+        self._runs: dict[str, JobRun] = {}
+        self._lock = threading.Lock()
+        self.cwd = os.getcwd()
+
+    # submit / run -------------------------------------------------------------------------
+    def submit(self, body: Any) -> JobRow:
+        request = PrepareRequest.parse(body, self.cwd)
+        ContentHasher(request.plan.work_dir, request.stdin).content_hash(request.plan.inputs)
+        job = JobRow(
+            job_id=random_hex(16), status="queued", prepare_kind=request.prepare_kind,
+            image_id=request.image_id, plan_only=request.plan_only,
+            prepare_args_normalized=" ".join(request.plan.normalized), signature=None,
+            request_json=json.dumps(request.to_json()), created_at=format_ts(),
+            started_at=None, finished_at=None, result_json=None, error_json=None, attempts=0,
+        )
+        self.jobs.create_job(job)
+        self._start(job, request)
+        return job
+
+    def _start(self, job: JobRow, request: PrepareRequest) -> None:
+        run = JobRun(job.job_id)
+        with self._lock:
+            self._runs[job.job_id] = run
+        self._pool.submit(self._run, job, request, run)
+
+    def _run(self, job: JobRow, request: PrepareRequest, run: JobRun) -> None:
+        try:
+            self.executor.run(job, request, run, lambda sig: self.apply_retention(sig, job.job_id))
+            current = self.jobs.get_job(job.job_id)
+            if current and current.signature:
+                self.apply_retention(current.signature, job.job_id)
+        except Exception:
+            log.exception("job %s runner failed", job.job_id)
+        finally:
+            with self._lock:
+                self._runs.pop(job.job_id, None)
+            run.done.set()
+
+    def busy(self) -> bool:
+        with self._lock:
+            if self._runs:
+                return True
+        return bool(self.jobs.jobs_in(("queued", "running")))
+
+    def shutdown(self) -> None:
+        with self._lock:
+            runs = list(self._runs.values())
+        for run in runs:
+            self._cancel_run(run)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # queries ------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRow | None:
+        return self.jobs.get_job(job_id) if is_job_id(job_id) else None
+
+    def status_json(self, job: JobRow) -> JsonDict:
+        tasks = [task.to_json() for _job, task in self.jobs.list_tasks(job.job_id)]
+        out = _omit_none({
+            "job_id": job.job_id, "status": job.status, "prepare_kind": job.prepare_kind,
+            "image_id": job.image_id, "plan_only": True if job.plan_only else None,
+            "prepare_args_normalized": job.prepare_args_normalized or None,
+            "created_at": job.created_at, "started_at": job.started_at,
+            "finished_at": job.finished_at, "tasks": tasks or None,
+            "result": json.loads(job.result_json) if job.result_json else None,
+            "error": json.loads(job.error_json) if job.error_json else None,
+        })
+        return out
+
+    def entry_json(self, job: JobRow) -> JsonDict:
+        resolved = next((task.resolved_image_id for _j, task in self.jobs.list_tasks(job.job_id)
+                         if task.resolved_image_id), None)
+        return _omit_none({
+            "job_id": job.job_id, "status": job.status, "prepare_kind": job.prepare_kind,
+            "image_id": job.image_id, "resolved_image_id": resolved,
+            "prepare_args_normalized": job.prepare_args_normalized or None,
+            "signature": job.signature, "plan_only": job.plan_only,
+            "created_at": job.created_at, "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        })
+
+    # cancel / delete / retention ------------------------------------------------------------
+    def _cancel_run(self, run: JobRun) -> None:
+        run.cancel.set()
+        proc = run.process
+        if proc and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+
+    def cancel(self, job_id: str) -> tuple[int, JsonDict]:
+        job = self.get(job_id)
+        if job is None:
+            raise not_found("job not found")
+        if job.terminal:
+            return 200, self.status_json(job)
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run:
+            self._cancel_run(run)
+        else:
+            self._fail_stored(job_id, JobCancelled().error)
+        current = self.get(job_id)
+        assert current
+        return 202, self.status_json(current)
+
+    def delete(self, job_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
+        job = self.get(job_id)
+        if job is None:
+            raise not_found("job not found")
+        node: JsonDict = {"kind": "job", "id": job_id}
+        running = any(task.status == "running" for _j, task in self.jobs.list_tasks(job_id))
+        if (running or not job.terminal) and not force:
+            node["blocked"] = "active_tasks"
+        status, result = delete_result(dry_run, node)
+        if result["outcome"] == "deleted":
+            self._delete_job(job_id)
+        return status, result
+
+    def _delete_job(self, job_id: str) -> None:
+        with self._lock:
+            run = self._runs.get(job_id)
+        if run:
+            self._cancel_run(run)
+            run.done.wait(60)
+        self.jobs.delete_job(job_id)
+
+    def apply_retention(self, signature: str, current_job: str) -> None:
+        keep = self.config.value("orchestrator.jobs.maxIdentical")
+        if keep is None:
+            return
+        for job in self.jobs.completed_with_signature(signature)[keep:]:
+            if job.job_id != current_job:
+                self._delete_job(job.job_id)
+
+    def _fail_stored(self, job_id: str, error: JsonDict) -> None:
+        """Fail a job that has no runner (status, then error event, in one transaction)."""
+        self.jobs.update_job(job_id, {"type": "status", "status": "failed"},
+                             {"type": "error", "error": error}, status="failed",
+                             finished_at=format_ts(), error_json=json.dumps(error))
+
+    # recovery -----------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Resume queued/running jobs after a restart; give up on repeat offenders."""
+        for job in self.jobs.jobs_in(("queued", "running")):
+            if job.attempts >= MAX_CRASH_ATTEMPTS:
+                self._fail_stored(job.job_id, ApiError(
+                    500, "internal_error", "job aborted after repeated engine crashes",
+                    f"the engine stopped {job.attempts} times while running this job").body())
+                continue
+            try:
+                request = PrepareRequest.parse(json.loads(job.request_json), self.cwd)
+            except (ApiError, ValueError) as exc:
+                detail = exc.message if isinstance(exc, ApiError) else str(exc)
+                self._fail_stored(job.job_id, ApiError(
+                    500, "internal_error", "cannot restore job request", detail).body())
+                continue
+            self.jobs.append_event(job.job_id, {"type": "log",
+                                                "message": "engine restarted: resuming job"})
+            self._start(job, request)
+
+
+
+###############################################################################
+# httpapi: routing, request parsing, responses and the OpenAPI self-description (§2, §3).
+# Owns the HTTP server and per-request state; may call every section above.
+###############################################################################
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+NOT_FOUND_TEXT = b"404 page not found\n"
+STREAM_POLL_SECONDS = 0.5
+
+
+@dataclass
+class Response:
+    """What a route answers: a complete body, or a stream of chunks sent as they come."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterator[bytes] | None = None
+
+
+def json_response(status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, (json.dumps(value, ensure_ascii=False) + "\n").encode(),
+                    "application/json", headers or {})
+
+
+def text_not_found() -> Response:
+    return Response(404, NOT_FOUND_TEXT, "text/plain; charset=utf-8")
+
+
+@dataclass
+class Request:
+    """One parsed HTTP request: method, path, query and a lazily read body."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    header: Callable[[str], str | None]
+    read_body: Callable[[], bytes]
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def flag(self, name: str) -> bool:
+        value = self.arg(name)
+        if not value:
+            return False
+        try:
+            return parse_go_bool(value)
+        except ValueError as exc:
+            raise invalid_argument(f"invalid {name}", str(exc)) from None
+
+    def json(self) -> Any:
+        raw = self.read_body()
+        try:
+            return json.loads(raw.decode("utf-8") if raw else "")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise invalid_argument("invalid json payload", str(exc)) from None
+
+    def json_object(self) -> JsonDict:
+        body = self.json()
+        if not isinstance(body, dict):
+            raise invalid_argument("invalid json payload", "body must be a JSON object")
+        return body
+
+
+def id_prefix_arg(req: Request) -> str | None:
+    raw = req.arg("id_prefix")
+    if raw is None:
+        return None
+    prefix = raw.strip()
+    if len(prefix) < 8:
+        raise invalid_argument("invalid id_prefix", "id_prefix must be at least 8 hex characters")
+    if not re.fullmatch(r"[0-9a-fA-F]+", prefix):
+        raise invalid_argument("invalid id_prefix", "id_prefix must be hex")
+    return prefix.lower()
+
+
+def list_response(req: Request, items: Sequence[JsonDict]) -> Response:
+    if wants_ndjson(req.header("Accept")):
+        return Response(200, b"".join(json_line(item) for item in items), "application/x-ndjson")
+    return json_response(200, list(items))
+
+
+Handler = Callable[..., Response]
+
+
+@dataclass
+class Route:
+    pattern: re.Pattern[str]
+    methods: dict[str, Handler]
+    auth: bool = True
+
+
+class Activity:
+    """Counts requests in flight and remembers when the last one finished (idle shutdown)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.last_finished = time.monotonic()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.last_finished = time.monotonic()
+
+    def idle_for(self) -> float:
+        with self._lock:
+            return 0.0 if self.in_flight else time.monotonic() - self.last_finished
+
+_OaJson = dict[str, Any]
+
+_OA_HEX32 = "^[0-9a-f]{32}$"
+_OA_HEX64 = "^[0-9a-f]{64}$"
+_OA_NAME = "^[A-Za-z0-9._-]{1,63}$"
+_OA_GO_DURATION = r"^(0s|[0-9.]+(ns|us|µs|ms)|([0-9]+h)?([0-9]+m)?[0-9.]+s)$"
+_OA_JOB_STATUS = ["queued", "running", "succeeded", "failed"]
+_OA_TASK_STATUS = ["queued", "running", "succeeded", "failed"]
+_OA_BOOL_HELP = (
+    "Boolean (Go strconv.ParseBool spellings: 1,t,T,TRUE,true,True,0,f,F,FALSE,false,False; "
+    "empty = false). Anything else is 400 invalid_argument `invalid <name>`."
+)
+
+
+# --------------------------------------------------------------------------- schema helpers
+
+
+def _oa_ref(name: str) -> _OaJson:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _oa_str(pattern: str | None = None, **extra: Any) -> _OaJson:
+    schema: _OaJson = {"type": "string", **extra}
+    if pattern is not None:
+        schema["pattern"] = pattern
+    return schema
+
+
+def _oa_int(minimum: int | None = 0, **extra: Any) -> _OaJson:
+    schema: _OaJson = {"type": "integer", "format": "int64", **extra}
+    if minimum is not None:
+        schema["minimum"] = minimum
+    return schema
+
+
+def _oa_ts() -> _OaJson:
+    return {"type": "string", "format": "date-time"}
+
+
+def _oa_enum(*values: str) -> _OaJson:
+    return {"type": "string", "enum": list(values)}
+
+
+def _oa_array(items: _OaJson, **extra: Any) -> _OaJson:
+    return {"type": "array", "items": items, **extra}
+
+
+def _oa_nullable(schema: _OaJson) -> _OaJson:
+    """3.1 style: {"type": "string"} -> {"type": ["string", "null"]}."""
+    out = copy.deepcopy(schema)
+    out["type"] = [out["type"], "null"]
+    return out
+
+
+def _oa_obj(
+    props: _OaJson, required: list[str] | None = None, *, closed: bool = True, **extra: Any
+) -> _OaJson:
+    """Object schema; closed=True adds additionalProperties: false (response objects)."""
+    schema: _OaJson = {"type": "object", "properties": props}
+    if required:
+        missing = [r for r in required if r not in props]
+        assert not missing, missing
+        schema["required"] = list(required)
+    if closed:
+        schema["additionalProperties"] = False
+    schema.update(extra)
+    return schema
+
+
+def _oa_when(prop: str, value: str, then: _OaJson) -> _OaJson:
+    """if/then rule keyed on a discriminating string property (e.g. event `type`)."""
+    return {"if": {"properties": {prop: {"const": value}}, "required": [prop]}, "then": then}
+
+
+# ------------------------------------------------------------------------- content helpers
+
+
+def _oa_json(schema: _OaJson) -> _OaJson:
+    return {"application/json": {"schema": schema}}
+
+
+def _oa_ndjson(item: _OaJson) -> _OaJson:
+    return {"application/x-ndjson": {"schema": item}}
+
+
+def _oa_list_content(name: str) -> _OaJson:
+    """JSON array by default; NDJSON (one item per line) when Accept contains x-ndjson."""
+    return {**_oa_json(_oa_array(_oa_ref(name))), **_oa_ndjson(_oa_ref(name))}
+
+
+def _oa_resp(
+    description: str, content: _OaJson | None = None, headers: _OaJson | None = None
+) -> _OaJson:
+    out: _OaJson = {"description": description}
+    if headers:
+        out["headers"] = headers
+    if content:
+        out["content"] = content
+    return out
+
+
+def _oa_err(description: str) -> _OaJson:
+    return _oa_resp(description, _oa_json(_oa_ref("ErrorResponse")))
+
+
+def _oa_empty(description: str) -> _OaJson:
+    return _oa_resp(description)
+
+
+def _oa_not_found_text(what: str) -> _OaJson:
+    return _oa_resp(
+        f"Unknown or empty {what} (Go mux style; not JSON).",
+        {"text/plain": {"schema": {"type": "string"}, "example": "404 page not found\n"}},
+    )
+
+
+def _oa_header(description: str, schema: _OaJson | None = None, required: bool = True) -> _OaJson:
+    return {"description": description, "required": required, "schema": schema or _oa_str()}
+
+
+def _oa_location(pattern: str) -> _OaJson:
+    return {
+        "Location": _oa_header("Relative URL of the created/target resource.", _oa_str(pattern))
+    }
+
+
+# ----------------------------------------------------------------------- parameter helpers
+
+
+def _oa_param(where: str, name: str, description: str, schema: _OaJson, required: bool) -> _OaJson:
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def _oa_path_param(name: str, description: str, schema: _OaJson | None = None) -> _OaJson:
+    return _oa_param("path", name, description, schema or _oa_str(minLength=1), True)
+
+
+def _oa_str_query(name: str, description: str, schema: _OaJson | None = None) -> _OaJson:
+    return _oa_param("query", name, description, schema or _oa_str(), False)
+
+
+def _oa_bool_query(name: str, description: str) -> _OaJson:
+    text = f"{description} {_OA_BOOL_HELP.replace('<name>', name)}"
+    return _oa_param("query", name, text, {"type": "boolean", "default": False}, False)
+
+
+def _oa_body(schema: _OaJson, description: str) -> _OaJson:
+    return {"required": True, "description": description, "content": _oa_json(schema)}
+
+
+def _oa_op(
+    op_id: str,
+    summary: str,
+    tag: str,
+    responses: _OaJson,
+    *,
+    params: list[_OaJson] | None = None,
+    body: _OaJson | None = None,
+    auth: bool = True,
+    description: str | None = None,
+) -> _OaJson:
+    """One operation plus the responses every handler shares (401/403/405/413/500)."""
+    all_resp: _OaJson = dict(responses)
+    if auth:
+        all_resp.setdefault("401", _oa_empty("Missing or wrong bearer token (empty body)."))
+    all_resp.setdefault("403", _oa_err("Host header is not a loopback name or the listen address."))
+    all_resp.setdefault(
+        "405", _oa_empty("Method not served on this path (empty body, no Allow header).")
+    )
+    if body is not None:
+        all_resp.setdefault("413", _oa_err("Request body larger than the engine's limit."))
+    if auth:
+        all_resp.setdefault("500", _oa_err("Internal error (`internal_error`)."))
+    op: _OaJson = {"operationId": op_id, "summary": summary, "tags": [tag]}
+    if description:
+        op["description"] = description
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = body
+    op["responses"] = dict(sorted(all_resp.items()))
+    if not auth:
+        op["security"] = []
+    return op
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+def _oa_task_props() -> _OaJson:
+    """Fields shared by PlanTask (in PrepareJobStatus.tasks) and TaskEntry (GET /v1/tasks)."""
+    return {
+        "task_id": _oa_str(
+            "^(plan|resolve-image|execute-[0-9]+|prepare-instance)$",
+            description="plan | resolve-image | execute-<n> | prepare-instance",
+        ),
+        "type": _oa_enum("plan", "resolve_image", "state_execute", "prepare_instance"),
+        "planner_kind": _oa_enum("psql", "lb"),
+        "input": _oa_obj(
+            {"kind": _oa_enum("image", "state"), "id": _oa_str(minLength=1)}, ["kind", "id"]
+        ),
+        "image_id": _oa_str(),
+        "resolved_image_id": _oa_str(),
+        "task_hash": _oa_str(_OA_HEX64),
+        "output_state_id": _oa_str(_OA_HEX64),
+        "cached": {"type": "boolean"},
+        "instance_mode": _oa_enum("ephemeral"),
+        "changeset_id": _oa_str(),
+        "changeset_author": _oa_str(),
+        "changeset_path": _oa_str(),
+    }
+
+
+def _oa_delete_node() -> _OaJson:
+    return _oa_obj(
+        {
+            "kind": _oa_enum("state", "instance", "job"),
+            "id": _oa_str("^([0-9a-f]{32}|[0-9a-f]{64})$"),
+            "connections": _oa_int(description="Active client connections (instances only)."),
+            "blocked": _oa_enum(
+                "active_connections", "active_tasks", "has_descendants", "blocked_by_descendant"
+            ),
+            "runtime_id": _oa_str(description="Container id / runtime handle (instances only)."),
+            "children": _oa_array(_oa_ref("DeleteNode")),
+        },
+        ["kind", "id"],
+        allOf=[
+            {
+                "if": {"properties": {"kind": {"const": "instance"}}},
+                "then": {"required": ["connections"]},
+                "else": {
+                    "not": {"anyOf": [{"required": ["connections"]}, {"required": ["runtime_id"]}]}
+                },
+            },
+            {
+                "if": {"properties": {"kind": {"const": "state"}}},
+                "then": {"properties": {"id": _oa_str(_OA_HEX64)}},
+                "else": {"properties": {"id": _oa_str(_OA_HEX32)}},
+            },
+        ],
+    )
+
+
+def _oa_schemas() -> _OaJson:
+    job_status = {"type": "string", "enum": list(_OA_JOB_STATUS)}
+    task_props = _oa_task_props()
+    return {
+        "HealthResponse": _oa_obj(
+            {
+                "ok": {"type": "boolean"},
+                "version": _oa_str(),
+                "instanceId": _oa_str(_OA_HEX32),
+                "pid": _oa_int(1),
+            },
+            ["ok", "version", "instanceId", "pid"],
+        ),
+        "ErrorResponse": _oa_obj(
+            {
+                "code": _oa_str(
+                    minLength=1,
+                    description="invalid_argument, not_found, conflict, internal_error, "
+                    "cancelled, cache_* ...",
+                ),
+                "message": _oa_str(),
+                "details": _oa_str(description="Omitted when empty."),
+            },
+            ["code", "message"],
+        ),
+        "NameEntry": _oa_obj(
+            {
+                "name": _oa_str(minLength=1),
+                "instance_id": _oa_str(_OA_HEX32),
+                "image_id": _oa_str(),
+                "state_id": _oa_str(_OA_HEX64),
+                "state_fingerprint": _oa_str(_OA_HEX64),
+                "status": _oa_enum("active", "missing", "expired"),
+                "last_used_at": _oa_ts(),
+            },
+            ["name", "image_id", "state_id", "status"],
+        ),
+        "InstanceEntry": _oa_obj(
+            {
+                "instance_id": _oa_str(_OA_HEX32),
+                "image_id": _oa_str(),
+                "state_id": _oa_str(_OA_HEX64),
+                "name": _oa_str(minLength=1, description="Primary name, if bound."),
+                "created_at": _oa_ts(),
+                "expires_at": _oa_ts(),
+                "runtime_id": _oa_str(description="Container id or host-runtime handle."),
+                "dsn": _oa_str(
+                    description="libpq URL, e.g. postgres://sqlrs@127.0.0.1:5433/postgres"
+                ),
+                "status": _oa_enum("active", "expired", "orphaned"),
+            },
+            ["instance_id", "image_id", "state_id", "created_at", "status"],
+        ),
+        "StateEntry": _oa_obj(
+            {
+                "state_id": _oa_str(_OA_HEX64),
+                "parent_state_id": _oa_str(_OA_HEX64, description="Absent for root states."),
+                "image_id": _oa_str(),
+                "prepare_kind": _oa_enum("psql", "lb"),
+                "prepare_args_normalized": _oa_str(),
+                "created_at": _oa_ts(),
+                "size_bytes": _oa_int(),
+                "last_used_at": _oa_ts(),
+                "use_count": _oa_int(),
+                "min_retention_until": _oa_ts(),
+                "refcount": _oa_int(),
+            },
+            [
+                "state_id",
+                "image_id",
+                "prepare_kind",
+                "prepare_args_normalized",
+                "created_at",
+                "refcount",
+            ],
+        ),
+        "PrepareJobRequest": _oa_obj(
+            {
+                "prepare_kind": _oa_str(
+                    description="psql | lb (trimmed; lb is not supported yet)."
+                ),
+                "image_id": _oa_str(
+                    description="Container image, or host:<major> / host:<bindir>."
+                ),
+                "psql_args": _oa_nullable(_oa_array(_oa_str())),
+                "liquibase_args": _oa_nullable(_oa_array(_oa_str())),
+                "liquibase_exec": _oa_str(),
+                "liquibase_exec_mode": _oa_str(description="native | windows-bat"),
+                "liquibase_env": {"type": "object", "additionalProperties": _oa_str()},
+                "work_dir": _oa_str(),
+                "stdin": _oa_nullable(_oa_str()),
+                "plan_only": {"type": "boolean", "default": False},
+                "ttl_seconds": _oa_int(1, description="Sets expires_at of the created instance."),
+            },
+            ["prepare_kind", "image_id"],
+            closed=False,
+            description="Unknown fields (e.g. source_manifest) are ignored.",
+        ),
+        "PrepareJobAccepted": _oa_obj(
+            {
+                "job_id": _oa_str(_OA_HEX32),
+                "status_url": _oa_str("^/v1/prepare-jobs/[0-9a-f]{32}$"),
+                "events_url": _oa_str("^/v1/prepare-jobs/[0-9a-f]{32}/events$"),
+                "status": job_status,
+            },
+            ["job_id", "status_url", "events_url", "status"],
+        ),
+        "PrepareJobEntry": _oa_obj(
+            {
+                "job_id": _oa_str(_OA_HEX32),
+                "status": job_status,
+                "prepare_kind": _oa_enum("psql", "lb"),
+                "image_id": _oa_str(description="As requested."),
+                "resolved_image_id": _oa_str(),
+                "prepare_args_normalized": _oa_str(),
+                "signature": _oa_str(_OA_HEX64),
+                "plan_only": {"type": "boolean"},
+                "created_at": _oa_ts(),
+                "started_at": _oa_ts(),
+                "finished_at": _oa_ts(),
+            },
+            ["job_id", "status", "prepare_kind", "image_id"],
+        ),
+        "PrepareJobStatus": _oa_obj(
+            {
+                "job_id": _oa_str(_OA_HEX32),
+                "status": job_status,
+                "prepare_kind": _oa_enum("psql", "lb"),
+                "image_id": _oa_str(),
+                "plan_only": {"type": "boolean", "description": "Omitted when false."},
+                "prepare_args_normalized": _oa_str(minLength=1),
+                "created_at": _oa_ts(),
+                "started_at": _oa_ts(),
+                "finished_at": _oa_ts(),
+                "tasks": _oa_array(_oa_ref("PlanTask"), minItems=1),
+                "result": _oa_ref("PrepareJobResult"),
+                "error": _oa_ref("ErrorResponse"),
+            },
+            ["job_id", "status", "prepare_kind", "image_id"],
+        ),
+        "PlanTask": _oa_obj(task_props, ["task_id", "type"]),
+        "PrepareJobResult": _oa_obj(
+            {
+                "dsn": _oa_str(minLength=1),
+                "instance_id": _oa_str(_OA_HEX32),
+                "state_id": _oa_str(_OA_HEX64),
+                "image_id": _oa_str(description="Resolved image id."),
+                "prepare_kind": _oa_enum("psql", "lb"),
+                "prepare_args_normalized": _oa_str(),
+            },
+            [
+                "dsn",
+                "instance_id",
+                "state_id",
+                "image_id",
+                "prepare_kind",
+                "prepare_args_normalized",
+            ],
+        ),
+        "PrepareJobEvent": _oa_obj(
+            {
+                "type": _oa_enum("status", "task", "log", "result", "error"),
+                "ts": _oa_ts(),
+                "status": job_status,
+                "task_id": task_props["task_id"],
+                "message": _oa_str(),
+                "result": _oa_ref("PrepareJobResult"),
+                "error": _oa_ref("ErrorResponse"),
+            },
+            ["type", "ts"],
+            allOf=[
+                _oa_when("type", "status", {"required": ["status"]}),
+                _oa_when("type", "task", {"required": ["task_id", "status"]}),
+                _oa_when("type", "log", {"required": ["message"]}),
+                _oa_when("type", "result", {"required": ["result"]}),
+                _oa_when("type", "error", {"required": ["error"]}),
+            ],
+        ),
+        "TaskEntry": _oa_obj(
+            {
+                **task_props,
+                "job_id": _oa_str(_OA_HEX32),
+                "status": {"type": "string", "enum": list(_OA_TASK_STATUS)},
+                "args_summary": _oa_str(description="state_execute only, e.g. `-f /abs/x.sql`."),
+            },
+            ["task_id", "job_id", "type", "status"],
+        ),
+        "RunRequest": _oa_obj(
+            {
+                "instance_ref": _oa_str(minLength=1, description="Instance id or name."),
+                "kind": _oa_str(description="psql | pgbench (case-insensitive)."),
+                "command": _oa_nullable(_oa_str()),
+                "args": _oa_nullable(_oa_array(_oa_str())),
+                "stdin": _oa_nullable(_oa_str()),
+                "steps": _oa_nullable(
+                    _oa_array(
+                        _oa_obj(
+                            {
+                                "args": _oa_nullable(_oa_array(_oa_str())),
+                                "stdin": _oa_nullable(_oa_str()),
+                            },
+                            closed=False,
+                        )
+                    )
+                ),
+            },
+            ["instance_ref", "kind"],
+            closed=False,
+            description="Unknown fields are ignored.",
+        ),
+        "RunEvent": _oa_obj(
+            {
+                "type": _oa_enum("start", "stdout", "stderr", "exit", "log", "error"),
+                "ts": _oa_ts(),
+                "instance_id": _oa_str(_OA_HEX32),
+                "data": _oa_str(),
+                "exit_code": {"type": "integer"},
+                "error": _oa_ref("ErrorResponse"),
+            },
+            ["type", "ts"],
+            allOf=[
+                _oa_when("type", "start", {"required": ["instance_id"]}),
+                _oa_when("type", "stdout", {"required": ["data"]}),
+                _oa_when("type", "stderr", {"required": ["data"]}),
+                _oa_when("type", "log", {"required": ["data"]}),
+                _oa_when("type", "exit", {"required": ["exit_code"]}),
+                _oa_when("type", "error", {"required": ["error"]}),
+            ],
+        ),
+        "DeleteResult": _oa_obj(
+            {
+                "dry_run": {"type": "boolean"},
+                "outcome": _oa_enum("deleted", "would_delete", "blocked"),
+                "root": _oa_ref("DeleteNode"),
+            },
+            ["dry_run", "outcome", "root"],
+        ),
+        "DeleteNode": _oa_delete_node(),
+        "ConfigValue": _oa_obj(
+            {
+                "path": _oa_str(minLength=1, description="Dot path with [n] indices."),
+                "value": {
+                    "description": "Any JSON value (null after removal of a default-less key)."
+                },
+            },
+            ["path", "value"],
+            closed=False,
+        ),
+        "CacheStatus": _oa_obj(
+            {
+                "usage_bytes": _oa_int(),
+                "configured_max_bytes": _oa_int(description="Omitted when maxBytes = 0."),
+                "effective_max_bytes": _oa_int(None),
+                "reserve_bytes": _oa_int(),
+                "high_watermark": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "low_watermark": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "min_state_age": _oa_str(_OA_GO_DURATION, description="Go duration, e.g. 10m0s."),
+                "store_total_bytes": _oa_int(),
+                "store_free_bytes": _oa_int(),
+                "state_count": _oa_int(),
+                "reclaimable_bytes": _oa_int(),
+                "blocked_count": _oa_int(),
+                "pressure_reasons": _oa_array(
+                    _oa_enum("usage_above_high_watermark", "physical_free_below_reserve"),
+                    uniqueItems=True,
+                ),
+                "last_eviction": _oa_ref("CacheEvictionSummary"),
+            },
+            [
+                "usage_bytes",
+                "effective_max_bytes",
+                "reserve_bytes",
+                "high_watermark",
+                "low_watermark",
+                "min_state_age",
+                "store_total_bytes",
+                "store_free_bytes",
+                "state_count",
+                "reclaimable_bytes",
+                "blocked_count",
+                "pressure_reasons",
+            ],
+        ),
+        "CacheEvictionSummary": _oa_obj(
+            {
+                "completed_at": _oa_ts(),
+                "trigger": _oa_str(),
+                "evicted_count": _oa_int(),
+                "freed_bytes": _oa_int(),
+                "blocked_count": _oa_int(),
+                "reclaimable_bytes": _oa_int(),
+                "usage_bytes_before": _oa_int(),
+                "usage_bytes_after": _oa_int(),
+                "free_bytes_before": _oa_int(),
+                "free_bytes_after": _oa_int(),
+            },
+            [
+                "completed_at",
+                "trigger",
+                "evicted_count",
+                "freed_bytes",
+                "blocked_count",
+                "reclaimable_bytes",
+                "usage_bytes_before",
+                "usage_bytes_after",
+                "free_bytes_before",
+                "free_bytes_after",
+            ],
+        ),
+        "CacheExplainResponse": _oa_obj(
+            {
+                "decision": _oa_enum("hit", "miss"),
+                "reason_code": _oa_enum("exact_state_match", "no_matching_state"),
+                "signature": _oa_str(_OA_HEX64),
+                "matched_state_id": _oa_str(_OA_HEX64, description="Only on a hit."),
+                "resolved_image_id": _oa_str(),
+            },
+            ["decision", "reason_code", "signature", "resolved_image_id"],
+            allOf=[
+                _oa_when("decision", "hit", {"required": ["matched_state_id"]}),
+                _oa_when("decision", "miss", {"not": {"required": ["matched_state_id"]}}),
+            ],
+        ),
+        "CreateInstanceRequest": _oa_obj(
+            {
+                "state_id": _oa_str(
+                    "^[0-9a-fA-F]{8,64}$", description="Full state id or a unique 8+ hex prefix."
+                ),
+                "name": _oa_str(_OA_NAME, **{"not": {"pattern": "^[0-9a-fA-F]{32}$"}}),
+                "ttl_seconds": _oa_int(1),
+            },
+            ["state_id"],
+            closed=False,
+        ),
+        "PutNameRequest": _oa_obj(
+            {"instance_id": _oa_str(_OA_HEX32)}, ["instance_id"], closed=False
+        ),
+    }
+
+
+# -------------------------------------------------------------------------------- paths
+
+
+def _oa_paths() -> _OaJson:
+    bad = _oa_err("Invalid argument (`invalid_argument`): bad query value, body or id.")
+    bad_json = _oa_err("Invalid JSON or validation error (`invalid_argument`).")
+    delete_responses: _OaJson = {
+        "200": _oa_resp(
+            "Deleted, or dry-run result (may be blocked).", _oa_json(_oa_ref("DeleteResult"))
+        ),
+        "409": _oa_resp(
+            "Blocked and not a dry run (nothing deleted).", _oa_json(_oa_ref("DeleteResult"))
+        ),
+        "400": bad,
+    }
+    force = _oa_bool_query("force", "Delete despite active connections/tasks.")
+    dry_run = _oa_bool_query("dry_run", "Only compute what would be deleted.")
+    name_param = _oa_path_param("name", "Name bound to an instance.")
+    job_param = _oa_path_param("jobId", "Prepare job id (32 hex).")
+    job_status = _oa_resp("Job status.", _oa_json(_oa_ref("PrepareJobStatus")))
+    prepare_body = _oa_body(
+        _oa_ref("PrepareJobRequest"), "Prepare request (unknown fields ignored)."
+    )
+    config_path = _oa_str_query("path", "Config path (dot-separated keys, [n] indices).")
+
+    return {
+        "/v1/health": {
+            "get": _oa_op(
+                "getHealth",
+                "Engine liveness and identity",
+                "meta",
+                {"200": _oa_resp("Engine is up.", _oa_json(_oa_ref("HealthResponse")))},
+                auth=False,
+            )
+        },
+        "/v1/openapi.json": {
+            "get": _oa_op(
+                "getOpenApiDocument",
+                "This OpenAPI 3.1 document",
+                "meta",
+                {
+                    "200": _oa_resp(
+                        "OpenAPI document.",
+                        _oa_json({"type": "object", "required": ["openapi", "info", "paths"]}),
+                    )
+                },
+                auth=False,
+            )
+        },
+        "/v1/names": {
+            "get": _oa_op(
+                "listNames",
+                "List name bindings",
+                "names",
+                {
+                    "200": _oa_resp(
+                        "All matching names ([] when none).", _oa_list_content("NameEntry")
+                    )
+                },
+                params=[
+                    _oa_str_query("instance", "Exact instance id."),
+                    _oa_str_query("state", "Exact state id."),
+                    _oa_str_query("image", "Exact image id."),
+                ],
+            )
+        },
+        "/v1/names/{name}": {
+            "parameters": [name_param],
+            "get": _oa_op(
+                "getName",
+                "Get one name binding",
+                "names",
+                {
+                    "200": _oa_resp("The binding.", _oa_json(_oa_ref("NameEntry"))),
+                    "404": _oa_not_found_text("name"),
+                },
+            ),
+            "put": _oa_op(
+                "putName",
+                "Bind a name to an instance",
+                "names",
+                {
+                    "201": _oa_resp("New binding.", _oa_json(_oa_ref("NameEntry"))),
+                    "200": _oa_resp("Existing name re-bound.", _oa_json(_oa_ref("NameEntry"))),
+                    "400": _oa_err(
+                        "Invalid name (32-hex, empty, not [A-Za-z0-9._-]{1,63}) or invalid body."
+                    ),
+                    "404": _oa_err("Instance not found (`not_found`)."),
+                },
+                body=_oa_body(_oa_ref("PutNameRequest"), "Instance to bind the name to."),
+            ),
+            "delete": _oa_op(
+                "deleteName",
+                "Unbind a name",
+                "names",
+                {
+                    "200": _oa_resp("The removed binding.", _oa_json(_oa_ref("NameEntry"))),
+                    "400": _oa_err("Invalid name."),
+                    "404": _oa_err("Name not found (`not_found`)."),
+                },
+            ),
+        },
+        "/v1/instances": {
+            "get": _oa_op(
+                "listInstances",
+                "List instances",
+                "instances",
+                {
+                    "200": _oa_resp("All matching instances.", _oa_list_content("InstanceEntry")),
+                    "400": _oa_err("Invalid id_prefix."),
+                },
+                params=[
+                    _oa_str_query("state", "Exact state id."),
+                    _oa_str_query("image", "Exact image id."),
+                    _oa_str_query("id_prefix", "Instance id prefix (trimmed, >= 8 hex chars)."),
+                ],
+            ),
+            "post": _oa_op(
+                "createInstance",
+                "Create an instance from a state",
+                "instances",
+                {
+                    "201": _oa_resp(
+                        "Instance created and running.",
+                        _oa_json(_oa_ref("InstanceEntry")),
+                        _oa_location("^/v1/instances/[0-9a-f]{32}$"),
+                    ),
+                    "400": bad_json,
+                    "404": _oa_err("State not found (`not_found`)."),
+                    "409": _oa_err("Conflict (`conflict`), e.g. name already taken."),
+                },
+                body=_oa_body(_oa_ref("CreateInstanceRequest"), "State (id or prefix), name, TTL."),
+            ),
+        },
+        "/v1/instances/{idOrName}": {
+            "parameters": [
+                _oa_path_param(
+                    "idOrName",
+                    "GET: instance id (32 hex, any case) or name. DELETE: instance id only "
+                    "(a name gives 404).",
+                )
+            ],
+            "get": _oa_op(
+                "getInstance",
+                "Get an instance by id, or redirect from a name",
+                "instances",
+                {
+                    "200": _oa_resp(
+                        "Instance (looked up by id).", _oa_json(_oa_ref("InstanceEntry"))
+                    ),
+                    "307": _oa_resp(
+                        "Resolved by name; follow Location (empty body).",
+                        headers=_oa_location("^/v1/instances/[0-9a-f]{32}$"),
+                    ),
+                    "404": _oa_not_found_text("instance"),
+                },
+            ),
+            "delete": _oa_op(
+                "deleteInstance",
+                "Delete an instance",
+                "instances",
+                {**delete_responses, "404": _oa_err("Instance not found (`not_found`).")},
+                params=[force, dry_run],
+            ),
+        },
+        "/v1/states": {
+            "get": _oa_op(
+                "listStates",
+                "List states",
+                "states",
+                {
+                    "200": _oa_resp("All matching states.", _oa_list_content("StateEntry")),
+                    "400": _oa_err("Invalid id_prefix."),
+                },
+                params=[
+                    _oa_str_query("kind", "Exact prepare kind."),
+                    _oa_str_query("image", "Exact image id."),
+                    _oa_str_query("id_prefix", "State id prefix (trimmed, >= 8 hex chars)."),
+                ],
+            )
+        },
+        "/v1/states/{stateId}": {
+            "parameters": [_oa_path_param("stateId", "State id (64 hex).")],
+            "get": _oa_op(
+                "getState",
+                "Get a state",
+                "states",
+                {
+                    "200": _oa_resp("The state.", _oa_json(_oa_ref("StateEntry"))),
+                    "404": _oa_not_found_text("state"),
+                },
+            ),
+            "delete": _oa_op(
+                "deleteState",
+                "Delete a state (optionally its whole subtree)",
+                "states",
+                {**delete_responses, "404": _oa_err("State not found (`not_found`).")},
+                params=[
+                    _oa_bool_query("recurse", "Delete instances and child states too."),
+                    force,
+                    dry_run,
+                ],
+            ),
+        },
+        "/v1/prepare-jobs": {
+            "get": _oa_op(
+                "listPrepareJobs",
+                "List prepare jobs",
+                "prepare-jobs",
+                {
+                    "200": _oa_resp(
+                        "Jobs ordered by created_at.", _oa_list_content("PrepareJobEntry")
+                    )
+                },
+                params=[_oa_str_query("job", "Job id prefix filter.")],
+            ),
+            "post": _oa_op(
+                "createPrepareJob",
+                "Submit a prepare job",
+                "prepare-jobs",
+                {
+                    "201": _oa_resp(
+                        "Job queued.",
+                        _oa_json(_oa_ref("PrepareJobAccepted")),
+                        _oa_location("^/v1/prepare-jobs/[0-9a-f]{32}$"),
+                    ),
+                    "400": bad_json,
+                },
+                body=prepare_body,
+            ),
+        },
+        "/v1/prepare-jobs/{jobId}": {
+            "parameters": [job_param],
+            "get": _oa_op(
+                "getPrepareJob",
+                "Get prepare job status",
+                "prepare-jobs",
+                {"200": job_status, "404": _oa_not_found_text("job")},
+            ),
+            "delete": _oa_op(
+                "deletePrepareJob",
+                "Delete a prepare job",
+                "prepare-jobs",
+                {**delete_responses, "404": _oa_err("Job not found (`not_found`).")},
+                params=[force, dry_run],
+            ),
+        },
+        "/v1/prepare-jobs/{jobId}/cancel": {
+            "parameters": [job_param],
+            "post": _oa_op(
+                "cancelPrepareJob",
+                "Cancel a prepare job",
+                "prepare-jobs",
+                {
+                    "200": _oa_resp("Job already terminal.", _oa_json(_oa_ref("PrepareJobStatus"))),
+                    "202": _oa_resp(
+                        "Cancellation requested.", _oa_json(_oa_ref("PrepareJobStatus"))
+                    ),
+                    "404": _oa_err("Job not found (`not_found`)."),
+                },
+            ),
+        },
+        "/v1/prepare-jobs/{jobId}/events": {
+            "parameters": [job_param],
+            "get": _oa_op(
+                "streamPrepareJobEvents",
+                "Stream prepare job events (NDJSON)",
+                "prepare-jobs",
+                {
+                    "200": _oa_resp(
+                        "All events from index 0; ends after the terminal events.",
+                        _oa_ndjson(_oa_ref("PrepareJobEvent")),
+                    ),
+                    "206": _oa_resp(
+                        "Events from index N on (Range: events=N-).",
+                        _oa_ndjson(_oa_ref("PrepareJobEvent")),
+                        {"Content-Range": _oa_header("`events N-`", _oa_str("^events [0-9]+-"))},
+                    ),
+                    "400": _oa_err("Malformed Range header."),
+                    "404": _oa_not_found_text("job"),
+                },
+                params=[
+                    _oa_param(
+                        "header",
+                        "Range",
+                        "Resume from 0-based event index N.",
+                        _oa_str("^events=[0-9]+-$"),
+                        False,
+                    )
+                ],
+            ),
+        },
+        "/v1/tasks": {
+            "get": _oa_op(
+                "listTasks",
+                "List prepare tasks",
+                "tasks",
+                {
+                    "200": _oa_resp(
+                        "Tasks ordered by job_id, position.", _oa_list_content("TaskEntry")
+                    )
+                },
+                params=[_oa_str_query("job", "Exact job id.")],
+            )
+        },
+        "/v1/runs": {
+            "post": _oa_op(
+                "createRun",
+                "Run psql/pgbench against an instance (NDJSON)",
+                "runs",
+                {
+                    "200": _oa_resp(
+                        "Live stream: start, stdout/stderr..., exit (real exit code).",
+                        _oa_ndjson(_oa_ref("RunEvent")),
+                    ),
+                    "400": bad_json,
+                    "404": _oa_err("Instance not found (`not_found`)."),
+                    "409": _oa_err("Conflict (`conflict`): connection args, missing runtime."),
+                },
+                body=_oa_body(_oa_ref("RunRequest"), "What to run, on which instance."),
+            )
+        },
+        "/v1/config": {
+            "get": _oa_op(
+                "getConfig",
+                "Read engine config",
+                "config",
+                {
+                    "200": _oa_resp(
+                        "Without path: the override map (or effective config); with path: "
+                        "ConfigValue.",
+                        _oa_json({"anyOf": [_oa_ref("ConfigValue"), {"type": "object"}]}),
+                    ),
+                    "400": _oa_err("Invalid path or effective."),
+                    "404": _oa_err("Path not found (`not_found`)."),
+                },
+                params=[
+                    config_path,
+                    _oa_bool_query("effective", "Merge defaults with overrides."),
+                ],
+            ),
+            "patch": _oa_op(
+                "patchConfig",
+                "Set one config value",
+                "config",
+                {
+                    "200": _oa_resp("Value set.", _oa_json(_oa_ref("ConfigValue"))),
+                    "400": _oa_err("path is required / invalid config value / invalid json."),
+                },
+                body=_oa_body(_oa_ref("ConfigValue"), "Path and new value."),
+            ),
+            "delete": _oa_op(
+                "deleteConfig",
+                "Remove one config override",
+                "config",
+                {
+                    "200": _oa_resp(
+                        "Effective value after removal.", _oa_json(_oa_ref("ConfigValue"))
+                    ),
+                    "400": _oa_err("path is required / invalid path."),
+                    "404": _oa_err("Path not found (`not_found`)."),
+                },
+                params=[{**config_path, "required": True}],
+            ),
+        },
+        "/v1/config/schema": {
+            "get": _oa_op(
+                "getConfigSchema",
+                "JSON Schema (2020-12) of the engine config",
+                "config",
+                {"200": _oa_resp("Config schema.", _oa_json({"type": "object"}))},
+            )
+        },
+        "/v1/cache/status": {
+            "get": _oa_op(
+                "getCacheStatus",
+                "Cache usage, limits and pressure",
+                "cache",
+                {"200": _oa_resp("Cache status.", _oa_json(_oa_ref("CacheStatus")))},
+            )
+        },
+        "/v1/cache/explain/prepare": {
+            "post": _oa_op(
+                "explainPrepareCache",
+                "Would this prepare request hit the cache?",
+                "cache",
+                {
+                    "200": _oa_resp("Decision.", _oa_json(_oa_ref("CacheExplainResponse"))),
+                    "400": bad_json,
+                },
+                body=prepare_body,
+            )
+        },
+    }
+
+
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The engine's OpenAPI 3.1.0 document (plain JSON-serialisable dict)."""
+    doc: _OaJson = {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {
+            "title": "sqlrs engine",
+            "version": version,
+            "description": "Local sqlrs engine API. JSON bodies are snake_case; errors are "
+            "{code, message[, details]}; 401/405 have empty bodies; unknown paths are a "
+            "text/plain 404. Lists are JSON arrays ([] when empty), or NDJSON when Accept "
+            "contains application/x-ndjson.",
+        },
+        "tags": [
+            {"name": n}
+            for n in (
+                "meta",
+                "names",
+                "instances",
+                "states",
+                "prepare-jobs",
+                "tasks",
+                "runs",
+                "config",
+                "cache",
+            )
+        ],
+        "security": [{"bearerAuth": []}],
+        "paths": _oa_paths(),
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <authToken from engine.json>.",
+                }
+            },
+            "schemas": _oa_schemas(),
+        },
+    }
+    return doc
+
+
+class Api:
+    """The engine's HTTP endpoints; each method turns a Request into a Response."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.routes = self._routes()
+
+    def _routes(self) -> list[Route]:
+        def route(pattern: str, auth: bool = True, **methods: Handler) -> Route:
+            return Route(re.compile(pattern), methods, auth)
+
+        seg = r"([^/]*)"
+        return [
+            route(r"/v1/health", auth=False, GET=self.health),
+            route(r"/v1/openapi\.json", auth=False, GET=self.openapi),
+            route(r"/v1/config", GET=self.config_get, PATCH=self.config_patch,
+                  DELETE=self.config_delete),
+            route(r"/v1/config/schema", GET=self.config_schema),
+            route(r"/v1/names", GET=self.names_list),
+            route(rf"/v1/names/{seg}", GET=self.name_get, PUT=self.name_put,
+                  DELETE=self.name_delete),
+            route(r"/v1/instances", GET=self.instances_list, POST=self.instances_create),
+            route(rf"/v1/instances/{seg}", GET=self.instance_get, DELETE=self.instance_delete),
+            route(r"/v1/states", GET=self.states_list),
+            route(rf"/v1/states/{seg}", GET=self.state_get, DELETE=self.state_delete),
+            route(r"/v1/prepare-jobs", GET=self.jobs_list, POST=self.jobs_submit),
+            route(rf"/v1/prepare-jobs/{seg}", GET=self.job_get, DELETE=self.job_delete),
+            route(rf"/v1/prepare-jobs/{seg}/cancel", POST=self.job_cancel),
+            route(rf"/v1/prepare-jobs/{seg}/events", GET=self.job_events),
+            route(r"/v1/tasks", GET=self.tasks_list),
+        ]
+
+    def match(self, path: str) -> tuple[Route, tuple[str, ...]] | None:
+        for candidate in self.routes:
+            found = candidate.pattern.fullmatch(path)
+            if found:
+                return candidate, found.groups()
+        if re.fullmatch(r"/v1/(names|instances|states|prepare-jobs)/.*", path):
+            return Route(re.compile(""), {}), ()
+        return None
+
+    # meta ---------------------------------------------------------------------------------
+    def health(self, req: Request) -> Response:
+        return json_response(200, {"ok": True, "version": self.e.version,
+                                   "instanceId": self.e.instance_id, "pid": os.getpid()})
+
+    def openapi(self, req: Request) -> Response:
+        return json_response(200, openapi_document(self.e.version))
+
+    # config -------------------------------------------------------------------------------
+    def _config_path(self, req: Request, required: bool) -> str | None:
+        path = req.arg("path")
+        if path is None or path == "":
+            if required:
+                raise invalid_argument("path is required")
+            return None
+        try:
+            parse_config_path(path)
+        except ValueError as exc:
+            raise invalid_argument("invalid path", str(exc)) from None
+        return path
+
+    def config_get(self, req: Request) -> Response:
+        effective = req.flag("effective")
+        path = self._config_path(req, required=False)
+        config = self.e.config
+        if path is None:
+            return json_response(200, config.effective() if effective else config.overrides())
+        try:
+            return json_response(200, {"path": path, "value": config.get(path, effective)})
+        except KeyError:
+            raise ApiError(404, "not_found", "path not found", path) from None
+
+    def config_patch(self, req: Request) -> Response:
+        body = req.json_object()
+        path = body.get("path")
+        if not isinstance(path, str) or not path:
+            raise invalid_argument("path is required")
+        if "value" not in body:
+            raise invalid_argument("invalid config value", "value is required")
+        try:
+            parse_config_path(path)
+        except ValueError as exc:
+            raise invalid_argument("invalid path", str(exc)) from None
+        try:
+            value = self.e.config.set(path, body["value"])
+        except (ValueError, KeyError) as exc:
+            raise invalid_argument("invalid config value", str(exc)) from None
+        return json_response(200, {"path": path, "value": value})
+
+    def config_delete(self, req: Request) -> Response:
+        path = self._config_path(req, required=True)
+        assert path is not None
+        try:
+            value = self.e.config.delete(path)
+        except KeyError:
+            raise ApiError(404, "not_found", "path not found", path) from None
+        except ValueError as exc:
+            raise invalid_argument("invalid config value", str(exc)) from None
+        return json_response(200, {"path": path, "value": value})
+
+    def config_schema(self, req: Request) -> Response:
+        return json_response(200, CONFIG_SCHEMA)
+
+    # names --------------------------------------------------------------------------------
+    def names_list(self, req: Request) -> Response:
+        rows = self.e.store.list_names(req.arg("instance") or None, req.arg("state") or None,
+                                       req.arg("image") or None)
+        return list_response(req, [row.to_json() for row in rows])
+
+    def name_get(self, req: Request, name: str) -> Response:
+        row = self.e.store.get_name(name) if name else None
+        return json_response(200, row.to_json()) if row else text_not_found()
+
+    def name_put(self, req: Request, name: str) -> Response:
+        validate_name(name)
+        body = req.json_object()
+        ref = body.get("instance_id")
+        if not isinstance(ref, str) or not ref:
+            raise invalid_argument("instance_id is required")
+        resolved = self.e.registry.resolve(ref) if is_instance_id(ref) else None
+        if resolved is None or resolved.by_name:
+            raise not_found("instance not found")
+        created = self.e.store.bind_name(name, resolved.instance)
+        row = self.e.store.get_name(name)
+        assert row
+        return json_response(201 if created else 200, row.to_json())
+
+    def name_delete(self, req: Request, name: str) -> Response:
+        row = self.e.store.get_name(name) if name else None
+        if row is None or not self.e.store.unbind_name(name):
+            raise not_found("name not found")
+        return json_response(200, row.to_json())
+
+    # instances ----------------------------------------------------------------------------
+    def instances_list(self, req: Request) -> Response:
+        rows = self.e.store.list_instances(req.arg("state") or None, req.arg("image") or None,
+                                           id_prefix_arg(req))
+        return list_response(req, [self.e.instances.entry(row) for row in rows])
+
+    def instance_get(self, req: Request, ref: str) -> Response:
+        found = self.e.registry.resolve(ref)
+        if found is None:
+            return text_not_found()
+        if found.by_name:
+            location = f"/v1/instances/{found.instance.instance_id}"
+            return Response(307, headers={"Location": location})
+        return json_response(200, self.e.instances.entry(found.instance))
+
+    def instances_create(self, req: Request) -> Response:
+        body = req.json_object()
+        ref = body.get("state_id")
+        if not isinstance(ref, str) or not ref.strip():
+            raise invalid_argument("state_id is required")
+        name = body.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid_argument("invalid name", "name must be a string")
+            validate_name(name)
+            if self.e.store.get_name(name):
+                raise conflict("name already in use", name)
+        ttl = parse_ttl(body.get("ttl_seconds"))
+        state = self.e.resolve_state(ref.strip())
+        row = self.e.instances.create(state, ttl)
+        if name is not None:
+            fresh = self.e.store.get_instance(row.instance_id)
+            assert fresh
+            self.e.store.bind_name(name, fresh)
+        created = self.e.store.get_instance(row.instance_id)
+        assert created
+        return json_response(201, self.e.instances.entry(created),
+                             {"Location": f"/v1/instances/{row.instance_id}"})
+
+    def instance_delete(self, req: Request, instance_id: str) -> Response:
+        force, dry_run = req.flag("force"), req.flag("dry_run")
+        status, result = self.e.deletion.delete_instance(instance_id, force, dry_run)
+        return json_response(status, result)
+
+    # states -------------------------------------------------------------------------------
+    def states_list(self, req: Request) -> Response:
+        rows = self.e.store.list_states(req.arg("kind") or None, req.arg("image") or None,
+                                        id_prefix_arg(req))
+        return list_response(req, [row.to_json() for row in rows])
+
+    def state_get(self, req: Request, state_id: str) -> Response:
+        row = self.e.store.get_state(state_id) if is_state_id(state_id) else None
+        return json_response(200, row.to_json()) if row else text_not_found()
+
+    def state_delete(self, req: Request, state_id: str) -> Response:
+        recurse, force, dry_run = req.flag("recurse"), req.flag("force"), req.flag("dry_run")
+        status, result = self.e.deletion.delete_state(state_id, recurse, force, dry_run)
+        return json_response(status, result)
+
+    # prepare jobs -------------------------------------------------------------------------
+    def jobs_list(self, req: Request) -> Response:
+        jobs = self.e.prepare.jobs.list_jobs(req.arg("job") or None)
+        return list_response(req, [self.e.prepare.entry_json(job) for job in jobs])
+
+    def jobs_submit(self, req: Request) -> Response:
+        job = self.e.prepare.submit(req.json())
+        url = f"/v1/prepare-jobs/{job.job_id}"
+        return json_response(201, {"job_id": job.job_id, "status_url": url,
+                                   "events_url": f"{url}/events", "status": job.status},
+                             {"Location": url})
+
+    def job_get(self, req: Request, job_id: str) -> Response:
+        job = self.e.prepare.get(job_id)
+        return json_response(200, self.e.prepare.status_json(job)) if job else text_not_found()
+
+    def job_delete(self, req: Request, job_id: str) -> Response:
+        force, dry_run = req.flag("force"), req.flag("dry_run")
+        status, result = self.e.prepare.delete(job_id, force, dry_run)
+        return json_response(status, result)
+
+    def job_cancel(self, req: Request, job_id: str) -> Response:
+        if not job_id:
+            return text_not_found()
+        status, body = self.e.prepare.cancel(job_id)
+        return json_response(status, body)
+
+    def job_events(self, req: Request, job_id: str) -> Response:
+        if self.e.prepare.get(job_id) is None:
+            return text_not_found()
+        start = parse_events_range(req.header("Range"))
+        headers = {"Accept-Ranges": "events"}
+        if start is not None:
+            headers["Content-Range"] = f"events {start}-"
+        return Response(206 if start is not None else 200, content_type="application/x-ndjson",
+                        headers=headers, stream=self._event_stream(job_id, start or 0))
+
+    def _event_stream(self, job_id: str, index: int) -> Iterator[bytes]:
+        jobs = self.e.prepare.jobs
+        while True:
+            since = jobs.version
+            job = jobs.get_job(job_id)
+            events = jobs.events(job_id, index)
+            for event in events:
+                yield json_line(event)
+            index += len(events)
+            if job is None or job.terminal:
+                return
+            jobs.wait_for_change(since, STREAM_POLL_SECONDS)
+
+    def tasks_list(self, req: Request) -> Response:
+        rows = self.e.prepare.jobs.list_tasks(req.arg("job") or None)
+        return list_response(req, [task.to_json(job_id) for job_id, task in rows])
+
+
+class HttpHandler(http.server.BaseHTTPRequestHandler):
+    """Applies the conventions of §2 around every route: Host check, auth, 404/405, logging."""
+
+    protocol_version = "HTTP/1.1"
+    server: EngineHttpServer
+    server_version = "sqlrs-engine"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+    def _serve(self) -> None:
+        started = time.monotonic()
+        with self.server.activity.request():
+            try:
+                response = self._dispatch()
+            except ApiError as exc:
+                response = json_response(exc.status, exc.body())
+            except Exception as exc:
+                log.exception("request %s %s failed", self.command, self.path)
+                response = json_response(500, ApiError(500, "internal_error", "internal error",
+                                                       str(exc)).body())
+            sent = self._send(response)
+        log.info("http request method=%s path=%s status=%d bytes=%d dur=%.6fs remote=%s",
+                 self.command, urllib.parse.urlsplit(self.path).path, response.status, sent,
+                 time.monotonic() - started, self.client_address[0])
+
+    def _dispatch(self) -> Response:
+        if not self.server.guard.host_allowed(self.headers.get("Host")):
+            return json_response(403, {"code": "forbidden", "message": "host not allowed"})
+        parts = urllib.parse.urlsplit(self.path)
+        found = self.server.api.match(parts.path)
+        if found is None:
+            return text_not_found()
+        route, groups = found
+        if route.auth and not self.server.guard.authorized(self.headers.get("Authorization")):
+            return Response(401)
+        if not route.methods:
+            return text_not_found()
+        handler = route.methods.get(self.command)
+        if handler is None:
+            return Response(405)
+        decoded = tuple(urllib.parse.unquote(group) for group in groups)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, "payload_too_large", "request body too large",
+                           f"limit is {MAX_BODY_BYTES} bytes")
+        request = Request(self.command, parts.path,
+                          urllib.parse.parse_qs(parts.query, keep_blank_values=True),
+                          self.headers.get, lambda: self.rfile.read(length) if length else b"")
+        return handler(request, *decoded)
+
+    def _send(self, response: Response) -> int:
+        self.send_response(response.status)
+        for key, value in response.headers.items():
+            self.send_header(key, value)
+        if response.content_type:
+            self.send_header("Content-Type", response.content_type)
+        if response.stream is None:
+            self.send_header("Content-Length", str(len(response.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(response.body)
+            return len(response.body)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        return self._send_chunks(response.stream)
+
+    def _send_chunks(self, chunks: Iterator[bytes]) -> int:
+        sent = 0
+        try:
+            for chunk in chunks:
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                self.wfile.flush()
+                sent += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            close = getattr(chunks, "close", None)
+            if close:
+                close()
+        return sent
+
+
+class EngineHttpServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer carrying the engine's Api, Guard and Activity."""
+
+    daemon_threads = True
+    api: Api
+    guard: Guard
+    activity: Activity
+
+
+class EngineHttpServer6(EngineHttpServer):
+    address_family = socket.AF_INET6
+
+
+
+###############################################################################
+# cli/main: flags, start-up order (§1.2), engine.json, signals and idle shutdown.
+# Owns the process; wires every section together.
+###############################################################################
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class UsageError(Exception):
+    """A command-line mistake: exit code 2."""
+
+
+@dataclass
+class Options:
+    listen: str
+    engine_json: str
+    run_dir: str
+    idle_timeout: float
+    version: str
+
+
+def parse_options(argv: Sequence[str]) -> Options | str:
+    """Parse flags the way the reference engine does; a str result is text to print."""
+    parser = argparse.ArgumentParser(
+        prog="sqlrs-engine", add_help=True,
+        description="Local engine for the sqlrs CLI: disposable PostgreSQL databases.",
+    )
+    parser.add_argument("--listen", "-listen", help="TCP listen address, e.g. 127.0.0.1:0")
+    parser.add_argument("--write-engine-json", "-write-engine-json", dest="engine_json",
+                        help="path of engine.json; its directory is the state dir")
+    parser.add_argument("--run-dir", "-run-dir", default="", help="runtime dir (created 0700)")
+    parser.add_argument("--idle-timeout", "-idle-timeout", default="30s",
+                        help="Go duration of HTTP inactivity before exit; 0 disables")
+    parser.add_argument("--version", "-version", nargs="?", const=None, default="dev",
+                        help="engine version (mixed into state ids); alone: print version")
+    try:
+        ns = parser.parse_args(list(argv))
+    except SystemExit as exc:
+        if exc.code == 0:
+            return ""
+        raise UsageError("invalid arguments") from None
+    if ns.version is None:
+        return f"sqlrs-engine {__version__}"
+    if not ns.listen:
+        raise UsageError("missing --listen")
+    if not ns.engine_json:
+        raise UsageError("missing --write-engine-json")
+    try:
+        idle = parse_go_duration(ns.idle_timeout)
+    except ValueError as exc:
+        raise UsageError(f"invalid value for --idle-timeout: {exc}") from None
+    return Options(ns.listen, ns.engine_json, ns.run_dir, idle, ns.version)
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid listen address {listen!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+        raise ValueError(f"refusing to listen on non-loopback address {host!r}")
+    return host, int(port)
+
+
+def setup_logging(state_dir: str) -> None:
+    logs = os.path.join(state_dir, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    path = os.path.join(logs, "engine.log")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.close(fd)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if sys.stderr.isatty():
+        log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
+
+
+def expose_root_for(store_root: str) -> str | None:
+    """Where server data dirs are mounted for the server user when the engine is root."""
+    if os.geteuid() != 0:
+        return None
+    base = "/run" if os.path.isdir("/run") else tempfile.gettempdir()
+    digest = hashlib.sha256(store_root.encode()).hexdigest()[:12]
+    root = os.path.join(base, "sqlrs-engine", digest)
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    for path in (os.path.dirname(root), root):
+        os.chmod(path, 0o711)
+    return root
+
+
+class Engine:
+    """Every manager of one engine process, wired together in dependency order."""
+
+    def __init__(self, options: Options, state_dir: str, store_root: str) -> None:
+        self.version = options.version
+        self.instance_id = random_hex(16)
+        self.token = random_hex(32)
+        self.state_dir = state_dir
+        self.store_root = store_root
+        self.db = Database(os.environ.get("SQLRS_STATE_DB") or
+                           os.path.join(store_root, "state.db"))
+        self.store = MetadataStore(self.db)
+        jobs = JobQueue(self.db)
+        self.config = ConfigManager(os.path.join(store_root, "config.json"))
+        self.registry = Registry(self.store)
+        self.layout = StoreLayout(store_root)
+        user = ServerUser.detect()
+        self.snapshots = SnapshotManager(self.config.value("snapshot.backend"),
+                                         expose_root_for(store_root), user)
+        dbms = PostgresDbms(user)
+        self.runtimes = Runtimes(HostRuntime(dbms), self.layout, self.snapshots)
+        self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
+                                         ConnectionTracker())
+        self.deletion = DeletionManager(self.store, self.instances)
+        executor = Executor(jobs, self.store, self.layout, self.runtimes, self.instances,
+                            self.snapshots, self.version)
+        self.prepare = PrepareManager(jobs, executor, self.config, self.instances)
+
+    def recover(self) -> None:
+        """Clean up after an earlier process: instances first, then half-built states, then
+        resume jobs."""
+        self.instances.recover()
+        self._remove_half_states()
+        self.prepare.recover()
+
+    def _remove_half_states(self) -> None:
+        engines = os.path.join(self.store_root, "engines")
+        known = {row.state_dir for row in self.store.list_states()}
+        for states_dir in _glob_dirs(engines, 2, "states"):
+            for name in os.listdir(states_dir):
+                path = os.path.join(states_dir, name)
+                complete = os.path.exists(os.path.join(path, STATE_MARKER))
+                if name.startswith(".tmp-") or (is_state_id(name) and (
+                        path not in known or not complete)):
+                    remove_tree(path)
+        for row in self.store.list_states():
+            if not os.path.exists(os.path.join(row.state_dir, STATE_MARKER)) and not (
+                    self.store.list_instances(state=row.state_id)):
+                self.store.delete_state(row.state_id)
+
+    def resolve_state(self, ref: str) -> StateRow:
+        """A state by full id or 8+ hex prefix (ambiguous → 409 listing the candidates)."""
+        lowered = ref.lower()
+        if is_state_id(lowered):
+            state = self.store.get_state(lowered)
+            if state:
+                return state
+            raise not_found("state not found")
+        if len(lowered) < 8 or not re.fullmatch(r"[0-9a-f]+", lowered):
+            raise invalid_argument("invalid state_id",
+                                   "state_id must be a state id or at least 8 hex characters")
+        matches = self.store.list_states(id_prefix=lowered)
+        if not matches:
+            raise not_found("state not found")
+        if len(matches) > 1:
+            raise conflict("ambiguous state id prefix", [row.state_id for row in matches])
+        return matches[0]
+
+    def busy(self) -> bool:
+        return self.prepare.busy()
+
+    def close(self) -> None:
+        self.prepare.shutdown()
+        self.db.close()
+
+
+def _glob_dirs(root: str, depth: int, leaf: str) -> list[str]:
+    level = [root] if os.path.isdir(root) else []
+    for _ in range(depth):
+        level = [os.path.join(d, n) for d in level for n in sorted(os.listdir(d))
+                 if os.path.isdir(os.path.join(d, n))]
+    return [os.path.join(d, leaf) for d in level if os.path.isdir(os.path.join(d, leaf))]
+
+
+def write_engine_json(path: str, endpoint: str, engine: Engine, started_at: str) -> None:
+    document = {
+        "endpoint": endpoint, "pid": os.getpid(), "startedAt": started_at,
+        "authToken": engine.token, "version": engine.version, "instanceId": engine.instance_id,
+    }
+    atomic_write(path, json.dumps(document, indent=2).encode() + b"\n", 0o600)
+
+
+def remove_engine_json(path: str, instance_id: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as handle:
+            if json.load(handle).get("instanceId") != instance_id:
+                return
+        os.unlink(path)
+
+
+def watch_idle(server: EngineHttpServer, engine: Engine, timeout: float,
+               stopped: threading.Event) -> None:
+    interval = min(1.0, max(timeout / 4, 0.05))
+    while not stopped.wait(interval):
+        if server.activity.idle_for() >= timeout and not engine.busy():
+            log.info("idle for %s: shutting down", format_go_duration(timeout))
+            server.shutdown()
+            return
+
+
+def run_engine(options: Options) -> int:
+    engine_json = os.path.abspath(options.engine_json)
+    state_dir = os.path.dirname(engine_json)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    if options.run_dir:
+        os.makedirs(options.run_dir, mode=0o700, exist_ok=True)
+    setup_logging(state_dir)
+    log.info("sqlrs-engine version=%s build=%s", options.version, __version__)
+    host, port = split_listen(options.listen)
+    server_class = EngineHttpServer6 if ":" in host else EngineHttpServer
+    server = server_class((host, port), HttpHandler)
+    store_root = os.path.abspath(os.environ.get("SQLRS_STATE_STORE") or
+                                 os.path.join(state_dir, "state-store"))
+    os.makedirs(store_root, mode=0o700, exist_ok=True)
+    os.chmod(store_root, 0o700)
+    engine = Engine(options, state_dir, store_root)
+    server.api = Api(engine)
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+    server.guard = Guard(engine.token, bound_host, bound_port)
+    server.activity = Activity()
+    engine.recover()
+    endpoint = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    write_engine_json(engine_json, endpoint, engine, format_ts())
+    stopped = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if options.idle_timeout > 0:
+        threading.Thread(target=watch_idle, args=(server, engine, options.idle_timeout, stopped),
+                         daemon=True, name="idle").start()
+    log.info("listening on %s", endpoint)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        stopped.set()
+        remove_engine_json(engine_json, engine.instance_id)
+        server.server_close()
+        engine.close()
+        log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        options = parse_options(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"sqlrs-engine: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(options, str):
+        if options:
+            print(options)
+        return 0
+    try:
+        return run_engine(options)
+    except Exception as exc:
+        log.exception("startup failed")
+        print(f"sqlrs-engine: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
