@@ -216,6 +216,10 @@ class JobCancelled(JobFailure):
         super().__init__("cancelled", message)
 
 
+class EngineStopping(Exception):
+    """The engine is shutting down: the job stops here and resumes at the next start."""
+
+
 ###############################################################################
 # config: engine settings persisted in <store>/config.json (§3.8).
 # Owns config.json; may call ids and errors.
@@ -2614,11 +2618,14 @@ class JobRun:
 
     job_id: str
     cancel: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     runtime: RuntimeHandle | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def check(self) -> None:
+        if self.stopping.is_set():
+            raise EngineStopping()
         if self.cancel.is_set():
             raise JobCancelled()
 
@@ -2668,6 +2675,8 @@ class Executor:
                 fields["result_json"] = json.dumps(result)
             more = [{"type": "result", "result": result}] if result else []
             emit.emit({"type": "status", "status": "succeeded"}, *more, **fields)
+        except EngineStopping:
+            self._interrupt(job, run, emit)
         except JobFailure as exc:
             self._fail(job.job_id, run, emit, exc.error)
         except ApiError as exc:
@@ -2679,11 +2688,20 @@ class Executor:
         finally:
             emit.stop_heartbeat()
 
-    def _fail(self, job_id: str, run: JobRun, emit: EventEmitter, error: JsonDict) -> None:
+    def _drop_runtime(self, run: JobRun) -> None:
         if run.runtime:
             with contextlib.suppress(Exception):
                 self.instances.discard(run.runtime)
             run.runtime = None
+
+    def _interrupt(self, job: JobRow, run: JobRun, emit: EventEmitter) -> None:
+        """A graceful stop: no half state, the job stays queued and does not count as a crash."""
+        self._drop_runtime(run)
+        emit.emit({"type": "log", "message": "engine stopping: the job resumes at the next start"},
+                  status="queued", attempts=job.attempts)
+
+    def _fail(self, job_id: str, run: JobRun, emit: EventEmitter, error: JsonDict) -> None:
+        self._drop_runtime(run)
         for _job, task in self.jobs.list_tasks(job_id):
             if task.status == "running":
                 emit.task(task.task_id, "failed", error)
@@ -2907,7 +2925,7 @@ class PrepareManager:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            self._cancel_run(run)
+            self._cancel_run(run, stopping=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # queries ------------------------------------------------------------------------------
@@ -2940,8 +2958,8 @@ class PrepareManager:
         })
 
     # cancel / delete / retention ------------------------------------------------------------
-    def _cancel_run(self, run: JobRun) -> None:
-        run.cancel.set()
+    def _cancel_run(self, run: JobRun, stopping: bool = False) -> None:
+        (run.stopping if stopping else run.cancel).set()
         proc = run.process
         if proc and proc.poll() is None:
             with contextlib.suppress(OSError):

@@ -1,0 +1,306 @@
+"""Shared fixtures: start the engine exactly as the sqlrs CLI does and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST_IMAGE = "host:15"
+PG_BIN = "/usr/lib/postgresql/15/bin"
+STARTUP_DEADLINE = 5.0
+
+
+def poll(predicate: Any, deadline_s: float, interval: float = 0.02, what: str = "condition") -> Any:
+    """Call ``predicate`` until it returns something truthy or the deadline passes."""
+    end = time.monotonic() + deadline_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def ndjson(self) -> list[Any]:
+        return [json.loads(line) for line in self.body.splitlines() if line.strip()]
+
+
+@dataclass
+class EngineProcess:
+    """A running engine subprocess and a small HTTP client for it."""
+
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+    engine_json: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return str(self.info["endpoint"]).rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(str(self.info["endpoint"]).rsplit(":", 1)[1])
+
+    @property
+    def token(self) -> str:
+        return str(self.info["authToken"])
+
+    @property
+    def store(self) -> Path:
+        return self.state_dir / "state-store"
+
+    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
+                headers: dict[str, str] | None = None, raw: bytes | None = None,
+                timeout: float = 60.0) -> HttpResult:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            hdrs = dict(headers or {})
+            if auth:
+                hdrs.setdefault("Authorization", f"Bearer {self.token}")
+            payload = raw if raw is not None else (
+                json.dumps(body).encode() if body is not None else None)
+            if payload is not None:
+                hdrs.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=payload, headers=hdrs)
+            resp = conn.getresponse()
+            return HttpResult(resp.status, {k.lower(): v for k, v in resp.getheaders()},
+                              resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw: Any) -> HttpResult:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> HttpResult:
+        return self.request("POST", path, body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> HttpResult:
+        return self.request("DELETE", path, **kw)
+
+    def submit(self, psql_args: list[str], image: str = HOST_IMAGE, **extra: Any) -> str:
+        body = {"prepare_kind": "psql", "image_id": image, "psql_args": psql_args, **extra}
+        result = self.post("/v1/prepare-jobs", body)
+        assert result.status == 201, result.body
+        return str(result.json()["job_id"])
+
+    def wait_job(self, job_id: str, deadline_s: float = 120.0) -> dict[str, Any]:
+        """Follow the events stream to its end, then return the job status."""
+        events = self.get(f"/v1/prepare-jobs/{job_id}/events", timeout=deadline_s)
+        assert events.status == 200, events.body
+        status = self.get(f"/v1/prepare-jobs/{job_id}")
+        assert status.status == 200
+        job: dict[str, Any] = status.json()
+        assert job["status"] in ("succeeded", "failed"), job
+        return job
+
+    def events_until(self, job_id: str, predicate: Any,
+                     deadline_s: float = 60.0) -> list[dict[str, Any]]:
+        """Read the live events stream until ``predicate(event)`` holds; return what was read."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=deadline_s)
+        seen: list[dict[str, Any]] = []
+        try:
+            conn.request("GET", f"/v1/prepare-jobs/{job_id}/events",
+                         headers={"Authorization": f"Bearer {self.token}"})
+            resp = conn.getresponse()
+            assert resp.status == 200
+            for line in iter(resp.readline, b""):
+                seen.append(json.loads(line))
+                if predicate(seen[-1]):
+                    return seen
+        finally:
+            conn.close()
+        raise AssertionError(f"stream ended without the awaited event: {seen[-3:]}")
+
+    def prepare(self, psql_args: list[str], image: str = HOST_IMAGE,
+                **extra: Any) -> dict[str, Any]:
+        return self.wait_job(self.submit(psql_args, image, **extra))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def spawn_engine(state_dir: Path, *extra: str, idle: str = "0", env: dict[str, str] | None = None,
+                 argv0: list[str] | None = None) -> EngineProcess:
+    """Start the engine with the CLI's argv (§1.5) and wait for a healthy engine.json."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    engine_json = state_dir / "engine.json"
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    cmd = [*(argv0 or [sys.executable, "-m", "sqlrs_engine"]),
+           "--run-dir", str(state_dir / "run"), "--listen", "127.0.0.1:0",
+           "--write-engine-json", str(engine_json), "--idle-timeout", idle, *extra]
+    with open(log_dir / "spawn.log", "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+    engine = EngineProcess(proc, state_dir, engine_json)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"engine exited with {proc.returncode}: "
+                                 f"{(log_dir / 'spawn.log').read_text()[-2000:]}")
+        try:
+            engine.info = json.loads(engine_json.read_text())
+            return engine.get("/v1/health", auth=False, timeout=1).status == 200
+        except (OSError, ValueError, KeyError):
+            return False
+
+    poll(healthy, STARTUP_DEADLINE, what="engine.json and /v1/health")
+    return engine
+
+
+def expose_root(store: Path) -> Path:
+    digest = hashlib.sha256(str(store).encode()).hexdigest()[:12]
+    return Path("/run/sqlrs-engine") / digest
+
+
+def mounts_below(prefix: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point == str(prefix) or point.startswith(str(prefix) + "/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def postgres_pids_below(*prefixes: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if not args or not args[0].endswith(b"postgres"):
+                continue
+            if any(str(prefix).encode() in arg for arg in args for prefix in prefixes):
+                pids.append(int(entry.name))
+    return pids
+
+
+def cleanup_store(store: Path) -> None:
+    """Kill servers and remove mounts a test left behind (even after a failure)."""
+    roots = [store, expose_root(store)]
+    for pid in postgres_pids_below(*roots):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for root in roots:
+        for point in mounts_below(root):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    subprocess.run(["rm", "-rf", str(expose_root(store))], check=False)
+
+
+@pytest.fixture
+def engine_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[EngineProcess] = []
+
+    def start(*extra: str, state_dir: Path | None = None, **kw: Any) -> EngineProcess:
+        proc = spawn_engine(state_dir or tmp_path / "state", *extra, **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        with contextlib.suppress(Exception):
+            if proc.proc.poll() is None:
+                for inst in proc.get("/v1/instances").json() or []:
+                    proc.delete(f"/v1/instances/{inst['instance_id']}?force=true")
+        with contextlib.suppress(Exception):
+            proc.stop()
+        with contextlib.suppress(Exception):
+            proc.proc.kill()
+    for proc in started:
+        cleanup_store(proc.store)
+
+
+@pytest.fixture
+def engine(engine_factory: Any) -> EngineProcess:
+    proc: EngineProcess = engine_factory()
+    return proc
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> Path:
+    """A directory of small SQL scripts."""
+    root = tmp_path / "sql"
+    root.mkdir()
+    (root / "schema.sql").write_text(
+        "create table items(id int primary key, label text not null);\n")
+    (root / "data.sql").write_text(
+        "insert into items select g, 'item ' || g from generate_series(1, 100) g;\n")
+    (root / "fail.sql").write_text("select 1;\nselect * from no_such_table;\n")
+    return root
+
+
+def psql(dsn: str, sql: str) -> str:
+    out = subprocess.run([f"{PG_BIN}/psql", "-XAt", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout.strip()
+
+
+class OpenApiChecker:
+    """Validates responses against the engine's own /v1/openapi.json."""
+
+    def __init__(self, document: dict[str, Any]) -> None:
+        from jsonschema import Draft202012Validator
+        from referencing import Registry, Resource
+        from referencing.jsonschema import DRAFT202012
+
+        self.document = document
+        self._validator_cls = Draft202012Validator
+        self._registry = Registry().with_resource(
+            "urn:sqlrs", Resource.from_contents(document, default_specification=DRAFT202012))
+
+    def schema_for(self, path: str, method: str, status: int, media: str) -> dict[str, Any]:
+        op = self.document["paths"][path][method.lower()]
+        response = op["responses"][str(status)]
+        schema: dict[str, Any] = response["content"][media]["schema"]
+        return schema
+
+    def check(self, path: str, method: str, result: HttpResult) -> None:
+        media = result.headers.get("content-type", "").split(";")[0]
+        schema = self._rebase(self.schema_for(path, method, result.status, media))
+        values = result.ndjson() if media == "application/x-ndjson" else [result.json()]
+        validator = self._validator_cls(schema, registry=self._registry,
+                                        format_checker=self._validator_cls.FORMAT_CHECKER)
+        for value in values:
+            errors = list(validator.iter_errors(value))
+            assert not errors, f"{method} {path} {result.status}: {errors[0].message}"
+
+    def _rebase(self, schema: Any) -> Any:
+        if isinstance(schema, dict):
+            return {k: (f"urn:sqlrs{v}" if k == "$ref" and v.startswith("#") else self._rebase(v))
+                    for k, v in schema.items()}
+        if isinstance(schema, list):
+            return [self._rebase(v) for v in schema]
+        return schema
+
+
+@pytest.fixture
+def openapi(engine: EngineProcess) -> OpenApiChecker:
+    return OpenApiChecker(engine.get("/v1/openapi.json", auth=False).json())
