@@ -43,9 +43,9 @@ phase_end() { # $1: note (e.g. "skipped")
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 
-# Serialize concurrent runs.
+# Serialize concurrent runs (fd 9 is closed for dockerd, see start_dockerd).
 exec 9>/var/lock/sqlrs-setup-docker.lock
-flock 9
+flock -w 900 9 || die "another setup-docker.sh run holds /var/lock/sqlrs-setup-docker.lock"
 
 # --- 1. packages --------------------------------------------------------------
 phase_begin apt
@@ -99,7 +99,8 @@ start_dockerd() {
   [[ $ipt == true ]] || args+=(--iptables=false --ip-masq=false)
   log "starting dockerd ${args[*]} (log: $DOCKERD_LOG)"
   printf '\n=== %s setup-docker.sh: dockerd %s ===\n' "$(date -Is)" "${args[*]}" >>"$DOCKERD_LOG"
-  setsid nohup dockerd "${args[@]}" </dev/null >>"$DOCKERD_LOG" 2>&1 &
+  # 9>&-: the long-lived daemon must not inherit (and keep) our lock.
+  setsid nohup dockerd "${args[@]}" </dev/null >>"$DOCKERD_LOG" 2>&1 9>&- &
   pid=$!
   deadline=$((SECONDS + DOCKERD_TIMEOUT))
   until docker_answers; do

@@ -60,7 +60,8 @@ def test_two_step_prepare_and_cache_hit(engine: EngineProcess, scripts: Path,
     assert {s["state_id"] for s in states} == {s["output_state_id"] for s in steps_of(job)}
     child = next(s for s in states if s["state_id"] == result["state_id"])
     assert child["parent_state_id"] == steps_of(job)[0]["output_state_id"]
-    openapi.check("/v1/prepare-jobs/{jobId}", "GET", engine.get(f"/v1/prepare-jobs/{job['job_id']}"))
+    status = engine.get(f"/v1/prepare-jobs/{job['job_id']}")
+    openapi.check("/v1/prepare-jobs/{jobId}", "GET", status)
     openapi.check("/v1/prepare-jobs", "GET", engine.get("/v1/prepare-jobs"))
     openapi.check("/v1/tasks", "GET", engine.get(f"/v1/tasks?job={job['job_id']}"))
 

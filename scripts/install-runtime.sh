@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what the engine needs at run time on Debian (as root): PostgreSQL 15 server binaries
+# and the engine's Python libraries. Skips whatever is already present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  mkdir -p /etc/postgresql-common
+  # No default cluster: the engine makes its own.
+  [ -f /etc/postgresql-common/createcluster.conf ] || \
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+fi
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e .

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# README command 2: install the test dependencies and run the whole test suite (CI calls this).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-runtime.sh
+if [ "${SQLRS_SKIP_DOCKER_TESTS:-}" != "1" ]; then
+  bash scripts/setup-docker.sh
+fi
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
+ruff check .
+mypy
+python3 -m pytest -q -p no:cacheprovider "$@"
