@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -1410,6 +1410,7 @@ class SnapshotManager:
     def clone(self, source: str, runtime_dir: str, key: str) -> str:
         """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+        atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
         if self.backend == "overlay":
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
@@ -1422,6 +1423,17 @@ class SnapshotManager:
         private = os.path.join(runtime_dir, "data")
         copy_tree(source, private)
         return self.expose(private, key)
+
+    def reattach(self, runtime_dir: str, key: str) -> str:
+        """Mount an existing runtime again (after its mount went away); return its data dir."""
+        self.unexpose(key)
+        if os.path.isdir(os.path.join(runtime_dir, "upper")):
+            with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+                source = handle.read()
+            target = self._mount_point(key)
+            self._mount_overlay(source, runtime_dir, target)
+            return target
+        return self.expose(os.path.join(runtime_dir, "data"), key)
 
     def expose(self, private: str, key: str) -> str:
         """Make ``private`` reachable by the server user (bind mount when root)."""
@@ -2075,6 +2087,28 @@ class InstanceManager:
             }
         )
 
+    def ensure_running(self, row: InstanceRow, note: Callable[[str], None]) -> RuntimeHandle:
+        """The instance's live runtime, restarted from its own data if the server is gone."""
+        handle = self.live_handle(row)
+        if handle:
+            return handle
+        if not row.runtime_dir or not os.path.isdir(row.runtime_dir):
+            raise conflict("instance runtime_dir is missing")
+        image = self.runtimes.resolve(row.image_id)
+        handle = self._handle(row.instance_id, image)
+        note("run: runtime missing - restarting")
+        runtime = self.runtimes.for_image(image.requested)
+        runtime.discard(handle)
+        self.snapshots.reattach(handle.runtime_dir, handle.key)
+        note("run: restoring runtime")
+        runtime.start(handle)
+        self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
+                                           "active")
+        with self._lock:
+            self._handles[row.instance_id] = handle
+        note("run: runtime started")
+        return handle
+
     def connections(self, row: InstanceRow) -> int:
         handle = self.live_handle(row)
         return self.conntrack.active(handle) if handle else 0
@@ -2211,6 +2245,38 @@ class DeletionManager:
         if state:
             remove_state_files(state)
             self.store.delete_state(state.state_id)
+
+
+class Reaper:
+    """Deletes expired instances (§14.6); one with active connections waits until they end."""
+
+    def __init__(self, store: MetadataStore, deletion: DeletionManager,
+                 interval: float = 1.0) -> None:
+        self.store = store
+        self.deletion = deletion
+        self.interval = interval
+
+    def sweep(self) -> list[str]:
+        now = format_ts()
+        removed = []
+        for row in self.store.list_instances():
+            if not row.expires_at or row.expires_at >= now:
+                continue
+            try:
+                status, _result = self.deletion.delete_instance(row.instance_id, False, False)
+            except ApiError:
+                continue
+            if status == 200:
+                log.info("ttl: removed expired instance %s", row.instance_id)
+                removed.append(row.instance_id)
+        return removed
+
+    def run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("ttl reaper failed")
 
 
 def remove_state_files(state: StateRow) -> None:
@@ -3035,6 +3101,158 @@ class PrepareManager:
             self.jobs.append_event(job.job_id, {"type": "log",
                                                 "message": "engine restarted: resuming job"})
             self._start(job, request)
+
+
+
+###############################################################################
+# runs: psql and pgbench against an instance, output streamed live as NDJSON (§3.7, §14.9).
+# Owns the client processes of a run; may call registry, instances, runtime.
+###############################################################################
+
+RUN_KINDS = ("psql", "pgbench")
+PSQL_CONNECTION_FLAGS = (("-h", "-p", "-U", "-d"),
+                         ("--host", "--port", "--username", "--dbname", "--database"))
+PGBENCH_CONNECTION_FLAGS = (("-h", "-p", "-U", "-d"), ("--host", "--port", "--username"))
+
+
+@dataclass
+class RunStep:
+    args: list[str]
+    stdin: str | None
+
+
+@dataclass
+class RunRequest:
+    """A validated ``POST /v1/runs`` body."""
+
+    instance_ref: str
+    kind: str
+    steps: list[RunStep]
+
+    @classmethod
+    def parse(cls, body: JsonDict) -> RunRequest:
+        ref = body.get("instance_ref")
+        if not isinstance(ref, str) or not ref.strip():
+            raise invalid_argument("instance_ref is required")
+        kind = body.get("kind")
+        if not isinstance(kind, str) or kind.strip().lower() not in RUN_KINDS:
+            raise invalid_argument("unknown run kind", kind if isinstance(kind, str) else None)
+        kind = kind.strip().lower()
+        command = body.get("command")
+        if command not in (None, "", kind):
+            raise invalid_argument("invalid command", f"command must be {kind} or omitted")
+        args = _string_list(body.get("args"), "args")
+        stdin = body.get("stdin")
+        if stdin is not None and not isinstance(stdin, str):
+            raise invalid_argument("invalid stdin", "stdin must be a string or null")
+        raw_steps = body.get("steps")
+        if raw_steps in (None, []):
+            return cls(ref.strip(), kind, [RunStep(args, stdin)])
+        if kind != "psql":
+            raise invalid_argument("steps are only supported for run:psql")
+        if args:
+            raise invalid_argument("steps cannot be combined with args")
+        if stdin is not None:
+            raise invalid_argument("steps cannot be combined with stdin")
+        if not isinstance(raw_steps, list) or not all(isinstance(s, dict) for s in raw_steps):
+            raise invalid_argument("invalid steps", "steps must be an array of objects")
+        steps = []
+        for raw in raw_steps:
+            step_stdin = raw.get("stdin")
+            if step_stdin is not None and not isinstance(step_stdin, str):
+                raise invalid_argument("invalid steps", "step stdin must be a string or null")
+            steps.append(RunStep(_string_list(raw.get("args"), "steps.args"), step_stdin))
+        return cls(ref.strip(), kind, steps)
+
+    def check_connection_args(self) -> None:
+        short, long = PSQL_CONNECTION_FLAGS if self.kind == "psql" else PGBENCH_CONNECTION_FLAGS
+        for step in self.steps:
+            for arg in step.args:
+                is_flag = bool(_split_flag(arg, short, long)[0])
+                if is_flag or (self.kind == "psql" and not arg.startswith("-") and "://" in arg):
+                    raise conflict(f"conflicting {self.kind} connection arguments", arg)
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise invalid_argument(f"invalid {name}", f"{name} must be an array of strings")
+    return list(value)
+
+
+class RunManager:
+    """Executes runs on the host next to the instance's server and streams their output."""
+
+    def __init__(self, registry: Registry, instances: InstanceManager) -> None:
+        self.registry = registry
+        self.instances = instances
+
+    def start(self, body: JsonDict) -> Iterator[bytes]:
+        """Validate and resolve (raising ApiError) before the stream begins."""
+        request = RunRequest.parse(body)
+        found = self.registry.resolve(request.instance_ref)
+        if found is None:
+            raise not_found("instance not found")
+        request.check_connection_args()
+        notes: list[str] = []
+        handle = self.instances.ensure_running(found.instance, notes.append)
+        return self._stream(request, found.instance.instance_id, handle, notes)
+
+    def _stream(self, request: RunRequest, instance_id: str, handle: RuntimeHandle,
+                notes: list[str]) -> Iterator[bytes]:
+        for note in notes:
+            yield json_line({"type": "log", "ts": format_ts(), "data": note})
+        yield json_line({"type": "start", "ts": format_ts(), "instance_id": instance_id})
+        exit_code = 0
+        for step in request.steps:
+            exit_code = yield from self._run_step(request.kind, step, handle)
+            if exit_code != 0:
+                break
+        yield json_line({"type": "exit", "ts": format_ts(), "exit_code": exit_code})
+
+    def _run_step(self, kind: str, step: RunStep,
+                  handle: RuntimeHandle) -> Generator[bytes, None, int]:
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(handle.port),
+               "PGUSER": SUPERUSER, "PGDATABASE": "postgres", "PGAPPNAME": f"sqlrs-run-{kind}"}
+        argv = [os.path.join(handle.image.bindir, kind), *step.args]
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if step.stdin is not None
+                                    else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, cwd="/")
+        except OSError as exc:
+            yield json_line({"type": "error", "ts": format_ts(),
+                             "error": {"code": "internal_error", "message": "run failed",
+                                       "details": str(exc)}})
+            return 127
+        if step.stdin is not None:
+            threading.Thread(target=_feed_stdin, args=(proc, step.stdin), daemon=True).start()
+        chunks: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        readers = [threading.Thread(target=_pump, args=(pipe, name, chunks), daemon=True)
+                   for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
+        for reader in readers:
+            reader.start()
+        open_pipes = len(readers)
+        try:
+            while open_pipes:
+                item = chunks.get()
+                if item is None:
+                    open_pipes -= 1
+                    continue
+                yield json_line({"type": item[0], "ts": format_ts(),
+                                 "data": item[1].decode("utf-8", "replace")})
+        finally:
+            if proc.poll() is None and open_pipes:
+                proc.kill()
+        return proc.wait()
+
+
+def _pump(pipe: Any, name: str, chunks: queue.Queue[tuple[str, bytes] | None]) -> None:
+    try:
+        for line in iter(pipe.readline, b""):
+            chunks.put((name, line))
+    finally:
+        chunks.put(None)
 
 
 
@@ -4216,6 +4434,7 @@ class Api:
             route(rf"/v1/prepare-jobs/{seg}/cancel", POST=self.job_cancel),
             route(rf"/v1/prepare-jobs/{seg}/events", GET=self.job_events),
             route(r"/v1/tasks", GET=self.tasks_list),
+            route(r"/v1/runs", POST=self.runs_create),
         ]
 
     def match(self, path: str) -> tuple[Route, tuple[str, ...]] | None:
@@ -4432,6 +4651,11 @@ class Api:
     def tasks_list(self, req: Request) -> Response:
         rows = self.e.prepare.jobs.list_tasks(req.arg("job") or None)
         return list_response(req, [task.to_json(job_id) for job_id, task in rows])
+
+    # runs ---------------------------------------------------------------------------------
+    def runs_create(self, req: Request) -> Response:
+        stream = self.e.runs.start(req.json_object())
+        return Response(200, content_type="application/x-ndjson", stream=stream)
 
 
 class HttpHandler(http.server.BaseHTTPRequestHandler):
@@ -4659,6 +4883,7 @@ class Engine:
         executor = Executor(jobs, self.store, self.layout, self.runtimes, self.instances,
                             self.snapshots, self.version)
         self.prepare = PrepareManager(jobs, executor, self.config, self.instances)
+        self.runs = RunManager(self.registry, self.instances)
 
     def recover(self) -> None:
         """Clean up after an earlier process: instances first, then half-built states, then
@@ -4774,6 +4999,8 @@ def run_engine(options: Options) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    reaper = Reaper(engine.store, engine.deletion)
+    threading.Thread(target=reaper.run, args=(stopped,), daemon=True, name="reaper").start()
     if options.idle_timeout > 0:
         threading.Thread(target=watch_idle, args=(server, engine, options.idle_timeout, stopped),
                          daemon=True, name="idle").start()
