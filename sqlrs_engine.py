@@ -40,7 +40,7 @@ import urllib.parse
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __version__ = "0.1.0"
 
@@ -1407,7 +1407,7 @@ class SnapshotManager:
     def exposed_path(self, key: str) -> str:
         return os.path.join(self.expose_root, key) if self.expose_root else ""
 
-    def clone(self, source: str, runtime_dir: str, key: str) -> str:
+    def clone(self, source: str, runtime_dir: str, key: str, owner: tuple[int, int]) -> str:
         """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
@@ -1415,7 +1415,7 @@ class SnapshotManager:
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
             upper = os.path.join(runtime_dir, "upper")
-            os.chown(upper, self.user.uid, self.user.gid)
+            os.chown(upper, *owner)
             os.chmod(upper, 0o700)
             target = self._mount_point(key)
             self._mount_overlay(source, runtime_dir, target)
@@ -1709,6 +1709,7 @@ class ResolvedImage:
     engine_dir: str
     bindir: str = ""
     version: str = ""
+    owner: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -1723,9 +1724,14 @@ class RuntimeHandle:
     pid: int | None = None
     port: int | None = None
     content_id: str = ""
+    container_id: str | None = None
+    scripts_dir: str | None = None
+    job_id: str | None = None
 
     @property
     def runtime_id(self) -> str | None:
+        if self.container_id:
+            return self.container_id
         return f"host:{self.pid}" if self.pid else None
 
     @property
@@ -1734,6 +1740,74 @@ class RuntimeHandle:
 
     def dsn(self) -> str:
         return f"postgres://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+
+
+class ClientProcess:
+    """A client program running against a runtime; ``lines`` yields (stream, line) as they come.
+
+    Subclasses provide ``_sources`` (readers for stdout and stderr), ``wait`` and ``kill``.
+    """
+
+    def _sources(self) -> list[tuple[str, Iterator[bytes]]]:
+        raise NotImplementedError
+
+    def lines(self) -> Iterator[tuple[str, bytes]]:
+        chunks: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        sources = self._sources()
+        for name, source in sources:
+            threading.Thread(target=_pump, args=(source, name, chunks), daemon=True).start()
+        open_sources = len(sources)
+        while open_sources:
+            item = chunks.get()
+            if item is None:
+                open_sources -= 1
+            else:
+                yield item
+
+    def wait(self) -> int:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+
+def _pump(source: Iterator[bytes], name: str,
+          chunks: queue.Queue[tuple[str, bytes] | None]) -> None:
+    try:
+        for line in source:
+            chunks.put((name, line))
+    finally:
+        chunks.put(None)
+
+
+class HostClient(ClientProcess):
+    """A client subprocess on this machine."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: str | None) -> None:
+        self.proc = proc
+        if stdin is not None:
+            threading.Thread(target=_feed_stdin, args=(proc, stdin), daemon=True).start()
+
+    def _sources(self) -> list[tuple[str, Iterator[bytes]]]:
+        assert self.proc.stdout and self.proc.stderr
+        return [("stdout", iter(self.proc.stdout.readline, b"")),
+                ("stderr", iter(self.proc.stderr.readline, b""))]
+
+    def wait(self) -> int:
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+
+
+def _feed_stdin(proc: subprocess.Popen[bytes], text: str) -> None:
+    assert proc.stdin
+    with contextlib.suppress(BrokenPipeError, OSError):
+        proc.stdin.write(text.encode())
+    with contextlib.suppress(BrokenPipeError, OSError):
+        proc.stdin.close()
 
 
 class HostRuntime:
@@ -1748,14 +1822,14 @@ class HostRuntime:
 
     def bindir_for(self, image_id: str) -> str:
         spec = image_id[len(HOST_IMAGE_PREFIX):].split("@", 1)[0]
-        if spec.isdigit():
-            return DEBIAN_BINDIR.format(major=spec)
+        if re.fullmatch(r"\d+(\.\d+)*", spec):
+            return DEBIAN_BINDIR.format(major=spec.split(".")[0])
         if os.path.isabs(spec):
             return os.path.normpath(spec)
         raise invalid_argument("invalid image_id",
                                "host images are host:<major> or host:<absolute bindir>")
 
-    def resolve(self, image_id: str) -> ResolvedImage:
+    def resolve(self, image_id: str, note: Callable[[str], None] | None = None) -> ResolvedImage:
         bindir = self.bindir_for(image_id)
         postgres = os.path.join(bindir, "postgres")
         if not os.access(postgres, os.X_OK):
@@ -1769,7 +1843,7 @@ class HostRuntime:
         return ResolvedImage(
             requested=image_id, resolved_id=resolved, runtime_kind=self.kind,
             engine_dir=os.path.join("host", f"{safe_path_component(version)}_{fingerprint[:16]}"),
-            bindir=bindir, version=version,
+            bindir=bindir, version=version, owner=(self.dbms.user.uid, self.dbms.user.gid),
         )
 
     def _fingerprint(self, bindir: str) -> tuple[str, str]:
@@ -1817,10 +1891,20 @@ class HostRuntime:
     def alive(self, handle: RuntimeHandle) -> bool:
         return bool(handle.pid) and self.dbms.alive(handle.pid or 0)
 
-    def client_argv(self, handle: RuntimeHandle, program: str) -> list[str]:
-        """Command line of a client binary connected to the runtime's server."""
-        return [os.path.join(handle.image.bindir, program), "-h", "127.0.0.1",
-                "-p", str(handle.port), "-U", SUPERUSER]
+    def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
+               stdin: str | None, workdir: str) -> ClientProcess:
+        """A client binary (psql, pgbench) from the same bindir, connected to the server."""
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(handle.port),
+               "PGUSER": SUPERUSER, "PGDATABASE": "postgres", "PGAPPNAME": f"sqlrs-{program}"}
+        proc = subprocess.Popen(
+            [os.path.join(handle.image.bindir, program), *args], cwd=workdir, env=env,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        return HostClient(proc, stdin)
+
+    def map_path(self, handle: RuntimeHandle, path: str) -> str:
+        return path
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
@@ -1833,6 +1917,344 @@ class HostRuntime:
         handle.pid, handle.port = pid, int(lines[3].strip())
         return True
 
+
+
+class RuntimeUnavailable(ApiError):
+    """The container engine cannot be reached; jobs fail and requests get 503 with this."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(503, "docker_unavailable", "docker is not running",
+                         f"{details} (start Docker and retry)")
+
+
+class Runtime(Protocol):
+    """What the engine needs from a place where Postgres runs (host or container)."""
+
+    kind: str
+
+    def resolve(self, image_id: str, note: Callable[[str], None] | None = None
+                ) -> ResolvedImage: ...
+    def init_base(self, image: ResolvedImage, pgdata: str) -> None: ...
+    def start(self, handle: RuntimeHandle) -> None: ...
+    def stop(self, handle: RuntimeHandle) -> None: ...
+    def discard(self, handle: RuntimeHandle) -> None: ...
+    def alive(self, handle: RuntimeHandle) -> bool: ...
+    def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool: ...
+    def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
+               stdin: str | None, workdir: str) -> ClientProcess: ...
+    def map_path(self, handle: RuntimeHandle, path: str) -> str: ...
+
+
+PGDATA_IN_CONTAINER = "/var/lib/postgresql/data/pgdata"
+SCRIPTS_IN_CONTAINER = "/sqlrs/scripts"
+LABEL_ENGINE = "sqlrs.engine"
+LABEL_KEY = "sqlrs.runtime"
+LABEL_JOB = "sqlrs.job"
+CLIENT_ENV = {"PGHOST": "127.0.0.1", "PGPORT": "5432", "PGUSER": SUPERUSER,
+              "PGDATABASE": "postgres"}
+
+
+class DockerClient(ClientProcess):
+    """A client program run with ``docker exec`` over an attached socket (stdin supported)."""
+
+    def __init__(self, api: Any, exec_id: str, sock: Any, stdin: str | None) -> None:
+        self.api = api
+        self.exec_id = exec_id
+        self.sock = sock
+        raw = getattr(sock, "_sock", sock)
+        with contextlib.suppress(OSError):
+            if stdin is not None:
+                raw.sendall(stdin.encode())
+            raw.shutdown(socket.SHUT_WR)
+
+    def lines(self) -> Iterator[tuple[str, bytes]]:
+        from docker.utils.socket import frames_iter
+
+        names = {1: "stdout", 2: "stderr"}
+        pending = {1: b"", 2: b""}
+        for stream, data in frames_iter(self.sock, tty=False):
+            pending[stream] = pending.get(stream, b"") + data
+            *complete, pending[stream] = pending[stream].split(b"\n")
+            for line in complete:
+                yield names.get(stream, "stdout"), line + b"\n"
+        for stream, rest in pending.items():
+            if rest:
+                yield names.get(stream, "stdout"), rest
+
+    def wait(self) -> int:
+        deadline = time.monotonic() + 30
+        while True:
+            info = self.api.exec_inspect(self.exec_id)
+            if not info.get("Running") or time.monotonic() > deadline:
+                return int(info.get("ExitCode") or 0)
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        with contextlib.suppress(Exception):
+            pid = int(self.api.exec_inspect(self.exec_id).get("Pid") or 0)
+            if pid > 0:
+                os.kill(pid, signal.SIGKILL)
+
+
+class DockerRuntime:
+    """Postgres in containers through the Docker SDK (§7.1, §14.1).
+
+    One container per runtime runs ``sleep infinity`` with the runtime's data directory bind
+    mounted at PGDATA and port 5432 published on 127.0.0.1 only; Postgres is started and
+    stopped inside with ``pg_ctl`` through exec, so a snapshot needs no container restart.
+    """
+
+    kind = "docker"
+
+    def __init__(self, engine_label: str) -> None:
+        self.engine_label = engine_label
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._resolved: dict[str, ResolvedImage] = {}
+
+    # plumbing -----------------------------------------------------------------------------
+    def docker(self) -> Any:
+        """The SDK client, created on first use (the import is slow and often not needed)."""
+        with self._lock:
+            if self._client is None:
+                import docker
+
+                try:
+                    client = docker.from_env(timeout=60)
+                    client.ping()
+                except Exception as exc:
+                    raise RuntimeUnavailable(str(exc)) from None
+                self._client = client
+            return self._client
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import docker.errors
+        import requests.exceptions
+
+        try:
+            return fn(*args, **kwargs)
+        except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
+            if isinstance(exc, docker.errors.APIError | docker.errors.ImageNotFound):
+                raise
+            with self._lock:
+                self._client = None
+            raise RuntimeUnavailable(str(exc)) from None
+
+    def _container(self, container_id: str | None) -> Any:
+        import docker.errors
+
+        if not container_id:
+            return None
+        try:
+            return self._call(self.docker().containers.get, container_id)
+        except docker.errors.NotFound:
+            return None
+
+    # images -------------------------------------------------------------------------------
+    def resolve(self, image_id: str, note: Callable[[str], None] | None = None) -> ResolvedImage:
+        cached = self._resolved.get(image_id)
+        if cached:
+            return cached
+        image = self._find_or_pull(image_id, note)
+        digests = image.attrs.get("RepoDigests") or []
+        name = image_id.split("@", 1)[0]
+        repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+        resolved = digests[0] if digests else f"{repo}@{image.id}"
+        digest = resolved.split("@", 1)[1]
+        owner = self._postgres_owner(image.id)
+        result = ResolvedImage(
+            requested=image_id, resolved_id=resolved, runtime_kind=self.kind,
+            engine_dir=os.path.join(safe_path_component(repo.rsplit("/", 1)[-1]),
+                                    safe_path_component(digest)),
+            version=digest, owner=owner,
+        )
+        if "@" in image_id:
+            self._resolved[image_id] = result
+        return result
+
+    def _find_or_pull(self, image_id: str, note: Callable[[str], None] | None) -> Any:
+        import docker.errors
+
+        images = self.docker().images
+        candidates = [image_id]
+        if "@" in image_id:
+            candidates.append(image_id.split("@", 1)[1])
+        for ref in candidates:
+            with contextlib.suppress(docker.errors.ImageNotFound, docker.errors.APIError):
+                return self._call(images.get, ref)
+        if note:
+            note(f"docker: pull {image_id}")
+        repo, _, tag = image_id.partition("@")[0].rpartition(":")
+        if not repo or "/" in tag:
+            repo, tag = image_id, "latest"
+        try:
+            last = 0.0
+            for progress in self._call(self.docker().api.pull, repo, tag=tag, stream=True,
+                                       decode=True):
+                if note and time.monotonic() - last > 0.5:
+                    note(f"docker: {progress.get('status', '')} {progress.get('progress', '')}"
+                         .strip())
+                    last = time.monotonic()
+            return self._call(images.get, image_id)
+        except docker.errors.APIError as exc:
+            raise JobFailure("image_not_found", f"cannot pull image {image_id}",
+                             str(exc)) from None
+
+    def _postgres_owner(self, image_ref: str) -> tuple[int, int]:
+        output = self._run_helper(image_ref, ["id", "postgres"], None).decode()
+        match = re.search(r"uid=(\d+).*?gid=(\d+)", output)
+        if not match:
+            raise JobFailure("unsupported_image", "the image has no postgres user", output)
+        return int(match.group(1)), int(match.group(2))
+
+    def _run_helper(self, image_ref: str, command: list[str], pgdata: str | None,
+                    user: str = "root") -> bytes:
+        import docker.errors
+
+        volumes = {pgdata: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}} if pgdata else {}
+        try:
+            output: bytes = self._call(
+                self.docker().containers.run, image_ref, command, user=user, remove=True,
+                volumes=volumes, labels={LABEL_ENGINE: self.engine_label}, stdout=True,
+                stderr=True)
+            return output
+        except docker.errors.ContainerError as exc:
+            raise DbmsError(f"{' '.join(command)} failed: {exc.stderr!r}") from None
+
+    def init_base(self, image: ResolvedImage, pgdata: str) -> None:
+        self._run_helper(self._image_ref(image),
+                         ["initdb", "-D", PGDATA_IN_CONTAINER, *INITDB_OPTIONS], pgdata,
+                         user="postgres")
+        with open(os.path.join(pgdata, "pg_hba.conf"), "a", encoding="utf-8") as hba:
+            hba.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
+
+    # lifecycle ----------------------------------------------------------------------------
+    def _create(self, handle: RuntimeHandle) -> Any:
+        volumes = {handle.data_dir: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}}
+        if handle.scripts_dir:
+            volumes[handle.scripts_dir] = {"bind": SCRIPTS_IN_CONTAINER, "mode": "ro"}
+        labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
+        if handle.job_id:
+            labels[LABEL_JOB] = handle.job_id
+        name = f"sqlrs-{handle.key[:12]}-{random_hex(4)}"
+        container = self._call(
+            self.docker().containers.run, self._image_ref(handle.image), ["sleep", "infinity"],
+            detach=True, name=name, labels=labels, volumes=volumes,
+            ports={"5432/tcp": ("127.0.0.1", None)}, environment={"PGDATA": PGDATA_IN_CONTAINER})
+        handle.container_id = container.id
+        return container
+
+    @staticmethod
+    def _image_ref(image: ResolvedImage) -> str:
+        digest = image.resolved_id.split("@", 1)[1]
+        return digest if digest.startswith("sha256:") else image.resolved_id
+
+    def start(self, handle: RuntimeHandle) -> None:
+        container = self._container(handle.container_id)
+        if container is None or container.status != "running":
+            if container is not None:
+                self._call(container.remove, force=True)
+            container = self._create(handle)
+        options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
+        self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log",
+                               "-o", f"-c listen_addresses=* -p 5432 {options}", "start"])
+        deadline = time.monotonic() + 60
+        while True:
+            lines = read_postmaster_pid(handle.data_dir)
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                break
+            if time.monotonic() > deadline:
+                log_tail = self._exec(container, ["tail", "-n", "20", "/tmp/postgres.log"])
+                raise DbmsError(f"postgres did not start in the container: {log_tail}")
+            time.sleep(READY_POLL_SECONDS)
+        container.reload()
+        handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
+        handle.pid = int(lines[0].strip())
+
+    def _exec(self, container: Any, command: list[str], user: str = "postgres") -> str:
+        result = self._call(container.exec_run, command, user=user)
+        output = result.output.decode("utf-8", "replace") if result.output else ""
+        if result.exit_code not in (0, None) and command[0] != "tail":
+            raise DbmsError(f"{' '.join(command[:2])} failed: {output.strip()}")
+        return output
+
+    def stop(self, handle: RuntimeHandle) -> None:
+        container = self._container(handle.container_id)
+        if container is not None:
+            self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m", "fast", "-W",
+                                   "stop"])
+            deadline = time.monotonic() + 60
+            while read_postmaster_pid(handle.data_dir) and time.monotonic() < deadline:
+                time.sleep(READY_POLL_SECONDS)
+        handle.pid = None
+
+    def discard(self, handle: RuntimeHandle) -> None:
+        import docker.errors
+
+        ids = {handle.container_id} if handle.container_id else set()
+        with contextlib.suppress(RuntimeUnavailable):
+            ids |= {c.id for c in self._labelled({LABEL_KEY: handle.key})}
+        for container_id in ids:
+            with contextlib.suppress(docker.errors.NotFound, RuntimeUnavailable):
+                self._call(self.docker().api.remove_container, container_id, force=True)
+        handle.container_id = None
+        handle.pid = None
+
+    def _labelled(self, labels: Mapping[str, str]) -> list[Any]:
+        filters = [f"{LABEL_ENGINE}={self.engine_label}"]
+        filters += [f"{key}={value}" for key, value in labels.items()]
+        found: list[Any] = self._call(self.docker().containers.list, all=True,
+                                      filters={"label": filters})
+        return found
+
+    def alive(self, handle: RuntimeHandle) -> bool:
+        if not handle.container_id:
+            return False
+        try:
+            container = self._container(handle.container_id)
+        except RuntimeUnavailable:
+            return False
+        lines = read_postmaster_pid(handle.data_dir)
+        return (container is not None and container.status == "running" and len(lines) >= 8
+                and lines[7].strip() == "ready")
+
+    def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
+        container = self._container(runtime_id)
+        if container is None or container.status != "running":
+            return False
+        handle.container_id = container.id
+        lines = read_postmaster_pid(handle.data_dir)
+        if len(lines) < 8 or lines[7].strip() != "ready":
+            return False
+        handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
+        handle.pid = int(lines[0].strip())
+        return True
+
+    def sweep(self, keep: set[str]) -> list[str]:
+        """Remove this engine's containers whose runtime key is not in ``keep``."""
+        removed = []
+        for container in self._labelled({}):
+            if container.labels.get(LABEL_KEY) not in keep:
+                with contextlib.suppress(Exception):
+                    container.remove(force=True)
+                removed.append(container.id)
+        return removed
+
+    # clients ------------------------------------------------------------------------------
+    def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
+               stdin: str | None, workdir: str) -> ClientProcess:
+        api = self.docker().api
+        created = self._call(api.exec_create, handle.container_id, [program, *args],
+                             stdin=True, user="postgres", workdir=workdir,
+                             environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
+        sock = self._call(api.exec_start, created["Id"], socket=True)
+        return DockerClient(api, created["Id"], sock, stdin)
+
+    def map_path(self, handle: RuntimeHandle, path: str) -> str:
+        root = handle.scripts_dir
+        if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+            return os.path.join(SCRIPTS_IN_CONTAINER, os.path.relpath(path, root))
+        return "/" if os.path.isdir(path) else path
 
 
 @dataclass(frozen=True)
@@ -1879,19 +2301,18 @@ def file_lock(path: str) -> Iterator[None]:
 class Runtimes:
     """Chooses the runtime for an image id and keeps one base cluster per resolved image."""
 
-    def __init__(self, host: HostRuntime, layout: StoreLayout, snapshots: SnapshotManager) -> None:
+    def __init__(self, host: HostRuntime, docker: DockerRuntime, layout: StoreLayout,
+                 snapshots: SnapshotManager) -> None:
         self.host = host
+        self.docker = docker
         self.layout = layout
         self.snapshots = snapshots
 
-    def for_image(self, image_id: str) -> HostRuntime:
-        if image_id.startswith(HOST_IMAGE_PREFIX):
-            return self.host
-        raise JobFailure("unsupported_image",
-                         "only host:<major> images are supported by this engine build", image_id)
+    def for_image(self, image_id: str) -> Runtime:
+        return self.host if image_id.startswith(HOST_IMAGE_PREFIX) else self.docker
 
-    def resolve(self, image_id: str) -> ResolvedImage:
-        return self.for_image(image_id).resolve(image_id)
+    def resolve(self, image_id: str, note: Callable[[str], None] | None = None) -> ResolvedImage:
+        return self.for_image(image_id).resolve(image_id, note)
 
     def ensure_base(self, image: ResolvedImage, emit: Callable[[str], None]) -> str:
         """Initialise the base cluster of ``image`` once (under a lock); return its pgdata."""
@@ -1909,8 +2330,7 @@ class Runtimes:
             key = f"init-{random_hex(8)}"
             try:
                 exposed = self.snapshots.expose(work, key)
-                os.chown(os.path.join(work, "pgdata"), self.host.dbms.user.uid,
-                         self.host.dbms.user.gid)
+                os.chown(os.path.join(work, "pgdata"), *image.owner)
                 self.for_image(image.requested).init_base(image, os.path.join(exposed, "pgdata"))
             except BaseException:
                 self.snapshots.unexpose(key)
@@ -1999,12 +2419,16 @@ class InstanceManager:
         )
 
     def new_runtime(self, key: str, image: ResolvedImage, source_pgdata: str,
-                    content_id: str) -> RuntimeHandle:
-        """Clone ``source_pgdata`` into a fresh (stopped) runtime named ``key``."""
+                    content_id: str, job_id: str | None = None,
+                    scripts_dir: str | None = None) -> RuntimeHandle:
+        """Clone ``source_pgdata`` into a fresh (stopped) runtime named ``key``; whatever an
+        interrupted earlier attempt left under that key goes first."""
         handle = self._handle(key, image)
+        handle.job_id, handle.scripts_dir = job_id, scripts_dir
+        self.runtimes.for_image(image.requested).discard(handle)
         self.snapshots.release(handle.runtime_dir, key)
         try:
-            self.snapshots.clone(source_pgdata, handle.runtime_dir, key)
+            self.snapshots.clone(source_pgdata, handle.runtime_dir, key, image.owner)
         except BaseException:
             self.snapshots.release(handle.runtime_dir, key)
             raise
@@ -2111,7 +2535,13 @@ class InstanceManager:
 
     def connections(self, row: InstanceRow) -> int:
         handle = self.live_handle(row)
-        return self.conntrack.active(handle) if handle else 0
+        if handle is None:
+            return 0
+        try:
+            return self.conntrack.active(handle)
+        except Exception as exc:
+            log.warning("conntrack failed for %s: %s", row.instance_id, exc)
+            return 0
 
     def destroy(self, row: InstanceRow, terminate_connections: bool) -> None:
         """Stop the server, remove the clone and delete the row (and its names)."""
@@ -2338,6 +2768,12 @@ class PsqlPlan:
     inputs: list[PsqlInput]
     work_dir: str
     stdin: str | None
+
+    @property
+    def scripts_dir(self) -> str:
+        """The common parent of every script file (mounted read-only into containers)."""
+        dirs = [os.path.dirname(item.value) for item in self.inputs if item.kind == "file"]
+        return os.path.commonpath(dirs) if dirs else self.work_dir
 
     def step_args(self, index: int) -> list[str]:
         if not self.inputs:
@@ -2687,7 +3123,7 @@ class JobRun:
     stopping: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     runtime: RuntimeHandle | None = None
-    process: subprocess.Popen[bytes] | None = None
+    process: ClientProcess | None = None
 
     def check(self) -> None:
         if self.stopping.is_set():
@@ -2719,7 +3155,7 @@ class Executor:
              ) -> tuple[ResolvedImage, list[StepPlan], str, list[PlanTask]]:
         if emit:
             emit.log(f"resolve image {request.image_id}")
-        image = self.runtimes.resolve(request.image_id)
+        image = self.runtimes.resolve(request.image_id, emit.log if emit else None)
         if emit:
             emit.log(f"resolved image {image.resolved_id}")
         steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
@@ -2802,13 +3238,15 @@ class Executor:
             if self.state_ready(step.state_id):
                 return True
             run.check()
-            handle = self._runtime_for(job, image, step.input_kind, step.input_id, run, emit)
+            handle = self._runtime_for(job, request, image, step.input_kind, step.input_id,
+                                       run, emit)
             self._run_psql(request, handle, step, run, emit)
             run.check()
             self._snapshot(image, handle, step, emit)
             return False
 
-    def _runtime_for(self, job: JobRow, image: ResolvedImage, input_kind: str, input_id: str,
+    def _runtime_for(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
+                     input_kind: str, input_id: str,
                      run: JobRun, emit: EventEmitter) -> RuntimeHandle:
         """The job's runtime holding ``input_id``'s content, started."""
         if run.runtime and run.runtime.content_id != input_id:
@@ -2823,8 +3261,9 @@ class Executor:
                     raise JobFailure("internal_error", "input state disappeared", input_id)
                 source = os.path.join(state.state_dir, "pgdata")
             with self.instances.clone_lock:
-                run.runtime = self.instances.new_runtime(derived_instance_id(job.job_id), image,
-                                                         source, input_id)
+                run.runtime = self.instances.new_runtime(
+                    derived_instance_id(job.job_id), image, source, input_id, job.job_id,
+                    request.plan.scripts_dir)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
         if not self.runtimes.for_image(image.requested).alive(run.runtime):
             self.instances.start(run.runtime)
@@ -2834,18 +3273,15 @@ class Executor:
     def _run_psql(self, request: PrepareRequest, handle: RuntimeHandle, step: StepPlan,
                   run: JobRun, emit: EventEmitter) -> None:
         runtime = self.runtimes.for_image(handle.image.requested)
-        argv = [*runtime.client_argv(handle, "psql"), "-d", "postgres", *step.args]
+        args = list(step.args)
+        for index, arg in enumerate(args[:-1]):
+            if arg == "-f" and args[index + 1] != "-":
+                args[index + 1] = runtime.map_path(handle, args[index + 1])
         feeds_stdin = "-f" in step.args and step.args[step.args.index("-f") + 1] == "-"
         emit.log("psql: start")
-        proc = subprocess.Popen(
-            argv, cwd=request.plan.work_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE if feeds_stdin else subprocess.DEVNULL,
-            env={**os.environ, "PGAPPNAME": "sqlrs-prepare"},
-        )
+        proc = runtime.client(handle, "psql", args, request.stdin if feeds_stdin else None,
+                              runtime.map_path(handle, request.plan.work_dir))
         run.process = proc
-        if feeds_stdin:
-            threading.Thread(target=_feed_stdin, args=(proc, request.stdin or ""),
-                             daemon=True).start()
         output = collect_output(proc, emit.log, "psql: ")
         code = proc.wait()
         run.process = None
@@ -2881,7 +3317,7 @@ class Executor:
 
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
-        handle = self._runtime_for(job, image, "state", last.state_id, run, emit)
+        handle = self._runtime_for(job, request, image, "state", last.state_id, run, emit)
         row = self.instances.register(handle, last.state_id, job.job_id, request.ttl_seconds)
         run.runtime = None
         emit.log(f"instance created {row.instance_id}")
@@ -2893,23 +3329,13 @@ class Executor:
         }
 
 
-def _feed_stdin(proc: subprocess.Popen[bytes], text: str) -> None:
-    assert proc.stdin
-    with contextlib.suppress(BrokenPipeError, OSError):
-        proc.stdin.write(text.encode())
-    with contextlib.suppress(BrokenPipeError, OSError):
-        proc.stdin.close()
-
-
-def collect_output(proc: subprocess.Popen[bytes], log_line: Callable[[str], None],
-                   prefix: str) -> str:
+def collect_output(proc: ClientProcess, log_line: Callable[[str], None], prefix: str) -> str:
     """Forward output lines as log events (every line at first, then at most two a second)
     and return the output's tail for error details."""
-    assert proc.stdout
     tail = bytearray()
     skipped = 0
     last_flush = time.monotonic()
-    for count, raw in enumerate(proc.stdout, start=1):
+    for count, (_stream, raw) in enumerate(proc.lines(), start=1):
         tail += raw
         if len(tail) > OUTPUT_TAIL_BYTES:
             del tail[: len(tail) - OUTPUT_TAIL_BYTES]
@@ -3026,10 +3452,8 @@ class PrepareManager:
     # cancel / delete / retention ------------------------------------------------------------
     def _cancel_run(self, run: JobRun, stopping: bool = False) -> None:
         (run.stopping if stopping else run.cancel).set()
-        proc = run.process
-        if proc and proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
+        if run.process:
+            run.process.kill()
 
     def cancel(self, job_id: str) -> tuple[int, JsonDict]:
         job = self.get(job_id)
@@ -3213,47 +3637,24 @@ class RunManager:
 
     def _run_step(self, kind: str, step: RunStep,
                   handle: RuntimeHandle) -> Generator[bytes, None, int]:
-        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(handle.port),
-               "PGUSER": SUPERUSER, "PGDATABASE": "postgres", "PGAPPNAME": f"sqlrs-run-{kind}"}
-        argv = [os.path.join(handle.image.bindir, kind), *step.args]
+        runtime = self.instances.runtimes.for_image(handle.image.requested)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if step.stdin is not None
-                                    else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, cwd="/")
-        except OSError as exc:
+            proc = runtime.client(handle, kind, step.args, step.stdin, "/")
+        except (OSError, ApiError) as exc:
             yield json_line({"type": "error", "ts": format_ts(),
                              "error": {"code": "internal_error", "message": "run failed",
                                        "details": str(exc)}})
             return 127
-        if step.stdin is not None:
-            threading.Thread(target=_feed_stdin, args=(proc, step.stdin), daemon=True).start()
-        chunks: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
-        readers = [threading.Thread(target=_pump, args=(pipe, name, chunks), daemon=True)
-                   for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
-        for reader in readers:
-            reader.start()
-        open_pipes = len(readers)
+        finished = False
         try:
-            while open_pipes:
-                item = chunks.get()
-                if item is None:
-                    open_pipes -= 1
-                    continue
-                yield json_line({"type": item[0], "ts": format_ts(),
-                                 "data": item[1].decode("utf-8", "replace")})
+            for stream, line in proc.lines():
+                yield json_line({"type": stream, "ts": format_ts(),
+                                 "data": line.decode("utf-8", "replace")})
+            finished = True
         finally:
-            if proc.poll() is None and open_pipes:
+            if not finished:
                 proc.kill()
         return proc.wait()
-
-
-def _pump(pipe: Any, name: str, chunks: queue.Queue[tuple[str, bytes] | None]) -> None:
-    try:
-        for line in iter(pipe.readline, b""):
-            chunks.put((name, line))
-    finally:
-        chunks.put(None)
-
 
 
 ###############################################################################
@@ -4876,7 +5277,8 @@ class Engine:
         self.snapshots = SnapshotManager(self.config.value("snapshot.backend"),
                                          expose_root_for(store_root), user)
         dbms = PostgresDbms(user)
-        self.runtimes = Runtimes(HostRuntime(dbms), self.layout, self.snapshots)
+        docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12])
+        self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())
         self.deletion = DeletionManager(self.store, self.instances)
@@ -4890,7 +5292,22 @@ class Engine:
         resume jobs."""
         self.instances.recover()
         self._remove_half_states()
+        keep = {row.instance_id for row in self.store.list_instances()}
+        keep |= {derived_instance_id(job.job_id)
+                 for job in self.prepare.jobs.jobs_in(("queued", "running"))}
+        threading.Thread(target=self._sweep_containers, args=(keep,), daemon=True,
+                         name="container-sweep").start()
         self.prepare.recover()
+
+    def _sweep_containers(self, keep: set[str]) -> None:
+        """Remove containers of interrupted work (found by label); Docker may be absent."""
+        try:
+            removed = self.runtimes.docker.sweep(keep)
+        except Exception as exc:
+            log.info("container sweep skipped: %s", exc)
+            return
+        if removed:
+            log.info("removed %d leftover containers", len(removed))
 
     def _remove_half_states(self) -> None:
         engines = os.path.join(self.store_root, "engines")
