@@ -2245,7 +2245,7 @@ class DockerRuntime:
                stdin: str | None, workdir: str) -> ClientProcess:
         api = self.docker().api
         created = self._call(api.exec_create, handle.container_id, [program, *args],
-                             stdin=True, user="postgres", workdir=workdir,
+                             stdin=True, user="root", workdir=workdir,
                              environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
         sock = self._call(api.exec_start, created["Id"], socket=True)
         return DockerClient(api, created["Id"], sock, stdin)
@@ -3002,6 +3002,7 @@ class StepPlan:
     state_id: str
     args: list[str]
     summary: str
+    normalized: str
 
 
 def plan_steps(request: PrepareRequest, resolved_image: str,
@@ -3016,8 +3017,9 @@ def plan_steps(request: PrepareRequest, resolved_image: str,
         task_hash = psql_task_hash(hasher.content_hash(items), engine_version)
         state_id = state_id_for(input_kind, input_id, task_hash)
         summary = items[0].summary if items else ""
+        normalized = " ".join([*(items[0].args if items else []), *plan.shared])
         steps.append(StepPlan(index, input_kind, input_id, task_hash, state_id,
-                              plan.step_args(index), summary))
+                              plan.step_args(index), summary, normalized))
         input_kind, input_id = "state", state_id
     whole = psql_task_hash(hasher.content_hash(plan.inputs), engine_version)
     return steps, job_signature(whole, resolved_image, request.plan_only)
@@ -3302,7 +3304,7 @@ class Executor:
                 state_id=step.state_id,
                 parent_state_id=step.input_id if step.input_kind == "state" else None,
                 image_id=image.resolved_id, prepare_kind="psql",
-                prepare_args_normalized=" ".join(step.args), created_at=format_ts(),
+                prepare_args_normalized=step.normalized, created_at=format_ts(),
                 size_bytes=size, last_used_at=None, use_count=0, min_retention_until=None,
                 state_dir=final_dir,
             ))
@@ -3507,8 +3509,10 @@ class PrepareManager:
                              finished_at=format_ts(), error_json=json.dumps(error))
 
     # recovery -----------------------------------------------------------------------------
-    def recover(self) -> None:
-        """Resume queued/running jobs after a restart; give up on repeat offenders."""
+    def recover(self) -> list[str]:
+        """Resume queued/running jobs after a restart (their ids are returned); give up on
+        repeat offenders."""
+        resumed = []
         for job in self.jobs.jobs_in(("queued", "running")):
             if job.attempts >= MAX_CRASH_ATTEMPTS:
                 self._fail_stored(job.job_id, ApiError(
@@ -3525,6 +3529,8 @@ class PrepareManager:
             self.jobs.append_event(job.job_id, {"type": "log",
                                                 "message": "engine restarted: resuming job"})
             self._start(job, request)
+            resumed.append(job.job_id)
+        return resumed
 
 
 
@@ -3740,6 +3746,20 @@ def list_response(req: Request, items: Sequence[JsonDict]) -> Response:
     if wants_ndjson(req.header("Accept")):
         return Response(200, b"".join(json_line(item) for item in items), "application/x-ndjson")
     return json_response(200, list(items))
+
+
+class BodyReader:
+    """Reads a request body once; later calls return the same bytes."""
+
+    def __init__(self, stream: Any, length: int) -> None:
+        self._stream = stream
+        self._length = length
+        self._data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self._data is None:
+            self._data = self._stream.read(self._length) if self._length else b""
+        return self._data
 
 
 Handler = Callable[..., Response]
@@ -5077,6 +5097,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         started = time.monotonic()
+        self._pending_body: BodyReader | None = None
         with self.server.activity.request():
             try:
                 response = self._dispatch()
@@ -5086,6 +5107,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 log.exception("request %s %s failed", self.command, self.path)
                 response = json_response(500, ApiError(500, "internal_error", "internal error",
                                                        str(exc)).body())
+            self._drain_body()
             sent = self._send(response)
         log.info("http request method=%s path=%s status=%d bytes=%d dur=%.6fs remote=%s",
                  self.command, urllib.parse.urlsplit(self.path).path, response.status, sent,
@@ -5112,10 +5134,23 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, "payload_too_large", "request body too large",
                            f"limit is {MAX_BODY_BYTES} bytes")
+        body = BodyReader(self.rfile, length)
+        self._pending_body = body
         request = Request(self.command, parts.path,
                           urllib.parse.parse_qs(parts.query, keep_blank_values=True),
-                          self.headers.get, lambda: self.rfile.read(length) if length else b"")
+                          self.headers.get, body.read)
         return handler(request, *decoded)
+
+    def _drain_body(self) -> None:
+        """Consume a body the route did not read, so the connection stays usable."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if self._pending_body is None:
+            if length and length <= MAX_BODY_BYTES:
+                self.rfile.read(length)
+            elif length:
+                self.close_connection = True
+        else:
+            self._pending_body.read()
 
     def _send(self, response: Response) -> int:
         self.send_response(response.status)
@@ -5190,7 +5225,7 @@ class Options:
 def parse_options(argv: Sequence[str]) -> Options | str:
     """Parse flags the way the reference engine does; a str result is text to print."""
     parser = argparse.ArgumentParser(
-        prog="sqlrs-engine", add_help=True,
+        prog="sqlrs-engine", add_help=True, allow_abbrev=False,
         description="Local engine for the sqlrs CLI: disposable PostgreSQL databases.",
     )
     parser.add_argument("--listen", "-listen", help="TCP listen address, e.g. 127.0.0.1:0")
@@ -5202,7 +5237,7 @@ def parse_options(argv: Sequence[str]) -> Options | str:
     parser.add_argument("--version", "-version", nargs="?", const=None, default="dev",
                         help="engine version (mixed into state ids); alone: print version")
     try:
-        ns = parser.parse_args(list(argv))
+        ns = parser.parse_args(_attach_values(argv))
     except SystemExit as exc:
         if exc.code == 0:
             return ""
@@ -5218,6 +5253,22 @@ def parse_options(argv: Sequence[str]) -> Options | str:
     except ValueError as exc:
         raise UsageError(f"invalid value for --idle-timeout: {exc}") from None
     return Options(ns.listen, ns.engine_json, ns.run_dir, idle, ns.version)
+
+
+def _attach_values(argv: Sequence[str]) -> list[str]:
+    """``--flag value`` → ``--flag=value`` so a value may start with '-' (Go's flag does that)."""
+    valued = {f"{dash}{name}" for dash in ("-", "--")
+              for name in ("listen", "write-engine-json", "run-dir", "idle-timeout")}
+    out: list[str] = []
+    pending = False
+    for arg in argv:
+        if pending:
+            out[-1] += "=" + arg
+            pending = False
+        else:
+            out.append(arg)
+            pending = arg in valued
+    return out
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -5292,12 +5343,11 @@ class Engine:
         resume jobs."""
         self.instances.recover()
         self._remove_half_states()
+        resumed = self.prepare.recover()
         keep = {row.instance_id for row in self.store.list_instances()}
-        keep |= {derived_instance_id(job.job_id)
-                 for job in self.prepare.jobs.jobs_in(("queued", "running"))}
+        keep |= {derived_instance_id(job_id) for job_id in resumed}
         threading.Thread(target=self._sweep_containers, args=(keep,), daemon=True,
                          name="container-sweep").start()
-        self.prepare.recover()
 
     def _sweep_containers(self, keep: set[str]) -> None:
         """Remove containers of interrupted work (found by label); Docker may be absent."""

@@ -20,6 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_IMAGE = "host:15"
+DOCKER_IMAGE = os.environ.get("SQLRS_TEST_IMAGE", "sqlrs-test/postgres:15")
 PG_BIN = "/usr/lib/postgresql/15/bin"
 STARTUP_DEADLINE = 5.0
 
@@ -57,6 +58,7 @@ class EngineProcess:
     state_dir: Path
     engine_json: Path
     info: dict[str, Any] = field(default_factory=dict)
+    image: str = HOST_IMAGE
 
     @property
     def host(self) -> str:
@@ -102,8 +104,9 @@ class EngineProcess:
     def delete(self, path: str, **kw: Any) -> HttpResult:
         return self.request("DELETE", path, **kw)
 
-    def submit(self, psql_args: list[str], image: str = HOST_IMAGE, **extra: Any) -> str:
-        body = {"prepare_kind": "psql", "image_id": image, "psql_args": psql_args, **extra}
+    def submit(self, psql_args: list[str], image: str | None = None, **extra: Any) -> str:
+        body = {"prepare_kind": "psql", "image_id": image or self.image, "psql_args": psql_args,
+                **extra}
         result = self.post("/v1/prepare-jobs", body)
         assert result.status == 201, result.body
         return str(result.json()["job_id"])
@@ -136,7 +139,7 @@ class EngineProcess:
             conn.close()
         raise AssertionError(f"stream ended without the awaited event: {seen[-3:]}")
 
-    def prepare(self, psql_args: list[str], image: str = HOST_IMAGE,
+    def prepare(self, psql_args: list[str], image: str | None = None,
                 **extra: Any) -> dict[str, Any]:
         return self.wait_job(self.submit(psql_args, image, **extra))
 
@@ -203,8 +206,31 @@ def postgres_pids_below(*prefixes: Path) -> list[int]:
     return pids
 
 
+def engine_label(store: Path) -> str:
+    return hashlib.sha256(str(store).encode()).hexdigest()[:12]
+
+
+def containers_of(store: Path) -> list[str]:
+    """Ids of the containers an engine on ``store`` created (found by label)."""
+    if not Path("/var/run/docker.sock").exists():
+        return []
+    out = subprocess.run(["docker", "ps", "-aq", "--filter",
+                          f"label=sqlrs.engine={engine_label(store)}"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.split()
+
+
+def leftover_servers(store: Path) -> list[str]:
+    """Postgres processes and containers still running for ``store``."""
+    pids = postgres_pids_below(store, expose_root(store))
+    return [f"pid:{pid}" for pid in pids] + [f"container:{c}" for c in containers_of(store)]
+
+
 def cleanup_store(store: Path) -> None:
-    """Kill servers and remove mounts a test left behind (even after a failure)."""
+    """Kill servers and remove containers and mounts a test left behind (even on failure)."""
+    containers = containers_of(store)
+    if containers:
+        subprocess.run(["docker", "rm", "-f", *containers], check=False, capture_output=True)
     roots = [store, expose_root(store)]
     for pid in postgres_pids_below(*roots):
         with contextlib.suppress(ProcessLookupError):
@@ -215,12 +241,36 @@ def cleanup_store(store: Path) -> None:
     subprocess.run(["rm", "-rf", str(expose_root(store))], check=False)
 
 
+def docker_available() -> bool:
+    result = subprocess.run(["docker", "image", "inspect", DOCKER_IMAGE], capture_output=True,
+                            check=False)
+    return result.returncode == 0
+
+
 @pytest.fixture
-def engine_factory(tmp_path: Path) -> Iterator[Any]:
+def runtime_image(request: pytest.FixtureRequest) -> str:
+    """The image a test prepares on: host by default; modules parametrise it indirectly with
+    ``RUNTIMES`` to run on both runtimes. Docker tests are skipped only when a developer sets
+    SQLRS_SKIP_DOCKER_TESTS=1; otherwise a missing Docker fails them."""
+    kind = getattr(request, "param", "host")
+    if kind == "host":
+        return HOST_IMAGE
+    if os.environ.get("SQLRS_SKIP_DOCKER_TESTS") == "1":
+        pytest.skip("SQLRS_SKIP_DOCKER_TESTS=1")
+    assert docker_available(), f"docker or {DOCKER_IMAGE} missing: run scripts/setup-docker.sh"
+    return DOCKER_IMAGE
+
+
+RUNTIMES = pytest.mark.parametrize("runtime_image", ["host", "docker"], indirect=True)
+
+
+@pytest.fixture
+def engine_factory(tmp_path: Path, runtime_image: str) -> Iterator[Any]:
     started: list[EngineProcess] = []
 
     def start(*extra: str, state_dir: Path | None = None, **kw: Any) -> EngineProcess:
         proc = spawn_engine(state_dir or tmp_path / "state", *extra, **kw)
+        proc.image = runtime_image
         started.append(proc)
         return proc
 

@@ -13,13 +13,17 @@ from typing import Any
 import psycopg2
 import pytest
 from conftest import (
+    RUNTIMES,
     EngineProcess,
     OpenApiChecker,
     expose_root,
+    leftover_servers,
     mounts_below,
-    postgres_pids_below,
+    poll,
     psql,
 )
+
+pytestmark = RUNTIMES
 
 
 def steps_of(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -189,7 +193,7 @@ def test_sql_error_fails_cleanly(engine: EngineProcess, scripts: Path) -> None:
     assert state_dirs(engine) == [steps_of(job)[0]["output_state_id"]]
     assert engine.get("/v1/instances").json() == []
     assert not os.listdir(engine.store / "instances")
-    assert postgres_pids_below(engine.store, expose_root(engine.store)) == []
+    assert leftover_servers(engine.store) == []
     events = events_of(engine, job["job_id"])
     assert [e["type"] for e in events[-2:]] == ["status", "error"]
 
@@ -259,7 +263,7 @@ def test_cancel_running_job(engine: EngineProcess, tmp_path: Path,
     assert job["error"]["code"] == "cancelled"
     assert engine.get("/v1/states").json() == []
     assert not os.listdir(engine.store / "instances")
-    assert postgres_pids_below(engine.store, expose_root(engine.store)) == []
+    assert leftover_servers(engine.store) == []
     again = engine.post(f"/v1/prepare-jobs/{job_id}/cancel")
     assert again.status == 200
     assert engine.post("/v1/prepare-jobs/" + "0" * 32 + "/cancel").status == 404
@@ -281,7 +285,7 @@ def test_delete_job_blocked_dry_run_force(engine: EngineProcess, tmp_path: Path,
     assert forced.json()["outcome"] == "deleted"
     assert engine.get(f"/v1/prepare-jobs/{job_id}").status == 404
     assert engine.get(f"/v1/tasks?job={job_id}").json() == []
-    assert postgres_pids_below(engine.store, expose_root(engine.store)) == []
+    assert leftover_servers(engine.store) == []
     missing = engine.delete(f"/v1/prepare-jobs/{job_id}")
     assert missing.status == 404
     assert missing.json()["message"] == "job not found"
@@ -350,7 +354,7 @@ def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_
     assert [i["instance_id"] for i in instances] == [job["result"]["instance_id"]]
     assert psql(job["result"]["dsn"], "select count(*) from slow") == "0"
     assert len(mounts_below(expose_root(restarted.store))) == 1
-    assert len(postgres_pids_below(expose_root(restarted.store))) == 1
+    assert len(leftover_servers(restarted.store)) == 1
     assert sorted(os.listdir(restarted.store / "instances")) == [job["result"]["instance_id"]]
 
 
@@ -367,7 +371,8 @@ def test_job_that_keeps_crashing_the_engine_fails(engine_factory: Any, tmp_path:
     job = restarted.wait_job(job_id)
     assert job["status"] == "failed"
     assert job["error"]["message"] == "job aborted after repeated engine crashes"
-    assert postgres_pids_below(restarted.store, expose_root(restarted.store)) == []
+    poll(lambda: leftover_servers(restarted.store) == [], 30, 0.1,
+         what="the interrupted job's server to be removed")
 
 
 def test_graceful_stop_requeues_running_job(engine_factory: Any, tmp_path: Path) -> None:
@@ -375,7 +380,7 @@ def test_graceful_stop_requeues_running_job(engine_factory: Any, tmp_path: Path)
     job_id = slow_job(engine, tmp_path, seconds=2)
     assert engine.stop() == 0
     assert not engine.engine_json.exists()
-    assert postgres_pids_below(engine.store, expose_root(engine.store)) == []
+    assert leftover_servers(engine.store) == []
     restarted: EngineProcess = engine_factory(state_dir=engine.state_dir)
     job = restarted.wait_job(job_id)
     assert job["status"] == "succeeded", job
