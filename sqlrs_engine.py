@@ -1321,7 +1321,7 @@ def mounts_under(prefix: str) -> list[str]:
 
 def dir_size(path: str) -> int:
     """Bytes allocated on disk below ``path`` (hard links counted once)."""
-    total = 0
+    total = os.lstat(path).st_blocks * 512
     seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
@@ -1358,7 +1358,8 @@ def copy_tree(source: str, dest: str) -> None:
     proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise OSError(errno.EIO, f"copy {source} -> {dest}: {proc.stderr.strip()}")
+        code = errno.ENOSPC if "No space left" in proc.stderr else errno.EIO
+        raise OSError(code, f"copy {source} -> {dest}: {proc.stderr.strip()}")
 
 
 class SnapshotManager:
@@ -2719,6 +2720,191 @@ def remove_state_files(state: StateRow) -> None:
 
 
 ###############################################################################
+# cache: status, capacity and eviction of the state cache (§3.9, §5.11).
+# Owns the cache_evictions table and .evict.lock; may call store, snapshot, instances,
+# deletion.
+###############################################################################
+
+CACHE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cache_evictions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    summary_json TEXT NOT NULL
+);
+"""
+GIB = 1 << 30
+
+
+@dataclass
+class CacheUsage:
+    usage: int
+    total: int
+    free: int
+    reserve: int
+    effective_max: int
+    high: float
+    low: float
+
+    @property
+    def reasons(self) -> list[str]:
+        reasons = []
+        if self.usage > self.effective_max * self.high:
+            reasons.append("usage_above_high_watermark")
+        if self.free < self.reserve:
+            reasons.append("physical_free_below_reserve")
+        return reasons
+
+
+def overlay_lower_dirs() -> set[str]:
+    """Directories that some overlay mount uses as a lower layer right now."""
+    lowers: set[str] = set()
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if " - overlay " not in line:
+                continue
+            for option in line.rsplit(" ", 1)[-1].strip().split(","):
+                if option.startswith("lowerdir="):
+                    lowers.update(option[len("lowerdir="):].split(":"))
+    return lowers
+
+
+class CacheManager:
+    """Measures the state cache and evicts unreferenced, childless, old-enough states by last
+    use, down to the low watermark, whenever usage or free space crosses its limits."""
+
+    def __init__(self, db: Database, store: MetadataStore, config: ConfigManager,
+                 root: str, instances: InstanceManager) -> None:
+        self.db = db
+        self.store = store
+        self.config = config
+        self.root = root
+        self.instances = instances
+        self._lock = threading.Lock()
+        db.migrate(CACHE_SCHEMA)
+
+    def measure(self) -> CacheUsage:
+        capacity = self.config.value("cache.capacity")
+        fs = os.statvfs(self.root)
+        total, free = fs.f_blocks * fs.f_frsize, fs.f_bavail * fs.f_frsize
+        reserve = capacity["reserveBytes"]
+        if reserve is None:
+            reserve = max(total // 10, 10 * GIB)
+        effective = total - reserve
+        if capacity["maxBytes"]:
+            effective = min(effective, capacity["maxBytes"])
+        usage = sum(state.size_bytes or 0 for state in self.store.list_states())
+        return CacheUsage(usage, total, free, reserve, effective, capacity["highWatermark"],
+                          capacity["lowWatermark"])
+
+    def _classify(self) -> tuple[list[StateRow], list[StateRow]]:
+        """(eviction candidates in eviction order, blocked states)."""
+        min_age = parse_go_duration(self.config.value("cache.capacity.minStateAge"))
+        oldest_allowed = format_ts(time.time_ns() - int(min_age * 1e9))
+        now = format_ts()
+        lowers = overlay_lower_dirs()
+        eligible: list[StateRow] = []
+        blocked: list[StateRow] = []
+        for state in self.store.list_states():
+            ok = (state.refcount == 0 and state.children == 0
+                  and state.created_at <= oldest_allowed
+                  and (state.min_retention_until or "") <= now
+                  and os.path.join(state.state_dir, "pgdata") not in lowers)
+            (eligible if ok else blocked).append(state)
+        eligible.sort(key=lambda s: (s.last_used_at or s.created_at, -(s.size_bytes or 0),
+                                     s.state_id))
+        return eligible, blocked
+
+    def status(self) -> JsonDict:
+        usage = self.measure()
+        eligible, blocked = self._classify()
+        capacity = self.config.value("cache.capacity")
+        out: JsonDict = {
+            "usage_bytes": usage.usage,
+            "configured_max_bytes": capacity["maxBytes"] or None,
+            "effective_max_bytes": usage.effective_max,
+            "reserve_bytes": usage.reserve,
+            "high_watermark": usage.high,
+            "low_watermark": usage.low,
+            "min_state_age": format_go_duration(parse_go_duration(capacity["minStateAge"])),
+            "store_total_bytes": usage.total,
+            "store_free_bytes": usage.free,
+            "state_count": len(eligible) + len(blocked),
+            "reclaimable_bytes": sum(s.size_bytes or 0 for s in eligible),
+            "blocked_count": len(blocked),
+            "pressure_reasons": usage.reasons,
+            "last_eviction": self.last_eviction(),
+        }
+        return _omit_none(out)
+
+    def last_eviction(self) -> JsonDict | None:
+        with self.db.read() as conn:
+            row = conn.execute(
+                "SELECT summary_json FROM cache_evictions ORDER BY seq DESC LIMIT 1").fetchone()
+        return json.loads(row["summary_json"]) if row else None
+
+    def enforce(self, trigger: str, incoming: int = 0) -> CacheUsage:
+        """Evict while under pressure (counting ``incoming`` bytes about to be added)."""
+        with self._lock, file_lock(os.path.join(self.root, ".evict.lock")):
+            before = self.measure()
+            before.usage += incoming
+            if not before.reasons:
+                return before
+            eligible, blocked = self._classify()
+            target = before.effective_max * before.low
+            evicted = freed = 0
+            with self.instances.clone_lock:
+                for state in eligible:
+                    current = self.measure()
+                    current.usage += incoming
+                    if current.usage <= target and current.free >= current.reserve:
+                        break
+                    if self.store.get_state(state.state_id) is None:
+                        continue
+                    remove_state_files(state)
+                    self.store.delete_state(state.state_id)
+                    evicted, freed = evicted + 1, freed + (state.size_bytes or 0)
+            after = self.measure()
+            after.usage += incoming
+            self._record(trigger, before, after, evicted, freed, blocked, eligible)
+            return after
+
+    def _record(self, trigger: str, before: CacheUsage, after: CacheUsage, evicted: int,
+                freed: int, blocked: list[StateRow], eligible: list[StateRow]) -> None:
+        summary = {
+            "completed_at": format_ts(), "trigger": trigger, "evicted_count": evicted,
+            "freed_bytes": freed, "blocked_count": len(blocked),
+            "reclaimable_bytes": sum(s.size_bytes or 0 for s in eligible) - freed,
+            "usage_bytes_before": before.usage, "usage_bytes_after": after.usage,
+            "free_bytes_before": before.free, "free_bytes_after": after.free,
+        }
+        with self.db.write() as conn:
+            conn.execute("INSERT INTO cache_evictions (summary_json) VALUES (?)",
+                         (json.dumps(summary),))
+            conn.execute("DELETE FROM cache_evictions WHERE seq < (SELECT MAX(seq) - 99 FROM"
+                         " cache_evictions)")
+        log.info("cache eviction trigger=%s evicted=%d freed=%d", trigger, evicted, freed)
+
+    def before_build(self) -> None:
+        """Fail the job early when the cache cannot take another state."""
+        usage = self.enforce("before_build")
+        details = {"usage_bytes": usage.usage, "effective_max_bytes": usage.effective_max,
+                   "reserve_bytes": usage.reserve, "store_free_bytes": usage.free}
+        if usage.effective_max <= 0:
+            raise JobFailure("cache_limit_too_small",
+                             "cache limit leaves no room for states", details)
+        if usage.usage > usage.effective_max:
+            raise JobFailure("cache_full_unreclaimable",
+                             "cache is full and nothing can be evicted", details)
+
+    def before_snapshot(self, incoming: int) -> None:
+        usage = self.enforce("before_snapshot", incoming)
+        if usage.usage > usage.effective_max or usage.free < incoming:
+            raise JobFailure("cache_limit_too_small", "the new state does not fit in the cache",
+                             {"state_bytes": incoming, "usage_bytes": usage.usage - incoming,
+                              "effective_max_bytes": usage.effective_max,
+                              "store_free_bytes": usage.free})
+
+
+###############################################################################
 # planner: psql argument validation and normalisation (§5.2), content hashing (§5.5) and
 # task lists (§5.4). Pure logic apart from reading script files; may call ids, errors.
 ###############################################################################
@@ -3139,8 +3325,9 @@ class Executor:
 
     def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
                  runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
-                 engine_version: str) -> None:
+                 cache: CacheManager, engine_version: str) -> None:
         self.jobs = jobs
+        self.cache = cache
         self.store = store
         self.layout = layout
         self.runtimes = runtimes
@@ -3185,6 +3372,10 @@ class Executor:
             self._fail(job.job_id, run, emit, exc.error)
         except ApiError as exc:
             self._fail(job.job_id, run, emit, exc.body())
+        except sqlite3.OperationalError as exc:
+            code, message = (("cache_limit_too_small", "no space left for the build")
+                             if "full" in str(exc) else ("internal_error", "internal error"))
+            self._fail(job.job_id, run, emit, ApiError(500, code, message, str(exc)).body())
         except Exception as exc:
             log.exception("job %s crashed", job.job_id)
             self._fail(job.job_id, run, emit,
@@ -3240,6 +3431,7 @@ class Executor:
             if self.state_ready(step.state_id):
                 return True
             run.check()
+            self.cache.before_build()
             handle = self._runtime_for(job, request, image, step.input_kind, step.input_id,
                                        run, emit)
             self._run_psql(request, handle, step, run, emit)
@@ -3284,10 +3476,17 @@ class Executor:
         proc = runtime.client(handle, "psql", args, request.stdin if feeds_stdin else None,
                               runtime.map_path(handle, request.plan.work_dir))
         run.process = proc
-        output = collect_output(proc, emit.log, "psql: ")
+        try:
+            output = collect_output(proc, emit.log, "psql: ")
+        except BaseException:
+            proc.kill()
+            raise
         code = proc.wait()
         run.process = None
         run.check()
+        if code != 0 and "No space left on device" in output:
+            raise JobFailure("cache_limit_too_small", "no space left for the build",
+                             {"output": output[-4000:]})
         if code != 0:
             raise JobFailure("internal_error", "psql execution failed", output)
 
@@ -3295,6 +3494,7 @@ class Executor:
                   emit: EventEmitter) -> None:
         emit.log("pg_ctl: stop for snapshot")
         self.instances.stop(handle)
+        self.cache.before_snapshot(dir_size(handle.data_dir))
         emit.log("snapshot: start")
         final_dir = self.layout.state_dir(image, step.state_id)
         remove_tree(final_dir)
@@ -3316,6 +3516,7 @@ class Executor:
             raise
         handle.content_id = step.state_id
         emit.log("snapshot: complete")
+        self.cache.enforce("after_snapshot")
 
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
@@ -3408,6 +3609,24 @@ class PrepareManager:
             with self._lock:
                 self._runs.pop(job.job_id, None)
             run.done.set()
+
+    def explain(self, body: Any) -> JsonDict:
+        """Plan without running anything: would this prepare be a cache hit?"""
+        request = PrepareRequest.parse(body, self.cwd)
+        image, steps, signature, _tasks = self.executor.plan(request, None)
+        ready = [self.executor.state_ready(step.state_id) for step in steps]
+        out: JsonDict = {"signature": signature, "resolved_image_id": image.resolved_id,
+                         "steps": [{"index": step.index, "state_id": step.state_id,
+                                    "cached": cached} for step, cached in zip(steps, ready,
+                                                                              strict=True)]}
+        if ready[-1]:
+            return {"decision": "hit", "reason_code": "exact_state_match",
+                    "matched_state_id": steps[-1].state_id, **out}
+        first = ready.index(False)
+        reason = ("no state for the first step" if first == 0 else
+                  f"the chain stops at step {first}: steps before it are cached")
+        return {"decision": "miss", "reason_code": "no_matching_state", "reason": reason,
+                "first_missing_step": first, **out}
 
     def busy(self) -> bool:
         with self._lock:
@@ -4360,6 +4579,12 @@ def _oa_schemas() -> _OaJson:
                 "signature": _oa_str(_OA_HEX64),
                 "matched_state_id": _oa_str(_OA_HEX64, description="Only on a hit."),
                 "resolved_image_id": _oa_str(),
+                "reason": _oa_str(description="On a miss: what differs."),
+                "first_missing_step": _oa_int(description="On a miss: first uncached step."),
+                "steps": _oa_array(_oa_obj(
+                    {"index": _oa_int(), "state_id": _oa_str(_OA_HEX64),
+                     "cached": {"type": "boolean"}},
+                    ["index", "state_id", "cached"])),
             },
             ["decision", "reason_code", "signature", "resolved_image_id"],
             allOf=[
@@ -4856,6 +5081,8 @@ class Api:
             route(rf"/v1/prepare-jobs/{seg}/events", GET=self.job_events),
             route(r"/v1/tasks", GET=self.tasks_list),
             route(r"/v1/runs", POST=self.runs_create),
+            route(r"/v1/cache/status", GET=self.cache_status),
+            route(r"/v1/cache/explain/prepare", POST=self.cache_explain),
         ]
 
     def match(self, path: str) -> tuple[Route, tuple[str, ...]] | None:
@@ -5072,6 +5299,17 @@ class Api:
     def tasks_list(self, req: Request) -> Response:
         rows = self.e.prepare.jobs.list_tasks(req.arg("job") or None)
         return list_response(req, [task.to_json(job_id) for job_id, task in rows])
+
+    # cache --------------------------------------------------------------------------------
+    def cache_status(self, req: Request) -> Response:
+        return json_response(200, self.e.cache.status())
+
+    def cache_explain(self, req: Request) -> Response:
+        try:
+            return json_response(200, self.e.prepare.explain(req.json()))
+        except JobFailure as exc:
+            raise ApiError(500, exc.error["code"], exc.error["message"],
+                           exc.error.get("details")) from None
 
     # runs ---------------------------------------------------------------------------------
     def runs_create(self, req: Request) -> Response:
@@ -5333,8 +5571,9 @@ class Engine:
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())
         self.deletion = DeletionManager(self.store, self.instances)
+        self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances)
         executor = Executor(jobs, self.store, self.layout, self.runtimes, self.instances,
-                            self.snapshots, self.version)
+                            self.snapshots, self.cache, self.version)
         self.prepare = PrepareManager(jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
 
@@ -5343,6 +5582,10 @@ class Engine:
         resume jobs."""
         self.instances.recover()
         self._remove_half_states()
+        try:
+            self.cache.enforce("startup")
+        except OSError as exc:
+            log.warning("startup cache check failed: %s", exc)
         resumed = self.prepare.recover()
         keep = {row.instance_id for row in self.store.list_instances()}
         keep |= {derived_instance_id(job_id) for job_id in resumed}
