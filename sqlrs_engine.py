@@ -1319,6 +1319,14 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown"
+
+
 def dir_size(path: str) -> int:
     """Bytes allocated on disk below ``path`` (hard links counted once)."""
     total = os.lstat(path).st_blocks * 512
@@ -1334,16 +1342,16 @@ def dir_size(path: str) -> int:
 
 
 def fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
-        for name in [*files, "."]:
-            target = os.path.join(root, name)
-            if name != "." and os.path.islink(target):
-                continue
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """Flush ``path``'s filesystem (one ``syncfs`` instead of an fsync per file)."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def remove_tree(path: str) -> None:
@@ -1412,6 +1420,7 @@ class SnapshotManager:
         """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
+        atomic_write(os.path.join(runtime_dir, "boot_id"), boot_id().encode(), 0o600)
         if self.backend == "overlay":
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
@@ -1426,11 +1435,19 @@ class SnapshotManager:
         return self.expose(private, key)
 
     def reattach(self, runtime_dir: str, key: str) -> str:
-        """Mount an existing runtime again (after its mount went away); return its data dir."""
+        """Mount an existing runtime again (after its mount went away); return its data dir.
+        A volatile overlay is only trusted within the boot that wrote it."""
+        with open(os.path.join(runtime_dir, "boot_id"), encoding="utf-8") as handle:
+            if handle.read() != boot_id():
+                raise conflict("instance data did not survive a reboot",
+                               "the instance's writes were never flushed; delete it")
         self.unexpose(key)
         if os.path.isdir(os.path.join(runtime_dir, "upper")):
             with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
                 source = handle.read()
+            work = os.path.join(runtime_dir, "work")
+            remove_tree(work)  # a volatile mount leaves work/incompat behind; overlay refuses it
+            os.makedirs(work, mode=0o700)
             target = self._mount_point(key)
             self._mount_overlay(source, runtime_dir, target)
             return target
@@ -1525,7 +1542,8 @@ INITDB_OPTIONS = (
 )
 SERVER_SETTINGS = (
     "listen_addresses=127.0.0.1", "fsync=off", "synchronous_commit=off",
-    "full_page_writes=off", "logging_collector=off", "max_wal_size=256MB",
+    "full_page_writes=off", "logging_collector=off", "max_wal_size=1GB", "min_wal_size=2MB",
+    "wal_recycle=off", "wal_level=minimal", "max_wal_senders=0",
 )
 READY_POLL_SECONDS = 0.002
 
@@ -1681,6 +1699,8 @@ class PostgresDbms:
             pid = int(lines[0].strip())
             if pid_alive(pid) and self._is_postgres(pid):
                 self.kill(pid)
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(data_dir, "postmaster.pid"))
 
     @staticmethod
     def _is_postgres(pid: int) -> bool:
@@ -2919,7 +2939,8 @@ VALUE_FLAGS_LONG = (
     "--command", "--file", "--set", "--variable", "--log-file", "--output", "--pset",
     "--field-separator", "--record-separator", "--table-attr",
 )
-INCLUDE_RE = re.compile(r"^\\(i|ir|include|include_relative)\s+(.+)$")
+INCLUDE_LINE_RE = re.compile(
+    r"^[ \t\r\f\v]*\\(i|ir|include|include_relative)[ \t]+(.+?)[ \t\r\f\v]*$", re.MULTILINE)
 
 
 def hash_records(*records: tuple[str, str]) -> str:
@@ -3058,13 +3079,19 @@ class ContentHasher:
     def __init__(self, work_dir: str, stdin: str | None) -> None:
         self.work_dir = work_dir
         self.stdin = stdin
+        self._texts: dict[tuple[str, str], str] = {}
+        self._hashes: dict[tuple[tuple[str, str], ...], str] = {}
 
     def input_text(self, item: PsqlInput) -> str:
-        if item.kind == "command":
-            return self._expand(item.value, self.work_dir, [])
-        if item.kind == "stdin":
-            return self._expand(self.stdin or "", self.work_dir, [])
-        return self._expand_file(item.value, [])
+        key = (item.kind, item.value)
+        if key not in self._texts:
+            if item.kind == "command":
+                self._texts[key] = self._expand(item.value, self.work_dir, [])
+            elif item.kind == "stdin":
+                self._texts[key] = self._expand(self.stdin or "", self.work_dir, [])
+            else:
+                self._texts[key] = self._expand_file(item.value, [])
+        return self._texts[key]
 
     def _expand_file(self, path: str, stack: list[str]) -> str:
         real = os.path.realpath(path)
@@ -3078,25 +3105,37 @@ class ContentHasher:
         return self._expand(text, os.path.dirname(path), [*stack, real])
 
     def _expand(self, text: str, file_dir: str, stack: list[str]) -> str:
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
+        """Each line plus ``\\n`` (a trailing ``\\r`` dropped); include lines replaced by the
+        included file between boundary markers. Only include lines are visited one by one."""
         out = []
-        for line in lines:
-            line = line.removesuffix("\r")
-            match = INCLUDE_RE.match(line.strip())
-            if not match:
-                out.append(line + "\n")
-                continue
+        pos = 0
+        for match in INCLUDE_LINE_RE.finditer(text):
+            out.append(_normalise_lines(text[pos:match.start()]))
             target = match.group(2).strip().strip("'\"")
             base = file_dir if match.group(1) in ("ir", "include_relative") else self.work_dir
             resolved = target if os.path.isabs(target) else os.path.join(base, target)
             out.append(INCLUDE_BOUNDARY + self._expand_file(resolved, stack) + INCLUDE_BOUNDARY)
+            pos = match.end() + 1
+        out.append(_normalise_lines(text[pos:]))
         return "".join(out)
 
     def content_hash(self, items: Sequence[PsqlInput]) -> str:
-        text = INPUT_BOUNDARY.join(self.input_text(item) for item in items)
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+        key = tuple((item.kind, item.value) for item in items)
+        if key not in self._hashes:
+            text = INPUT_BOUNDARY.join(self.input_text(item) for item in items)
+            digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+            self._hashes[key] = digest
+        return self._hashes[key]
+
+
+def _normalise_lines(text: str) -> str:
+    """What reading ``text`` line by line and writing ``line + "\\n"`` gives."""
+    if not text:
+        return ""
+    text = text.replace("\r\n", "\n")
+    if text.endswith("\r"):
+        text = text[:-1]
+    return text if text.endswith("\n") else text + "\n"
 
 
 def psql_task_hash(content_hash: str, engine_version: str) -> str:
@@ -5321,6 +5360,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     """Applies the conventions of §2 around every route: Host check, auth, 404/405, logging."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     server: EngineHttpServer
     server_version = "sqlrs-engine"
     sys_version = ""
@@ -5429,6 +5469,7 @@ class EngineHttpServer(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer carrying the engine's Api, Guard and Activity."""
 
     daemon_threads = True
+    request_queue_size = 128
     api: Api
     guard: Guard
     activity: Activity

@@ -1,0 +1,129 @@
+"""The Docker runtime against the real Docker engine and the locally built image (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    DOCKER_IMAGE,
+    HOST_IMAGE,
+    EngineProcess,
+    containers_of,
+    psql,
+)
+
+pytestmark = pytest.mark.parametrize("runtime_image", ["docker"], indirect=True)
+
+
+def run_events(engine: EngineProcess, ref: str, sql: str) -> list[dict[str, Any]]:
+    result = engine.post("/v1/runs", {"instance_ref": ref, "kind": "psql",
+                                      "args": ["-XAt", "-c", sql]})
+    assert result.status == 200, result.body
+    return result.ndjson()
+
+
+def stdout_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["data"] for e in events if e["type"] == "stdout").strip()
+
+
+def container_labels(container_id: str) -> dict[str, str]:
+    out = subprocess.run(["docker", "inspect", container_id], capture_output=True, text=True,
+                         check=True)
+    labels: dict[str, str] = json.loads(out.stdout)[0]["Config"]["Labels"]
+    return labels
+
+
+def test_container_conventions(engine: EngineProcess, scripts: Path) -> None:
+    job = engine.prepare(["-f", str(scripts / "schema.sql"), "-f", str(scripts / "data.sql")])
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert result["image_id"].startswith("sqlrs-test/postgres@sha256:")
+    instance = engine.get(f"/v1/instances/{result['instance_id']}").json()
+    container = instance["runtime_id"]
+    assert containers_of(engine.store) == [container[:12]]
+    labels = container_labels(container)
+    assert labels["sqlrs.runtime"] == result["instance_id"]
+    assert labels["sqlrs.job"] == job["job_id"]
+    ports = subprocess.run(["docker", "port", container, "5432/tcp"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    assert psql(result["dsn"], "select count(*) from items") == "100"
+
+
+def test_container_removed_behind_our_back_is_recreated(engine: EngineProcess,
+                                                        scripts: Path) -> None:
+    job = engine.prepare(["-f", str(scripts / "schema.sql"), "-f", str(scripts / "data.sql")])
+    instance_id = job["result"]["instance_id"]
+    run_events(engine, instance_id, "insert into items values (1000, 'written before')")
+    old = engine.get(f"/v1/instances/{instance_id}").json()["runtime_id"]
+    subprocess.run(["docker", "rm", "-f", old], check=True, capture_output=True)
+    assert engine.get(f"/v1/instances/{instance_id}").json()["status"] == "orphaned"
+    events = run_events(engine, instance_id, "select count(*) from items")
+    assert "run: runtime missing - restarting" in [e.get("data") for e in events]
+    assert stdout_of(events) == "101"
+    entry = engine.get(f"/v1/instances/{instance_id}").json()
+    assert entry["status"] == "active"
+    assert entry["runtime_id"] != old
+    assert psql(entry["dsn"], "select label from items where id = 1000") == "written before"
+
+
+def test_no_container_leaks_across_restarts(engine_factory: Any, tmp_path: Path,
+                                            scripts: Path) -> None:
+    engine: EngineProcess = engine_factory()
+    kept = engine.prepare(["-f", str(scripts / "schema.sql")])
+    slow = tmp_path / "slow.sql"
+    slow.write_text("select pg_sleep(30);\n")
+    job_id = engine.submit(["-f", str(slow)])
+    engine.events_until(job_id, lambda e: e.get("message") == "psql: start")
+    before = set(containers_of(engine.store))
+    assert len(before) == 2
+    engine.proc.kill()
+    engine.proc.wait(10)
+    restarted: EngineProcess = engine_factory(state_dir=engine.state_dir)
+    job = restarted.wait_job(job_id, 120)
+    assert job["status"] == "succeeded"
+    instances = {i["instance_id"]: i for i in restarted.get("/v1/instances").json()}
+    assert set(instances) == {kept["result"]["instance_id"], job["result"]["instance_id"]}
+    assert instances[kept["result"]["instance_id"]]["status"] == "active"
+    after = set(containers_of(restarted.store))
+    expected = {i["runtime_id"][:12] for i in instances.values()}
+    assert after == expected
+    for entry in instances.values():
+        assert restarted.delete(f"/v1/instances/{entry['instance_id']}").status == 200
+    assert containers_of(restarted.store) == []
+
+
+def test_unreachable_daemon_is_a_clear_error(engine_factory: Any, scripts: Path) -> None:
+    engine: EngineProcess = engine_factory(env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    job = engine.prepare(["-f", str(scripts / "schema.sql")], image=DOCKER_IMAGE)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "docker_unavailable"
+    assert job["error"]["message"] == "docker is not running"
+    assert engine.get("/v1/health", auth=False).status == 200
+    works = engine.prepare(["-f", str(scripts / "schema.sql")], image=HOST_IMAGE)
+    assert works["status"] == "succeeded"
+    explain = engine.post("/v1/cache/explain/prepare", {
+        "prepare_kind": "psql", "image_id": DOCKER_IMAGE,
+        "psql_args": ["-f", str(scripts / "schema.sql")]})
+    assert explain.status == 503
+    assert explain.json()["message"] == "docker is not running"
+
+
+def test_pgbench_and_stdin_runs_in_the_container(engine: EngineProcess, scripts: Path) -> None:
+    job = engine.prepare(["-f", str(scripts / "schema.sql")])
+    ref = job["result"]["instance_id"]
+    init = engine.post("/v1/runs", {"instance_ref": ref, "kind": "pgbench",
+                                    "args": ["-i", "-s", "1", "-q"]}).ndjson()
+    assert init[-1] == {**init[-1], "type": "exit", "exit_code": 0}
+    bench = engine.post("/v1/runs", {"instance_ref": ref, "kind": "pgbench",
+                                     "args": ["-n", "-c", "2", "-t", "10"]}).ndjson()
+    assert bench[-1]["exit_code"] == 0
+    assert "number of transactions actually processed: 20/20" in stdout_of(bench)
+    piped = engine.post("/v1/runs", {"instance_ref": ref, "kind": "psql",
+                                     "args": ["-XAt", "-f", "-"],
+                                     "stdin": "select 6 * 7;"}).ndjson()
+    assert stdout_of(piped) == "42"
