@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import marshal
 import os
 import shutil
 import subprocess
@@ -153,6 +155,21 @@ def native_top_levels(vendor: Path) -> list[str]:
     return sorted(natives | {p for p in packages if (vendor / p).is_dir()})
 
 
+def hash_pyc(source: bytes, name: str) -> bytes:
+    """An unchecked hash-based .pyc (PEP 552): zipimport loads it without recompiling."""
+    code = compile(source, name, "exec", dont_inherit=True)
+    return (importlib.util.MAGIC_NUMBER + (0b01).to_bytes(4, "little")
+            + importlib.util.source_hash(source) + marshal.dumps(code))
+
+
+def add_bytecode(entries: dict[str, bytes]) -> None:
+    for name in [n for n in entries if n.endswith(".py") and n != "__main__.py"]:
+        try:
+            entries[name + "c"] = hash_pyc(entries[name], f"sqlrs-engine.pyz/{name}")
+        except SyntaxError:
+            continue
+
+
 def archive_entries(staging: Path, vendor: Path, natives: list[str]) -> dict[str, bytes]:
     entries: dict[str, bytes] = {"sqlrs_engine.py": (ROOT / "sqlrs_engine.py").read_bytes()}
     native_files: dict[str, int] = {}
@@ -200,6 +217,8 @@ def main() -> int:
                         help="pinned requirement (repeatable); default: the tested pins")
     parser.add_argument("--no-vendor", action="store_true",
                         help="only the engine module (the libraries must be installed)")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="leave out .pyc files (always left out for another Python)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sqlrs-zipapp-") as tmp:
         staging = Path(tmp)
@@ -210,6 +229,9 @@ def main() -> int:
                               args.platform, args.python_version)
             tidy(vendor)
         entries = archive_entries(staging, vendor, native_top_levels(vendor))
+        same_python = args.python_version in (None, f"{sys.version_info[0]}.{sys.version_info[1]}")
+        if same_python and not args.no_bytecode:
+            add_bytecode(entries)
         write_archive(args.output, entries, args.interpreter)
     digest = hashlib.sha256(args.output.read_bytes()).hexdigest()
     print(f"{args.output} {args.output.stat().st_size} bytes sha256={digest}")

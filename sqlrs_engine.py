@@ -5635,6 +5635,8 @@ class Engine:
 
     def _sweep_containers(self, keep: set[str]) -> None:
         """Remove containers of interrupted work (found by label); Docker may be absent."""
+        if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+            return
         try:
             removed = self.runtimes.docker.sweep(keep)
         except Exception as exc:
