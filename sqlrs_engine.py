@@ -1989,11 +1989,12 @@ class DockerClient(ClientProcess):
             raw.shutdown(socket.SHUT_WR)
 
     def lines(self) -> Iterator[tuple[str, bytes]]:
-        from docker.utils.socket import frames_iter
+        from docker.utils import socket as docker_socket
 
+        frames: Callable[..., Iterator[tuple[int, bytes]]] = docker_socket.frames_iter
         names = {1: "stdout", 2: "stderr"}
         pending = {1: b"", 2: b""}
-        for stream, data in frames_iter(self.sock, tty=False):
+        for stream, data in frames(self.sock, tty=False):
             pending[stream] = pending.get(stream, b"") + data
             *complete, pending[stream] = pending[stream].split(b"\n")
             for line in complete:
