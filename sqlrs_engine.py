@@ -1541,8 +1541,7 @@ INITDB_OPTIONS = (
     "--wal-segsize=1", "--no-sync",
 )
 SERVER_SETTINGS = (
-    "listen_addresses=127.0.0.1", "fsync=off", "synchronous_commit=off",
-    "full_page_writes=off", "logging_collector=off", "max_wal_size=1GB", "min_wal_size=2MB",
+    "listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off", "logging_collector=off", "max_wal_size=1GB", "min_wal_size=2MB",
     "wal_recycle=off", "wal_level=minimal", "max_wal_senders=0",
 )
 READY_POLL_SECONDS = 0.002
