@@ -1541,8 +1541,9 @@ INITDB_OPTIONS = (
     "--wal-segsize=1", "--no-sync",
 )
 SERVER_SETTINGS = (
-    "listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off", "logging_collector=off", "max_wal_size=1GB", "min_wal_size=2MB",
-    "wal_recycle=off", "wal_level=minimal", "max_wal_senders=0",
+    "listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off", "logging_collector=off",
+    "max_wal_size=1GB", "min_wal_size=2MB", "wal_recycle=off", "wal_level=minimal",
+    "max_wal_senders=0",
 )
 READY_POLL_SECONDS = 0.002
 
@@ -2930,8 +2931,8 @@ class CacheManager:
 ###############################################################################
 
 PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
-INPUT_BOUNDARY = "\n-- sqlrs: input-boundary\n"
-INCLUDE_BOUNDARY = "\n-- sqlrs: include-boundary\n"
+INPUT_BOUNDARY = b"\n-- sqlrs: input-boundary\n"
+INCLUDE_BOUNDARY = b"\n-- sqlrs: include-boundary\n"
 CONNECTION_FLAGS = ("-h", "-p", "-U", "-d")
 CONNECTION_LONG = ("--host", "--port", "--username", "--dbname", "--database")
 VALUE_FLAGS_SHORT = ("-c", "-f", "-v", "-L", "-o", "-P", "-F", "-R", "-T")
@@ -2940,7 +2941,7 @@ VALUE_FLAGS_LONG = (
     "--field-separator", "--record-separator", "--table-attr",
 )
 INCLUDE_LINE_RE = re.compile(
-    r"^[ \t\r\f\v]*\\(i|ir|include|include_relative)[ \t]+(.+?)[ \t\r\f\v]*$", re.MULTILINE)
+    rb"^[ \t\r\f\v]*\\(i|ir|include|include_relative)[ \t]+(.+?)[ \t\r\f\v]*$", re.MULTILINE)
 
 
 def hash_records(*records: tuple[str, str]) -> str:
@@ -3074,68 +3075,78 @@ def _file_input(path: str) -> PsqlInput:
 
 
 class ContentHasher:
-    """Expands ``\\i``-style includes and hashes script content as the reference engine does."""
+    """Expands ``\\i``-style includes and hashes script content as the reference engine does.
+
+    Works on bytes; a script without a backslash-i is never split into lines. Expanded inputs
+    and hashes are memoised, so planning a job reads each script once.
+    """
 
     def __init__(self, work_dir: str, stdin: str | None) -> None:
         self.work_dir = work_dir
         self.stdin = stdin
-        self._texts: dict[tuple[str, str], str] = {}
+        self._texts: dict[tuple[str, str], bytes] = {}
         self._hashes: dict[tuple[tuple[str, str], ...], str] = {}
 
-    def input_text(self, item: PsqlInput) -> str:
+    def input_text(self, item: PsqlInput) -> bytes:
         key = (item.kind, item.value)
         if key not in self._texts:
             if item.kind == "command":
-                self._texts[key] = self._expand(item.value, self.work_dir, [])
+                self._texts[key] = self._expand(os.fsencode(item.value), self.work_dir, [])
             elif item.kind == "stdin":
-                self._texts[key] = self._expand(self.stdin or "", self.work_dir, [])
+                self._texts[key] = self._expand(os.fsencode(self.stdin or ""), self.work_dir, [])
             else:
                 self._texts[key] = self._expand_file(item.value, [])
         return self._texts[key]
 
-    def _expand_file(self, path: str, stack: list[str]) -> str:
+    def _expand_file(self, path: str, stack: list[str]) -> bytes:
         real = os.path.realpath(path)
         if real in stack:
             raise invalid_argument("recursive include", " -> ".join([*stack, real]))
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-                text = handle.read()
+            with open(path, "rb") as handle:
+                data = handle.read()
         except OSError as exc:
             raise invalid_argument("cannot read file", f"{path}: {exc.strerror}") from None
-        return self._expand(text, os.path.dirname(path), [*stack, real])
+        return self._expand(data, os.path.dirname(path), [*stack, real])
 
-    def _expand(self, text: str, file_dir: str, stack: list[str]) -> str:
-        """Each line plus ``\\n`` (a trailing ``\\r`` dropped); include lines replaced by the
-        included file between boundary markers. Only include lines are visited one by one."""
+    def _expand(self, data: bytes, file_dir: str, stack: list[str]) -> bytes:
+        """Each line plus a newline (a trailing CR dropped); include lines replaced by the
+        included file between boundary markers."""
+        if b"\\i" not in data:
+            return _normalise_lines(data)
         out = []
         pos = 0
-        for match in INCLUDE_LINE_RE.finditer(text):
-            out.append(_normalise_lines(text[pos:match.start()]))
-            target = match.group(2).strip().strip("'\"")
-            base = file_dir if match.group(1) in ("ir", "include_relative") else self.work_dir
+        for match in INCLUDE_LINE_RE.finditer(data):
+            out.append(_normalise_lines(data[pos:match.start()]))
+            target = os.fsdecode(match.group(2).strip().strip(b"'\""))
+            base = file_dir if match.group(1) in (b"ir", b"include_relative") else self.work_dir
             resolved = target if os.path.isabs(target) else os.path.join(base, target)
             out.append(INCLUDE_BOUNDARY + self._expand_file(resolved, stack) + INCLUDE_BOUNDARY)
             pos = match.end() + 1
-        out.append(_normalise_lines(text[pos:]))
-        return "".join(out)
+        out.append(_normalise_lines(data[pos:]))
+        return b"".join(out)
 
     def content_hash(self, items: Sequence[PsqlInput]) -> str:
         key = tuple((item.kind, item.value) for item in items)
         if key not in self._hashes:
-            text = INPUT_BOUNDARY.join(self.input_text(item) for item in items)
-            digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-            self._hashes[key] = digest
+            digest = hashlib.sha256()
+            for index, item in enumerate(items):
+                if index:
+                    digest.update(INPUT_BOUNDARY)
+                digest.update(self.input_text(item))
+            self._hashes[key] = digest.hexdigest()
         return self._hashes[key]
 
 
-def _normalise_lines(text: str) -> str:
-    """What reading ``text`` line by line and writing ``line + "\\n"`` gives."""
-    if not text:
-        return ""
-    text = text.replace("\r\n", "\n")
-    if text.endswith("\r"):
-        text = text[:-1]
-    return text if text.endswith("\n") else text + "\n"
+def _normalise_lines(data: bytes) -> bytes:
+    """What reading ``data`` line by line and writing each line plus a newline gives."""
+    if not data:
+        return b""
+    if b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
+    if data.endswith(b"\r"):
+        data = data[:-1]
+    return data if data.endswith(b"\n") else data + b"\n"
 
 
 def psql_task_hash(content_hash: str, engine_version: str) -> str:
@@ -3618,7 +3629,6 @@ class PrepareManager:
     # submit / run -------------------------------------------------------------------------
     def submit(self, body: Any) -> JobRow:
         request = PrepareRequest.parse(body, self.cwd)
-        ContentHasher(request.plan.work_dir, request.stdin).content_hash(request.plan.inputs)
         job = JobRow(
             job_id=random_hex(16), status="queued", prepare_kind=request.prepare_kind,
             image_id=request.image_id, plan_only=request.plan_only,

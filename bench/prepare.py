@@ -330,7 +330,7 @@ def wal_base(area: Scratch, segsize: int) -> Path:
     """A stopped cluster (engine options, given WAL segment size) holding a 10k-row table."""
     data = area.pg_dir(area.new_dir(f"wal{segsize}"))
     initdb(data, wal_segsize_mb=segsize)
-    server = start_server(area, data)
+    server = start_server(area, data, settings_for(segsize))
     execute(server.dsn(), *WAL_TABLE_SQL)
     server.stop()
     return data
@@ -344,7 +344,14 @@ class FirstInsert:
     upper_apparent: int
 
 
-def first_insert_once(area: Scratch, lower: Path, runtime_parent: Path) -> FirstInsert:
+def settings_for(wal_segsize_mb: int) -> tuple[str, ...]:
+    """The engine's settings; min_wal_size must stay at least two segments."""
+    floor = f"min_wal_size={2 * wal_segsize_mb}MB"
+    return tuple(floor if s.startswith("min_wal_size=") else s for s in ENGINE_SETTINGS)
+
+
+def first_insert_once(area: Scratch, lower: Path, runtime_parent: Path,
+                      wal_segsize_mb: int) -> FirstInsert:
     """Overlay clone, start, one INSERT (connect → commit timed), stop; upper layer size."""
     runtime = runtime_parent / f"rt-{time.monotonic_ns()}"
     runtime.mkdir(mode=0o700)
@@ -352,7 +359,7 @@ def first_insert_once(area: Scratch, lower: Path, runtime_parent: Path) -> First
     mounted = time.perf_counter()
     overlay = mount_overlay(lower, runtime, merged, volatile=True)
     try:
-        server = start_server(area, merged)
+        server = start_server(area, merged, settings_for(wal_segsize_mb))
         started = time.perf_counter()
         conn = connect(server.dsn())
         with conn.cursor() as cur:
@@ -376,7 +383,7 @@ def measure_wal(options: Options, area: Scratch, work: Path) -> None:
     samples: dict[int, list[FirstInsert]] = {16: [], 1: []}
     for _ in range(runs):
         for seg, lower in bases.items():
-            samples[seg].append(first_insert_once(area, lower, runtimes))
+            samples[seg].append(first_insert_once(area, lower, runtimes, seg))
     rows = []
     first16 = median([s.insert for s in samples[16]])
     for seg, values in samples.items():

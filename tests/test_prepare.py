@@ -123,10 +123,11 @@ def test_includes_enter_the_hash(engine: EngineProcess, tmp_path: Path) -> None:
 def test_recursive_include_is_rejected(engine: EngineProcess, tmp_path: Path) -> None:
     (tmp_path / "a.sql").write_text("\\ir b.sql\n")
     (tmp_path / "b.sql").write_text("\\ir a.sql\n")
-    result = engine.post("/v1/prepare-jobs", {"prepare_kind": "psql", "image_id": "host:15",
-                                              "psql_args": ["-f", str(tmp_path / "a.sql")]})
-    assert result.status == 400
-    assert result.json()["message"] == "recursive include"
+    job = engine.prepare(["-f", str(tmp_path / "a.sql")])
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_argument"
+    assert job["error"]["message"] == "recursive include"
+    assert engine.get("/v1/states").json() == []
 
 
 # --- events ------------------------------------------------------------------------------
