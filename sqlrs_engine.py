@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -3362,6 +3362,7 @@ class JobRun:
     done: threading.Event = field(default_factory=threading.Event)
     runtime: RuntimeHandle | None = None
     process: ClientProcess | None = None
+    base: Future[str] | None = None
 
     def check(self) -> None:
         if self.stopping.is_set():
@@ -3390,16 +3391,33 @@ class Executor:
         state = self.store.get_state(state_id)
         return bool(state and os.path.exists(os.path.join(state.state_dir, STATE_MARKER)))
 
-    def plan(self, request: PrepareRequest, emit: EventEmitter | None
+    def plan(self, request: PrepareRequest, emit: EventEmitter | None,
+             run: JobRun | None = None
              ) -> tuple[ResolvedImage, list[StepPlan], str, list[PlanTask]]:
+        """Resolve the image and hash the scripts; a job's base cluster is initialised
+        meanwhile, in the background, since it does not depend on the scripts."""
         if emit:
             emit.log(f"resolve image {request.image_id}")
         image = self.runtimes.resolve(request.image_id, emit.log if emit else None)
         if emit:
             emit.log(f"resolved image {image.resolved_id}")
+        if emit and run and not request.plan_only:
+            run.base = self._start_base(image, emit)
         steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
         tasks = build_tasks(request, image.resolved_id, steps, self.state_ready)
         return image, steps, signature, tasks
+
+    def _start_base(self, image: ResolvedImage, emit: EventEmitter) -> Future[str]:
+        future: Future[str] = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.runtimes.ensure_base(image, emit.log))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="base-init", daemon=True).start()
+        return future
 
     # execution ----------------------------------------------------------------------------
     def run(self, job: JobRow, request: PrepareRequest, run: JobRun,
@@ -3455,7 +3473,7 @@ class Executor:
 
     def _run_tasks(self, job: JobRow, request: PrepareRequest, run: JobRun, emit: EventEmitter,
                    after_plan: Callable[[str], None]) -> JsonDict | None:
-        image, steps, signature, tasks = self.plan(request, emit)
+        image, steps, signature, tasks = self.plan(request, emit, run)
         self.jobs.replace_tasks(job.job_id, tasks)
         self.jobs.update_job(job.job_id, signature=signature)
         after_plan(signature)
@@ -3498,7 +3516,8 @@ class Executor:
             run.runtime = None
         if run.runtime is None:
             if input_kind == "image":
-                source = self.runtimes.ensure_base(image, emit.log)
+                source = (run.base.result() if run.base
+                          else self.runtimes.ensure_base(image, emit.log))
             else:
                 state = self.store.get_state(input_id)
                 if state is None:
