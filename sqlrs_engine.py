@@ -2033,6 +2033,7 @@ class DockerRuntime:
         self._client: Any = None
         self._lock = threading.Lock()
         self._resolved: dict[str, ResolvedImage] = {}
+        self._owners: dict[str, tuple[int, int]] = {}
 
     # plumbing -----------------------------------------------------------------------------
     def docker(self) -> Any:
@@ -2123,11 +2124,16 @@ class DockerRuntime:
                              str(exc)) from None
 
     def _postgres_owner(self, image_ref: str) -> tuple[int, int]:
+        """The uid/gid of the image's postgres user (cached: an image id never changes)."""
+        cached = self._owners.get(image_ref)
+        if cached:
+            return cached
         output = self._run_helper(image_ref, ["id", "postgres"], None).decode()
         match = re.search(r"uid=(\d+).*?gid=(\d+)", output)
         if not match:
             raise JobFailure("unsupported_image", "the image has no postgres user", output)
-        return int(match.group(1)), int(match.group(2))
+        self._owners[image_ref] = (int(match.group(1)), int(match.group(2)))
+        return self._owners[image_ref]
 
     def _run_helper(self, image_ref: str, command: list[str], pgdata: str | None,
                     user: str = "root") -> bytes:
@@ -2179,7 +2185,7 @@ class DockerRuntime:
             container = self._create(handle)
         options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
         self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log",
-                               "-o", f"-c listen_addresses=* -p 5432 {options}", "start"])
+                               "-W", "-o", f"-c listen_addresses=* -p 5432 {options}", "start"])
         deadline = time.monotonic() + 60
         while True:
             lines = read_postmaster_pid(handle.data_dir)
