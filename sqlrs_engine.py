@@ -169,6 +169,7 @@ def safe_path_component(value: str) -> str:
 
 ###############################################################################
 # errors: the JSON error type every layer raises and the HTTP layer renders.
+# Owns nothing; may call only the standard library.
 ###############################################################################
 
 
@@ -1197,7 +1198,8 @@ def validate_name(name: str) -> None:
 
 
 ###############################################################################
-# auth: bearer token and Host header checks. Owns the token; may call nothing above.
+# auth: bearer token and Host header checks.
+# Owns the token and the allowed host names; may call only the standard library.
 ###############################################################################
 
 
@@ -1235,6 +1237,7 @@ class Guard:
 
 ###############################################################################
 # stream: NDJSON encoding for list negotiation and event streams.
+# Owns nothing; may call only the standard library.
 ###############################################################################
 
 
@@ -1712,8 +1715,9 @@ class PostgresDbms:
 
 
 ###############################################################################
-# runtime: where Postgres runs. ``host`` uses this machine's binaries (§14.1).
-# Owns image resolution and the base cluster per image; may call dbms, snapshot, errors.
+# runtime: where Postgres runs: ``host`` (this machine's binaries) or ``docker`` (§14.1).
+# Owns image resolution, containers and the base cluster per image; may call dbms, snapshot,
+# errors, ids.
 ###############################################################################
 
 HOST_IMAGE_PREFIX = "host:"
@@ -2623,8 +2627,8 @@ class InstanceManager:
 
 
 ###############################################################################
-# deletion: deletion trees for instances and states (§6.4); nothing is deleted unless the
-# whole tree may be. Owns nothing; may call store, instances.
+# deletion: deletion trees for instances and states (§6.4), and the TTL reaper (§14.6);
+# nothing is deleted unless the whole tree may be. Owns nothing; may call store, instances.
 ###############################################################################
 
 
@@ -2748,8 +2752,8 @@ def remove_state_files(state: StateRow) -> None:
 
 ###############################################################################
 # cache: status, capacity and eviction of the state cache (§3.9, §5.11).
-# Owns the cache_evictions table and .evict.lock; may call store, snapshot, instances,
-# deletion.
+# Owns the cache_evictions table and .evict.lock; may call store, config, snapshot,
+# instances, deletion.
 ###############################################################################
 
 CACHE_SCHEMA = """
