@@ -1700,13 +1700,13 @@ class PostgresDbms:
         lines = read_postmaster_pid(data_dir)
         if lines and lines[0].strip().isdigit():
             pid = int(lines[0].strip())
-            if pid_alive(pid) and self._is_postgres(pid):
+            if pid_alive(pid) and self.is_postgres(pid):
                 self.kill(pid)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(data_dir, "postmaster.pid"))
 
     @staticmethod
-    def _is_postgres(pid: int) -> bool:
+    def is_postgres(pid: int) -> bool:
         try:
             with open(f"/proc/{pid}/comm", encoding="utf-8") as handle:
                 return handle.read().strip() in ("postgres", "postmaster")
@@ -2047,7 +2047,11 @@ class DockerRuntime:
                 import docker
 
                 try:
-                    client = docker.from_env(timeout=60)
+                    from docker.utils import kwargs_from_env
+
+                    options: dict[str, Any] = {"timeout": 60, "num_pools": 256,
+                                               "max_pool_size": 64, **kwargs_from_env()}
+                    client = docker.DockerClient(**options)
                     client.ping()
                 except Exception as exc:
                     raise RuntimeUnavailable(str(exc)) from None
@@ -2066,6 +2070,8 @@ class DockerRuntime:
             with self._lock:
                 self._client = None
             raise RuntimeUnavailable(str(exc)) from None
+        except (requests.exceptions.RequestException, AttributeError) as exc:
+            raise ApiError(502, "docker_error", "docker call failed", str(exc)) from None
 
     def _container(self, container_id: str | None) -> Any:
         import docker.errors
@@ -2187,21 +2193,24 @@ class DockerRuntime:
             if container is not None:
                 self._call(container.remove, force=True)
             container = self._create(handle)
+            with contextlib.suppress(FileNotFoundError):  # left by a killed container
+                os.unlink(os.path.join(handle.data_dir, "postmaster.pid"))
         options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
         self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log",
                                "-W", "-o", f"-c listen_addresses=* -p 5432 {options}", "start"])
+        container.reload()
         deadline = time.monotonic() + 60
         while True:
             lines = read_postmaster_pid(handle.data_dir)
             if len(lines) >= 8 and lines[7].strip() == "ready":
-                break
+                handle.pid = self._postmaster_host_pid(container, int(lines[0].strip()))
+                if handle.pid:
+                    break
             if time.monotonic() > deadline:
                 log_tail = self._exec(container, ["tail", "-n", "20", "/tmp/postgres.log"])
                 raise DbmsError(f"postgres did not start in the container: {log_tail}")
             time.sleep(READY_POLL_SECONDS)
-        container.reload()
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
-        handle.pid = int(lines[0].strip())
 
     def _exec(self, container: Any, command: list[str], user: str = "postgres") -> str:
         result = self._call(container.exec_run, command, user=user)
@@ -2239,16 +2248,29 @@ class DockerRuntime:
                                       filters={"label": filters})
         return found
 
-    def alive(self, handle: RuntimeHandle) -> bool:
-        if not handle.container_id:
-            return False
+    @staticmethod
+    def _postmaster_host_pid(container: Any, ns_pid: int) -> int | None:
+        """The host pid of the container's postmaster (its pid inside is ``ns_pid``)."""
         try:
-            container = self._container(handle.container_id)
-        except RuntimeUnavailable:
-            return False
-        lines = read_postmaster_pid(handle.data_dir)
-        return (container is not None and container.status == "running" and len(lines) >= 8
-                and lines[7].strip() == "ready")
+            namespace = os.readlink(f"/proc/{container.attrs['State']['Pid']}/ns/pid")
+        except (OSError, KeyError):
+            return None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                    continue
+                with open(f"/proc/{entry}/status", encoding="utf-8") as status:
+                    for line in status:
+                        if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid):
+                            return int(entry)
+        return None
+
+    def alive(self, handle: RuntimeHandle) -> bool:
+        """The postmaster process itself, seen from the host: no Docker call needed."""
+        return bool(handle.container_id and handle.pid and pid_alive(handle.pid)
+                    and PostgresDbms.is_postgres(handle.pid))
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         container = self._container(runtime_id)
@@ -2259,8 +2281,8 @@ class DockerRuntime:
         if len(lines) < 8 or lines[7].strip() != "ready":
             return False
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
-        handle.pid = int(lines[0].strip())
-        return True
+        handle.pid = self._postmaster_host_pid(container, int(lines[0].strip()))
+        return self.alive(handle)
 
     def sweep(self, keep: set[str]) -> list[str]:
         """Remove this engine's containers whose runtime key is not in ``keep``."""

@@ -904,7 +904,7 @@ def test_reaper_waits_for_connections(engine: EngineProcess, scripts: Path) -> N
         def expired() -> bool:
             current = get_instance(engine, instance_id)
             assert current is not None, "reaped while a client was connected"
-            return current["status"] == "expired"
+            return bool(current["status"] == "expired")
 
         poll(expired, REAPER_DEADLINE, interval=0.1, what="status expired")
         assert engine.get("/v1/names/late").json()["status"] == "expired"
@@ -946,12 +946,18 @@ def test_killed_postmaster_is_orphaned_and_restarted_by_a_run(engine: EngineProc
     psql(entry["dsn"], "insert into items values (1, 'kept')")
     os.kill(postmaster_pid(engine, entry), signal.SIGKILL)
 
+    seen: list[dict[str, Any]] = []
+
     def orphaned() -> dict[str, Any] | None:
         current = get_instance(engine, instance_id)
         assert current is not None
+        seen.append(current)
         return current if current["status"] == "orphaned" else None
 
-    assert "dsn" not in poll(orphaned, 10, interval=0.1, what="status orphaned")
+    try:
+        assert "dsn" not in poll(orphaned, 10, interval=0.1, what="status orphaned")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the dead server is still reported as {seen[-1]}") from None
     events = run_events(run(engine, instance_id, "-XAt", "-c", "select label from items"))
     logs = [e["data"] for e in events if e["type"] == "log"]
     assert logs and logs[0] == "run: runtime missing - restarting", events
