@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from sqlrs_engine import mounts_under
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST_IMAGE = "host:15"
 DOCKER_IMAGE = os.environ.get("SQLRS_TEST_IMAGE", "sqlrs-test/postgres:15")
@@ -184,12 +186,30 @@ def expose_root(store: Path) -> Path:
 
 
 def mounts_below(prefix: Path) -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point == str(prefix) or point.startswith(str(prefix) + "/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
+    """Mount points at or below ``prefix``, deepest first."""
+    return mounts_under(str(prefix))
+
+
+def state_dirs(engine: EngineProcess) -> list[str]:
+    """Names of the state directories in the engine's store."""
+    found = []
+    for root, dirs, _files in os.walk(engine.store / "engines"):
+        if os.path.basename(root) == "states":
+            found += [d for d in dirs if not d.startswith(".")]
+    return sorted(found)
+
+
+def stop_engine(proc: EngineProcess) -> None:
+    """Delete the engine's instances, stop it and clean its store, whatever state it is in."""
+    with contextlib.suppress(Exception):
+        if proc.proc.poll() is None:
+            for inst in proc.get("/v1/instances").json() or []:
+                proc.delete(f"/v1/instances/{inst['instance_id']}?force=true")
+    with contextlib.suppress(Exception):
+        proc.stop()
+    with contextlib.suppress(Exception):
+        proc.proc.kill()
+    cleanup_store(proc.store)
 
 
 def postgres_pids_below(*prefixes: Path) -> list[int]:
@@ -276,16 +296,7 @@ def engine_factory(tmp_path: Path, runtime_image: str) -> Iterator[Any]:
 
     yield start
     for proc in started:
-        with contextlib.suppress(Exception):
-            if proc.proc.poll() is None:
-                for inst in proc.get("/v1/instances").json() or []:
-                    proc.delete(f"/v1/instances/{inst['instance_id']}?force=true")
-        with contextlib.suppress(Exception):
-            proc.stop()
-        with contextlib.suppress(Exception):
-            proc.proc.kill()
-    for proc in started:
-        cleanup_store(proc.store)
+        stop_engine(proc)
 
 
 @pytest.fixture

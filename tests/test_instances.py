@@ -42,12 +42,13 @@ from conftest import (
     EngineProcess,
     HttpResult,
     OpenApiChecker,
-    cleanup_store,
     expose_root,
     leftover_servers,
     poll,
     psql,
     spawn_engine,
+    state_dirs,
+    stop_engine,
 )
 
 pytestmark = RUNTIMES
@@ -168,14 +169,6 @@ def to_epoch(ts: str) -> float:
     return whole + float("0" + ts[19:-1]) if len(ts) > 20 else whole
 
 
-def state_dirs(engine: EngineProcess) -> list[str]:
-    found = []
-    for root, dirs, _files in os.walk(engine.store / "engines"):
-        if os.path.basename(root) == "states":
-            found += [d for d in dirs if not d.startswith(".")]
-    return sorted(found)
-
-
 def instance_dirs(engine: EngineProcess) -> list[str]:
     root = engine.store / "instances"
     return sorted(os.listdir(root)) if root.is_dir() else []
@@ -287,19 +280,10 @@ def start_base(root: Path, image: str) -> Base:
         doc = OpenApiChecker(proc.get("/v1/openapi.json", auth=False).json())
         return Base(proc, result["state_id"], result["instance_id"], doc)
     except BaseException:
-        stop_base(proc)
+        stop_engine(proc)
         raise
 
 
-def stop_base(proc: EngineProcess) -> None:
-    with contextlib.suppress(Exception):
-        for inst in proc.get("/v1/instances").json() or []:
-            proc.delete(f"/v1/instances/{inst['instance_id']}?force=true")
-    with contextlib.suppress(Exception):
-        proc.stop()
-    with contextlib.suppress(Exception):
-        proc.proc.kill()
-    cleanup_store(proc.store)
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +295,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Base |
     yield started
     for made in started.values():
         if isinstance(made, Base):
-            stop_base(made.engine)
+            stop_engine(made.engine)
 
 
 @pytest.fixture

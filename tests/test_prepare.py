@@ -21,6 +21,7 @@ from conftest import (
     mounts_below,
     poll,
     psql,
+    state_dirs,
 )
 
 pytestmark = RUNTIMES
@@ -32,14 +33,6 @@ def steps_of(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 def events_of(engine: EngineProcess, job_id: str) -> list[dict[str, Any]]:
     return engine.get(f"/v1/prepare-jobs/{job_id}/events").ndjson()
-
-
-def state_dirs(engine: EngineProcess) -> list[str]:
-    found = []
-    for root, dirs, _files in os.walk(engine.store / "engines"):
-        if os.path.basename(root) == "states":
-            found += [d for d in dirs if not d.startswith(".")]
-    return sorted(found)
 
 
 
