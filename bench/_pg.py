@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,10 +62,8 @@ def initdb_options(wal_segsize_mb: int | None = None) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    port: int = _ENGINE.free_port()
+    return port
 
 
 def dir_bytes(path: Path) -> tuple[int, int]:
