@@ -135,8 +135,10 @@ def test_events_are_complete_ordered_and_resumable(engine: EngineProcess, script
     assert [e["type"] for e in events[-2:]] == ["status", "result"]
     assert events[-2]["status"] == "succeeded"
     assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
-    task_ids = [e["task_id"] for e in events if e["type"] == "task" and e["status"] == "running"]
-    assert task_ids == ["plan", "resolve-image", "execute-0", "prepare-instance"]
+    running = [e["task_id"] for e in events if e["type"] == "task" and e["status"] == "running"]
+    # a heartbeat may repeat a running task's event: compare first occurrences
+    assert list(dict.fromkeys(running)) == ["plan", "resolve-image", "execute-0",
+                                            "prepare-instance"]
     messages = [e.get("message", "") for e in events if e["type"] == "log"]
     assert "psql: CREATE TABLE" in messages
     assert "snapshot: complete" in messages
