@@ -1263,6 +1263,7 @@ def parse_events_range(header: str | None) -> int | None:
 ###############################################################################
 
 MNT_DETACH = 2
+MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 
 
 @dataclass(frozen=True)
@@ -1304,8 +1305,8 @@ class Libc:
             err = self._ctypes.get_errno()
             raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
 
-    def umount(self, target: str) -> None:
-        if self._libc.umount2(target.encode(), MNT_DETACH) != 0:
+    def umount(self, target: str, lazy: bool = True) -> None:
+        if self._libc.umount2(target.encode(), MNT_DETACH if lazy else 0) != 0:
             err = self._ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOENT):
                 raise OSError(err, f"umount {target}: {os.strerror(err)}")
@@ -1434,8 +1435,22 @@ class SnapshotManager:
             self._mount_overlay(source, runtime_dir, target)
             return target
         private = os.path.join(runtime_dir, "data")
-        copy_tree(source, private)
+        if ":" in source:
+            self._copy_layers(source, private, key)
+        else:
+            copy_tree(source, private)
         return self.expose(private, key)
+
+    def _copy_layers(self, source: str, dest: str, key: str) -> None:
+        """Copy a layered state through a read-only overlay of its layers."""
+        assert self._libc
+        view = os.path.join(self.exposed_path(key), "view")
+        os.makedirs(view, mode=0o700, exist_ok=True)
+        self._libc.mount("overlay", view, "overlay", 1, f"lowerdir={source}")  # MS_RDONLY
+        try:
+            copy_tree(view, dest)
+        finally:
+            self._libc.umount(view, lazy=False)
 
     def reattach(self, runtime_dir: str, key: str) -> str:
         """Mount an existing runtime again (after its mount went away); return its data dir.
@@ -1515,6 +1530,63 @@ class SnapshotManager:
         fsync_dir(parent)
         atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600)
         return dir_size(final_dir)
+
+    @staticmethod
+    def source_of(state_dir: str) -> str:
+        """What a clone of a state mounts (or copies): a layered state stacks its own layer on
+        the layers below it (``a:b:…:base``), a flat state is one directory."""
+        layer = os.path.join(state_dir, "layer")
+        if os.path.isdir(layer):
+            with open(os.path.join(state_dir, "lowers"), encoding="utf-8") as handle:
+                return f"{layer}:{handle.read()}"
+        return os.path.join(state_dir, "pgdata")
+
+    def layer_size(self, runtime_dir: str) -> int | None:
+        """Bytes a layered publication of this runtime would add; None when it can't layer
+        (copy backend, or a stack of lower layers too long for one mount)."""
+        upper = os.path.join(runtime_dir, "upper")
+        if self.backend != "overlay" or not os.path.isdir(upper):
+            return None
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            if len(handle.read()) > MAX_LOWER_CHARS:
+                return None
+        return dir_size(upper)
+
+    def publish_layer(self, runtime_dir: str, key: str, owner: tuple[int, int],
+                      final_dir: str, marker: str) -> int:
+        """Publish a stopped overlay runtime's upper layer as a state without copying it, and
+        mount the runtime again on top of the new state; return the layer's size."""
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            lowers = handle.read()
+        target = os.path.join(self.exposed_path(key), "data")
+        assert self._libc
+        self._libc.umount(target, lazy=False)
+        parent = os.path.dirname(final_dir)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{random_hex(4)}")
+        try:
+            os.makedirs(tmp, mode=0o700)
+            os.rename(os.path.join(runtime_dir, "upper"), os.path.join(tmp, "layer"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(tmp, "layer", "postmaster.pid"))
+            atomic_write(os.path.join(tmp, "lowers"), lowers.encode(), 0o600)
+            fsync_tree(tmp)
+            os.rename(tmp, final_dir)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+        fsync_dir(parent)
+        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600)
+        self._remount(runtime_dir, key, owner, self.source_of(final_dir))
+        return dir_size(final_dir)
+
+    def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
+        for sub in ("upper", "work"):
+            remove_tree(os.path.join(runtime_dir, sub))
+            os.makedirs(os.path.join(runtime_dir, sub), mode=0o700)
+        os.chown(os.path.join(runtime_dir, "upper"), *owner)
+        atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
+        self._mount_overlay(source, runtime_dir, self._mount_point(key))
 
     def stale_mounts(self, keep: set[str]) -> list[str]:
         if not self.expose_root:
@@ -2504,7 +2576,7 @@ class InstanceManager:
 
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)
-        return image, os.path.join(state.state_dir, "pgdata")
+        return image, self.snapshots.source_of(state.state_dir)
 
     # instances ----------------------------------------------------------------------------
     def register(self, handle: RuntimeHandle, state_id: str, job_id: str | None,
@@ -2860,7 +2932,8 @@ class CacheManager:
             ok = (state.refcount == 0 and state.children == 0
                   and state.created_at <= oldest_allowed
                   and (state.min_retention_until or "") <= now
-                  and os.path.join(state.state_dir, "pgdata") not in lowers)
+                  and not {os.path.join(state.state_dir, sub) for sub in ("pgdata", "layer")}
+                  & lowers)
             (eligible if ok else blocked).append(state)
         eligible.sort(key=lambda s: (s.last_used_at or s.created_at, -(s.size_bytes or 0),
                                      s.state_id))
@@ -3554,7 +3627,7 @@ class Executor:
                 state = self.store.get_state(input_id)
                 if state is None:
                     raise JobFailure("internal_error", "input state disappeared", input_id)
-                source = os.path.join(state.state_dir, "pgdata")
+                source = self.snapshots.source_of(state.state_dir)
             with self.instances.clone_lock:
                 run.runtime = self.instances.new_runtime(
                     derived_instance_id(job.job_id), image, source, input_id, job.job_id,
@@ -3595,12 +3668,18 @@ class Executor:
                   emit: EventEmitter) -> None:
         emit.log("pg_ctl: stop for snapshot")
         self.instances.stop(handle)
-        self.cache.before_snapshot(dir_size(handle.data_dir))
+        layer = self.snapshots.layer_size(handle.runtime_dir) if image.runtime_kind == "host" \
+            else None
+        self.cache.before_snapshot(dir_size(handle.data_dir) if layer is None else layer)
         emit.log("snapshot: start")
         final_dir = self.layout.state_dir(image, step.state_id)
         remove_tree(final_dir)
         try:
-            size = self.snapshots.publish(handle.data_dir, final_dir, STATE_MARKER)
+            if layer is None:
+                size = self.snapshots.publish(handle.data_dir, final_dir, STATE_MARKER)
+            else:
+                size = self.snapshots.publish_layer(handle.runtime_dir, handle.key, image.owner,
+                                                    final_dir, STATE_MARKER)
             self.store.insert_state(StateRow(
                 state_id=step.state_id,
                 parent_state_id=step.input_id if step.input_kind == "state" else None,

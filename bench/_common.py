@@ -414,8 +414,13 @@ def get_state(engine: Engine, state_id: str) -> JsonDict:
 
 
 def state_pgdata(engine: Engine, state_id: str) -> Path:
-    """``<store>/engines/*/*/states/<state_id>/pgdata`` of a published state."""
+    """What an overlay clone of a published state mounts: its ``pgdata`` directory, or for a
+    layered state its stack of layers (``layer:lower:…``, usable as a ``lowerdir``)."""
     found = sorted(engine.store.glob(f"engines/*/*/states/{state_id}/pgdata"))
+    layered = sorted(engine.store.glob(f"engines/*/*/states/{state_id}/layer"))
+    if layered:
+        lowers = (layered[0].parent / "lowers").read_text()
+        return Path(f"{layered[0]}:{lowers}")
     if not found:
         raise BenchError(f"no data directory for state {state_id}")
     return found[0]
