@@ -6,11 +6,8 @@ cd "$(dirname "$0")/.."
 
 if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
   export DEBIAN_FRONTEND=noninteractive
-  mkdir -p /etc/postgresql-common
-  # No default cluster: the engine makes its own.
-  [ -f /etc/postgresql-common/createcluster.conf ] || \
-    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+  apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold \
+    postgresql-15 >/dev/null
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e .
