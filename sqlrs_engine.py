@@ -2969,6 +2969,13 @@ class CacheManager:
 
     def enforce(self, trigger: str, incoming: int = 0) -> CacheUsage:
         """Evict while under pressure (counting ``incoming`` bytes about to be added)."""
+        try:
+            return self._enforce(trigger, incoming)
+        except OSError as exc:
+            raise JobFailure("cache_enforcement_unavailable", "cannot measure the cache",
+                             {"trigger": trigger, "error": str(exc)}) from exc
+
+    def _enforce(self, trigger: str, incoming: int) -> CacheUsage:
         with self._lock, file_lock(os.path.join(self.root, ".evict.lock")):
             before = self.measure()
             before.usage += incoming
@@ -5765,8 +5772,8 @@ class Engine:
         self._remove_half_states()
         try:
             self.cache.enforce("startup")
-        except OSError as exc:
-            log.warning("startup cache check failed: %s", exc)
+        except JobFailure as exc:
+            log.warning("startup cache check failed: %s", exc.error)
         resumed = self.prepare.recover()
         keep = {row.instance_id for row in self.store.list_instances()}
         keep |= {derived_instance_id(job_id) for job_id in resumed}

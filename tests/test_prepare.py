@@ -397,3 +397,4 @@ def test_events_stream_follows_a_running_job(engine: EngineProcess, tmp_path: Pa
     assert not reader.is_alive()
     assert lines[-1]["type"] == "result"
     assert json.dumps(lines[-1]["result"]["dsn"]).startswith('"postgres://sqlrs@127.0.0.1:')
+
