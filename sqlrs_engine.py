@@ -98,11 +98,6 @@ def format_ts(ns: int | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
 
 
-def parse_ts(value: str) -> float:
-    base, _, frac = value.rstrip("Z").partition(".")
-    secs = time.mktime(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) - time.timezone
-    return secs + (float("0." + frac) if frac else 0.0)
-
 
 def parse_go_duration(text: str) -> float:
     """Parse a Go duration (``30s``, ``2m0s``, ``1h30m``, ``0``) into seconds."""
@@ -1266,29 +1261,6 @@ MNT_DETACH = 2
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 
 
-@dataclass(frozen=True)
-class ServerUser:
-    """The OS user Postgres runs as (``postgres`` when the engine is root, else ourselves)."""
-
-    uid: int
-    gid: int
-    name: str
-
-    @classmethod
-    def detect(cls) -> ServerUser:
-        if os.geteuid() == 0:
-            for candidate in ("postgres", "nobody"):
-                with contextlib.suppress(KeyError):
-                    entry = pwd.getpwnam(candidate)
-                    return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
-        entry = pwd.getpwuid(os.geteuid())
-        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
-
-    @property
-    def is_self(self) -> bool:
-        return self.uid == os.geteuid()
-
-
 class Libc:
     """``mount(2)``/``umount2(2)`` through ctypes: no process spawn on the hot path."""
 
@@ -1382,9 +1354,8 @@ class SnapshotManager:
     directory the server must reach is mounted under ``expose_root`` (0711) instead.
     """
 
-    def __init__(self, backend: str, expose_root: str | None, user: ServerUser) -> None:
+    def __init__(self, backend: str, expose_root: str | None) -> None:
         self.expose_root = expose_root
-        self.user = user
         self._libc = Libc() if os.geteuid() == 0 else None
         self.backend = self._choose_backend(backend)
 
@@ -1588,14 +1559,6 @@ class SnapshotManager:
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
         self._mount_overlay(source, runtime_dir, self._mount_point(key))
 
-    def stale_mounts(self, keep: set[str]) -> list[str]:
-        if not self.expose_root:
-            return []
-        return [
-            point for point in mounts_under(self.expose_root)
-            if os.path.relpath(point, self.expose_root).split(os.sep)[0] not in keep
-        ]
-
 
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -1607,8 +1570,31 @@ def fsync_dir(path: str) -> None:
 
 ###############################################################################
 # dbms: the Postgres server lifecycle through its own binaries (initdb, start, fast stop).
-# Owns the server processes it starts; may call ids, errors, snapshot (ServerUser).
+# Owns the server processes it starts and the OS user they run as; may call ids, errors.
 ###############################################################################
+
+@dataclass(frozen=True)
+class ServerUser:
+    """The OS user Postgres runs as (``postgres`` when the engine is root, else ourselves)."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def detect(cls) -> ServerUser:
+        if os.geteuid() == 0:
+            for candidate in ("postgres", "nobody"):
+                with contextlib.suppress(KeyError):
+                    entry = pwd.getpwnam(candidate)
+                    return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+        entry = pwd.getpwuid(os.geteuid())
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
 
 SUPERUSER = "sqlrs"
 INITDB_OPTIONS = (
@@ -5752,7 +5738,7 @@ class Engine:
         self.layout = StoreLayout(store_root)
         user = ServerUser.detect()
         self.snapshots = SnapshotManager(self.config.value("snapshot.backend"),
-                                         expose_root_for(store_root), user)
+                                         expose_root_for(store_root))
         dbms = PostgresDbms(user)
         docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12])
         self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
