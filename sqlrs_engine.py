@@ -2520,6 +2520,25 @@ class InstanceManager:
         self._handles: dict[str, RuntimeHandle] = {}
         self._lock = threading.Lock()
         self.clone_lock = threading.Lock()
+        self._pins: dict[str, set[str]] = {}
+
+    # pins: state directories a running job's runtime is layered on (no row protects them yet)
+    def pin(self, owner: str, handle: RuntimeHandle) -> None:
+        try:
+            with open(os.path.join(handle.runtime_dir, "source"), encoding="utf-8") as source:
+                paths = {os.path.dirname(path) for path in source.read().split(":")}
+        except OSError:
+            return
+        with self._lock:
+            self._pins[owner] = paths
+
+    def unpin(self, owner: str) -> None:
+        with self._lock:
+            self._pins.pop(owner, None)
+
+    def pinned(self, state_dir: str) -> bool:
+        with self._lock:
+            return any(state_dir in paths for paths in self._pins.values())
 
     # runtimes -----------------------------------------------------------------------------
     def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
@@ -2740,6 +2759,9 @@ class DeletionManager:
         node: JsonDict = {"kind": "state", "id": state.state_id}
         instances = self.store.list_instances(state=state.state_id)
         children = self.store.list_states(parent=state.state_id)
+        if self.instances.pinned(state.state_dir):
+            node["blocked"] = "active_tasks"
+            return node
         if not recurse:
             if instances or children:
                 node["blocked"] = "has_descendants"
@@ -2919,7 +2941,8 @@ class CacheManager:
                   and state.created_at <= oldest_allowed
                   and (state.min_retention_until or "") <= now
                   and not {os.path.join(state.state_dir, sub) for sub in ("pgdata", "layer")}
-                  & lowers)
+                  & lowers
+                  and not self.instances.pinned(state.state_dir))
             (eligible if ok else blocked).append(state)
         eligible.sort(key=lambda s: (s.last_used_at or s.created_at, -(s.size_bytes or 0),
                                      s.state_id))
@@ -3547,6 +3570,7 @@ class Executor:
             self._fail(job.job_id, run, emit,
                        ApiError(500, "internal_error", "internal error", str(exc)).body())
         finally:
+            self.instances.unpin(job.job_id)
             emit.stop_heartbeat()
 
     def _drop_runtime(self, run: JobRun) -> None:
@@ -3603,6 +3627,7 @@ class Executor:
             self._run_psql(request, handle, step, run, emit)
             run.check()
             self._snapshot(image, handle, step, emit)
+            self.instances.pin(job.job_id, handle)
             return False
 
     def _runtime_for(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
@@ -3625,6 +3650,7 @@ class Executor:
                 run.runtime = self.instances.new_runtime(
                     derived_instance_id(job.job_id), image, source, input_id, job.job_id,
                     request.plan.scripts_dir)
+            self.instances.pin(job.job_id, run.runtime)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
         if not self.runtimes.for_image(image.requested).alive(run.runtime):
             self.instances.start(run.runtime)

@@ -398,3 +398,22 @@ def test_events_stream_follows_a_running_job(engine: EngineProcess, tmp_path: Pa
     assert lines[-1]["type"] == "result"
     assert json.dumps(lines[-1]["result"]["dsn"]).startswith('"postgres://sqlrs@127.0.0.1:')
 
+
+
+def test_state_under_a_running_build_cannot_be_deleted(engine: EngineProcess, scripts: Path,
+                                                       tmp_path: Path) -> None:
+    base = engine.prepare(["-f", str(scripts / "schema.sql")])
+    assert engine.delete(f"/v1/instances/{base['result']['instance_id']}").status == 200
+    state_id = base["result"]["state_id"]
+    slow = tmp_path / "slow.sql"
+    slow.write_text("select pg_sleep(30);\n")
+    job_id = engine.submit(["-f", str(scripts / "schema.sql"), "-f", str(slow)])
+    engine.events_until(job_id, lambda e: e.get("message") == "psql: start")
+    for query in ("", "?recurse=true&force=true"):
+        blocked = engine.delete(f"/v1/states/{state_id}{query}")
+        assert blocked.status == 409, blocked.body
+        assert blocked.json()["root"]["blocked"] == "active_tasks"
+    assert engine.post(f"/v1/prepare-jobs/{job_id}/cancel").status == 202
+    assert engine.wait_job(job_id)["status"] == "failed"
+    assert engine.delete(f"/v1/states/{state_id}").status == 200
+    assert state_dirs(engine) == []
