@@ -1485,14 +1485,24 @@ class SnapshotManager:
 
     def publish(self, data_dir: str, final_dir: str, marker: str) -> int:
         """Copy ``data_dir`` into ``final_dir/pgdata`` atomically; return its size in bytes."""
+
+        def fill(tmp: str) -> None:
+            copy_tree(data_dir, os.path.join(tmp, "pgdata"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
+
+        return self._publish_atomically(final_dir, marker, fill)
+
+    @staticmethod
+    def _publish_atomically(final_dir: str, marker: str, fill: Callable[[str], None]) -> int:
+        """Build a state in a temporary sibling directory, flush it, rename it into place, then
+        write the marker; a crash at any point leaves no complete-looking half state."""
         parent = os.path.dirname(final_dir)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{random_hex(4)}")
         try:
             os.makedirs(tmp, mode=0o700)
-            copy_tree(data_dir, os.path.join(tmp, "pgdata"))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
+            fill(tmp)
             fsync_tree(tmp)
             os.rename(tmp, final_dir)
         except BaseException:
@@ -1529,27 +1539,18 @@ class SnapshotManager:
         mount the runtime again on top of the new state; return the layer's size."""
         with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
             lowers = handle.read()
-        target = os.path.join(self.exposed_path(key), "data")
         assert self._libc
-        self._libc.umount(target, lazy=False)
-        parent = os.path.dirname(final_dir)
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{random_hex(4)}")
-        try:
-            os.makedirs(tmp, mode=0o700)
+        self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
+
+        def fill(tmp: str) -> None:
             os.rename(os.path.join(runtime_dir, "upper"), os.path.join(tmp, "layer"))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(tmp, "layer", "postmaster.pid"))
             atomic_write(os.path.join(tmp, "lowers"), lowers.encode(), 0o600)
-            fsync_tree(tmp)
-            os.rename(tmp, final_dir)
-        except BaseException:
-            remove_tree(tmp)
-            raise
-        fsync_dir(parent)
-        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600)
+
+        size = self._publish_atomically(final_dir, marker, fill)
         self._remount(runtime_dir, key, owner, self.source_of(final_dir))
-        return dir_size(final_dir)
+        return size
 
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
         for sub in ("upper", "work"):
