@@ -3485,6 +3485,7 @@ class JobRun:
     runtime: RuntimeHandle | None = None
     process: ClientProcess | None = None
     base: Future[str] | None = None
+    signature: str | None = None
 
     def check(self) -> None:
         if self.stopping.is_set():
@@ -3543,14 +3544,15 @@ class Executor:
 
     # execution ----------------------------------------------------------------------------
     def run(self, job: JobRow, request: PrepareRequest, run: JobRun,
-            after_plan: Callable[[str], None]) -> None:
+            retain: Callable[[str, bool], None]) -> None:
         emit = EventEmitter(self.jobs, job.job_id)
         emit.emit({"type": "status", "status": "running"}, status="running",
                   started_at=format_ts(), attempts=job.attempts + 1,
                   prepare_args_normalized=" ".join(request.plan.normalized))
         emit.start_heartbeat()
         try:
-            result = self._run_tasks(job, request, run, emit, after_plan)
+            result = self._run_tasks(job, request, run, emit, retain)
+            self._retain_finishing(run, retain)
             fields: JsonDict = {"status": "succeeded", "finished_at": format_ts()}
             if result:
                 fields["result_json"] = json.dumps(result)
@@ -3559,8 +3561,10 @@ class Executor:
         except EngineStopping:
             self._interrupt(job, run, emit)
         except JobFailure as exc:
+            self._retain_finishing(run, retain)
             self._fail(job.job_id, run, emit, exc.error)
         except ApiError as exc:
+            self._retain_finishing(run, retain)
             self._fail(job.job_id, run, emit, exc.body())
         except sqlite3.OperationalError as exc:
             code, message = (("cache_limit_too_small", "no space left for the build")
@@ -3573,6 +3577,15 @@ class Executor:
         finally:
             self.instances.unpin(job.job_id)
             emit.stop_heartbeat()
+
+    @staticmethod
+    def _retain_finishing(run: JobRun, retain: Callable[[str, bool], None]) -> None:
+        """Retention before the terminal event, so a client that saw it sees the result."""
+        if run.signature:
+            try:
+                retain(run.signature, True)
+            except Exception:
+                log.exception("retention failed for job %s", run.job_id)
 
     def _drop_runtime(self, run: JobRun) -> None:
         if run.runtime:
@@ -3595,11 +3608,12 @@ class Executor:
                   status="failed", finished_at=format_ts(), error_json=json.dumps(error))
 
     def _run_tasks(self, job: JobRow, request: PrepareRequest, run: JobRun, emit: EventEmitter,
-                   after_plan: Callable[[str], None]) -> JsonDict | None:
+                   retain: Callable[[str, bool], None]) -> JsonDict | None:
         image, steps, signature, tasks = self.plan(request, emit, run)
         self.jobs.replace_tasks(job.job_id, tasks)
         self.jobs.update_job(job.job_id, signature=signature)
-        after_plan(signature)
+        run.signature = signature
+        retain(signature, False)
         for task in tasks:
             run.check()
             emit.task(task.task_id, "running")
@@ -3798,10 +3812,8 @@ class PrepareManager:
 
     def _run(self, job: JobRow, request: PrepareRequest, run: JobRun) -> None:
         try:
-            self.executor.run(job, request, run, lambda sig: self.apply_retention(sig, job.job_id))
-            current = self.jobs.get_job(job.job_id)
-            if current and current.signature:
-                self.apply_retention(current.signature, job.job_id)
+            self.executor.run(job, request, run, lambda sig, finishing: self.apply_retention(
+                sig, job.job_id, finishing))
         except Exception:
             log.exception("job %s runner failed", job.job_id)
         finally:
@@ -3912,13 +3924,16 @@ class PrepareManager:
             run.done.wait(60)
         self.jobs.delete_job(job_id)
 
-    def apply_retention(self, signature: str, current_job: str) -> None:
+    def apply_retention(self, signature: str, current_job: str, finishing: bool) -> None:
+        """Delete completed jobs with this signature beyond ``maxIdentical``; a finishing job
+        counts as the newest of them."""
         keep = self.config.value("orchestrator.jobs.maxIdentical")
         if keep is None:
             return
-        for job in self.jobs.completed_with_signature(signature)[keep:]:
-            if job.job_id != current_job:
-                self._delete_job(job.job_id)
+        others = [job for job in self.jobs.completed_with_signature(signature)
+                  if job.job_id != current_job]
+        for job in others[max(keep - 1 if finishing else keep, 0):]:
+            self._delete_job(job.job_id)
 
     def _fail_stored(self, job_id: str, error: JsonDict) -> None:
         """Fail a job that has no runner (status, then error event, in one transaction)."""
