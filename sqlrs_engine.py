@@ -3424,12 +3424,18 @@ class EventEmitter:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def emit(self, event: JsonDict, *more: JsonDict, **job_fields: Any) -> None:
+        """Append events (with job column updates) in one transaction; nothing is appended
+        after the terminal status, whatever thread still reports."""
         with self._lock:
+            if self._closed:
+                return
             event = {**event, "ts": format_ts()}
             self.jobs.update_job(self.job_id, event, *({**e, "ts": event["ts"]} for e in more),
                                  **job_fields)
+            self._closed = job_fields.get("status") in TERMINAL_STATUSES
             if event["type"] == "log" or (event["type"] == "task" and
                                           event.get("status") == "running"):
                 self._last = event
@@ -3442,13 +3448,15 @@ class EventEmitter:
 
     def task(self, task_id: str, status: str, error: JsonDict | None = None,
              **fields: Any) -> None:
-        now = format_ts()
         event: JsonDict = {"type": "task", "task_id": task_id, "status": status}
         if error:
             event["error"] = error
             event["message"] = error.get("message")
-        times = {"started_at": now} if status == "running" else {"finished_at": now}
-        with self._lock:
+        with self._lock:  # timestamps are taken under the lock, so they follow event order
+            if self._closed:
+                return
+            now = format_ts()
+            times = {"started_at": now} if status == "running" else {"finished_at": now}
             self.jobs.update_task(self.job_id, task_id, {**event, "ts": now}, status=status,
                                   error_json=json.dumps(error) if error else None,
                                   **times, **fields)
@@ -3469,7 +3477,7 @@ class EventEmitter:
         while not self._stop.wait(HEARTBEAT_SECONDS / 5):
             with self._lock:
                 due = time.monotonic() - self._last_at >= HEARTBEAT_SECONDS
-                if due and self._last is not None:
+                if due and self._last is not None and not self._closed:
                     self.jobs.append_event(self.job_id, {**self._last, "ts": format_ts()})
                     self._last_at = time.monotonic()
 
