@@ -2622,12 +2622,14 @@ class InstanceManager:
             return handle
         return None
 
-    def status(self, row: InstanceRow) -> str:
+    @staticmethod
+    def status(row: InstanceRow, handle: RuntimeHandle | None) -> str:
         if row.expires_at and row.expires_at < format_ts():
             return "expired"
-        return "active" if self.live_handle(row) else "orphaned"
+        return "active" if handle else "orphaned"
 
     def entry(self, row: InstanceRow) -> JsonDict:
+        """The wire form; the runtime is checked once for both status and DSN."""
         handle = self.live_handle(row)
         return _omit_none(
             {
@@ -2638,7 +2640,7 @@ class InstanceManager:
                 "created_at": row.created_at,
                 "expires_at": row.expires_at,
                 "runtime_id": row.runtime_id,
-                "status": self.status(row),
+                "status": self.status(row, handle),
                 "dsn": handle.dsn() if handle else None,
             }
         )
