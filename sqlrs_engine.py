@@ -22,6 +22,7 @@ import hmac
 import http.server
 import json
 import logging
+import math
 import os
 import pwd
 import queue
@@ -40,6 +41,7 @@ import urllib.parse
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Protocol
 
 __version__ = "0.1.0"
@@ -234,78 +236,71 @@ CONFIG_DEFAULTS: JsonDict = {
     },
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
-    "orchestrator": {"jobs": {"maxIdentical": 2}},
+    "orchestrator": {"jobs": {"maxIdentical": 2, "maxHistory": 200, "maxHistoryAge": "168h"}},
 }
 
-_NON_NEGATIVE_INT = {"type": ["integer", "null"], "minimum": 0}
+MAX_CONFIG_INT = (1 << 63) - 1
+_NON_NEGATIVE_INT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_CONFIG_INT}
 _WATERMARK = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+_DURATION = {"type": "string", "format": "go-duration",
+             "description": "non-negative Go duration, e.g. 10m or 1h30m"}
+
+
+def _settings(**properties: JsonDict) -> JsonDict:
+    return {"type": "object", "properties": properties, "additionalProperties": False}
+
+
+#: The one declaration of every setting: served as the schema and enforced on every change.
 CONFIG_SCHEMA: JsonDict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "sqlrs engine configuration",
-    "type": "object",
-    "properties": {
-        "log": {
-            "type": "object",
-            "properties": {"level": {"enum": ["debug", "info", "warn", "error"]}},
-        },
-        "cache": {
-            "type": "object",
-            "properties": {
-                "capacity": {
-                    "type": "object",
-                    "properties": {
-                        "maxBytes": _NON_NEGATIVE_INT,
-                        "reserveBytes": _NON_NEGATIVE_INT,
-                        "highWatermark": _WATERMARK,
-                        "lowWatermark": _WATERMARK,
-                        "minStateAge": {"type": "string", "description": "Go duration"},
-                    },
-                }
-            },
-        },
-        "container": {
-            "type": "object",
-            "properties": {"runtime": {"enum": ["auto", "docker", "podman"]}},
-        },
-        "snapshot": {
-            "type": "object",
-            "properties": {"backend": {"enum": ["auto", "overlay", "btrfs", "copy"]}},
-        },
-        "orchestrator": {
-            "type": "object",
-            "properties": {
-                "jobs": {"type": "object", "properties": {"maxIdentical": _NON_NEGATIVE_INT}}
-            },
-        },
-    },
+    **_settings(
+        log=_settings(level={"enum": ["debug", "info", "warn", "error"]}),
+        cache=_settings(capacity=_settings(
+            maxBytes=_NON_NEGATIVE_INT, reserveBytes=_NON_NEGATIVE_INT,
+            highWatermark=_WATERMARK, lowWatermark=_WATERMARK, minStateAge=_DURATION,
+        )),
+        container=_settings(runtime={"enum": ["auto", "docker", "podman"]}),
+        snapshot=_settings(backend={"enum": ["auto", "overlay", "btrfs", "copy"]}),
+        orchestrator=_settings(jobs=_settings(
+            maxIdentical=_NON_NEGATIVE_INT,
+            maxHistory={**_NON_NEGATIVE_INT, "description":
+                        "completed jobs kept in all (oldest deleted first); null: no limit"},
+            maxHistoryAge={**_DURATION, "description":
+                           "completed jobs older than this are deleted; 0: no limit"},
+        )),
+    ),
 }
 
+_PATH_RE = re.compile(r"[^.\[\]]+(\[\d+\])*(\.[^.\[\]]+(\[\d+\])*)*")
 _PATH_TOKEN_RE = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 def parse_config_path(path: str) -> list[str | int]:
     """Split ``a.b[0].c`` into keys and indices; raise ValueError when malformed."""
-    if not path or path.strip() != path:
-        raise ValueError("empty path")
-    parts: list[str | int] = []
-    pos = 0
-    while pos < len(path):
-        if parts and path[pos] == "." and not path.startswith("[", pos + 1):
-            pos += 1
-        match = _PATH_TOKEN_RE.match(path, pos)
-        if not match:
-            raise ValueError(f"bad path at offset {pos}")
-        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
-        pos = match.end()
-    return parts
+    if not _PATH_RE.fullmatch(path) or path.strip() != path:
+        raise ValueError("a path is dot-separated keys with optional [n] indices")
+    return [key if key else int(index) for key, index in _PATH_TOKEN_RE.findall(path)]
+
+
+def schema_at(parts: Sequence[str | int]) -> JsonDict:
+    """The schema of the setting at ``parts``; KeyError when the schema has no such path."""
+    node = CONFIG_SCHEMA
+    for part in parts:
+        properties = node.get("properties", {})
+        if not isinstance(part, str) or part not in properties:
+            raise KeyError(part)
+        node = properties[part]
+    return node
 
 
 def deep_merge(base: Any, override: Any) -> Any:
+    """``override`` laid over ``base``; the result shares nothing with either."""
     if isinstance(base, dict) and isinstance(override, dict):
         merged = dict(base)
         for key, value in override.items():
-            merged[key] = deep_merge(base.get(key), value) if key in base else value
-        return merged
+            merged[key] = deep_merge(base[key], value) if key in base else value
+        return copy.deepcopy(merged)
     return copy.deepcopy(override)
 
 
@@ -321,44 +316,45 @@ def _lookup(tree: Any, parts: Sequence[str | int]) -> Any:
     return node
 
 
+_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: type(v) is int,
+    "number": lambda v: type(v) in (int, float) and math.isfinite(v),
+    "null": lambda v: v is None,
+}
+
+
+def check_schema(value: Any, schema: JsonDict, where: str) -> None:
+    """Raise ValueError unless ``value`` fits ``schema`` (the JSON Schema subset that
+    CONFIG_SCHEMA uses: type, enum, bounds, properties, go-duration)."""
+    types = schema.get("type")
+    allowed = [types] if isinstance(types, str) else types or []
+    if allowed and not any(_JSON_TYPES[name](value) for name in allowed):
+        raise ValueError(f"{where} must be {' or '.join(allowed)}, not {json.dumps(value)}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ValueError(f"{where} must be one of {', '.join(schema['enum'])}")
+    if type(value) in (int, float):
+        if value < schema.get("minimum", value) or value > schema.get("maximum", value):
+            raise ValueError(f"{where} is out of range")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            raise ValueError(f"{where} must be above {schema['exclusiveMinimum']}")
+    if schema.get("format") == "go-duration" and parse_go_duration(value) < 0:
+        raise ValueError(f"{where} must not be negative")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key not in schema.get("properties", {}):
+                raise ValueError(f"{where}.{key} is not a setting")
+            check_schema(item, schema["properties"][key], f"{where}.{key}")
+
+
 def validate_config(effective: JsonDict) -> None:
-    """Raise ValueError when the effective configuration breaks a rule of §3.8."""
-    def get(*keys: str) -> Any:
-        return _lookup(effective, keys)
-
-    checks: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = [
-        (("log", "level"), lambda v: v in ("debug", "info", "warn", "error"), "log level"),
-        (("container", "runtime"), lambda v: v in ("auto", "docker", "podman"), "runtime"),
-        (("snapshot", "backend"), lambda v: v in ("auto", "overlay", "btrfs", "copy"), "backend"),
-    ]
-    for key in ("maxBytes", "reserveBytes"):
-        checks.append((("cache", "capacity", key), _is_non_negative_int_or_none, key))
-    checks.append(
-        (("orchestrator", "jobs", "maxIdentical"), _is_non_negative_int_or_none, "maxIdentical")
-    )
-    for key in ("highWatermark", "lowWatermark"):
-        checks.append((("cache", "capacity", key), _is_watermark, key))
-    for keys, ok, label in checks:
-        try:
-            value = get(*keys)
-        except KeyError:
-            raise ValueError(f"{'.'.join(keys)} is missing") from None
-        if not ok(value):
-            raise ValueError(f"invalid {label}: {value!r}")
-    if get("cache", "capacity", "lowWatermark") >= get("cache", "capacity", "highWatermark"):
+    """Raise ValueError when the effective configuration breaks the schema or a rule that
+    spans settings."""
+    check_schema(effective, CONFIG_SCHEMA, "config")
+    capacity = effective["cache"]["capacity"]
+    if capacity["lowWatermark"] >= capacity["highWatermark"]:
         raise ValueError("lowWatermark must be below highWatermark")
-    age = get("cache", "capacity", "minStateAge")
-    if not isinstance(age, str):
-        raise ValueError("minStateAge must be a Go duration string")
-    parse_go_duration(age)
-
-
-def _is_non_negative_int_or_none(value: Any) -> bool:
-    return value is None or (type(value) is int and value >= 0)
-
-
-def _is_watermark(value: Any) -> bool:
-    return type(value) in (int, float) and 0 < value <= 1
 
 
 class ConfigManager:
@@ -397,11 +393,20 @@ class ConfigManager:
         return _lookup(tree, parse_config_path(path))
 
     def set(self, path: str, value: Any) -> Any:
+        """Set one setting of the schema; 400 for an unknown path or a value the schema or a
+        cross-setting rule rejects (config.json is then left as it was)."""
         parts = parse_config_path(path)
+        try:
+            schema_at(parts)
+        except KeyError:
+            raise invalid_argument("invalid path", f"{path} is not a setting") from None
         with self._lock:
             updated = copy.deepcopy(self._overrides)
-            _assign(updated, parts, value)
-            validate_config(deep_merge(CONFIG_DEFAULTS, updated))
+            _assign(updated, [str(part) for part in parts], value)
+            try:
+                validate_config(deep_merge(CONFIG_DEFAULTS, updated))
+            except ValueError as exc:
+                raise invalid_argument("invalid config value", str(exc)) from None
             self._write(updated)
             return value
 
@@ -418,7 +423,10 @@ class ConfigManager:
             else:
                 raise KeyError(last)
             effective = deep_merge(CONFIG_DEFAULTS, updated)
-            validate_config(effective)
+            try:
+                validate_config(effective)
+            except ValueError as exc:
+                raise invalid_argument("invalid config value", str(exc)) from None
             self._write(updated)
         try:
             return _lookup(effective, parts)
@@ -430,27 +438,13 @@ class ConfigManager:
         self._overrides = overrides
 
 
-def _assign(tree: JsonDict, parts: Sequence[str | int], value: Any) -> None:
-    node: Any = tree
-    for index, part in enumerate(parts):
-        last = index == len(parts) - 1
-        if isinstance(part, int):
-            if not isinstance(node, list) or part > len(node):
-                raise KeyError(part)
-            if part == len(node):
-                node.append(None)
-            if last:
-                node[part] = value
-            else:
-                node = node[part]
-        else:
-            if not isinstance(node, dict):
-                raise KeyError(part)
-            if last:
-                node[part] = value
-            else:
-                nxt = parts[index + 1]
-                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+def _assign(tree: JsonDict, keys: Sequence[str], value: Any) -> None:
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
 
 
 def atomic_write(path: str, data: bytes, mode: int) -> None:
@@ -1231,8 +1225,8 @@ class Guard:
 
 
 ###############################################################################
-# stream: NDJSON encoding for list negotiation and event streams.
-# Owns nothing; may call only the standard library.
+# stream: NDJSON encoding for list negotiation and event streams, and their Range header.
+# Owns nothing; may call errors.
 ###############################################################################
 
 
@@ -1244,12 +1238,20 @@ def wants_ndjson(accept: str | None) -> bool:
     return "application/x-ndjson" in (accept or "").lower()
 
 
+MAX_EVENT_INDEX = 1 << 62
+
+
 def parse_events_range(header: str | None) -> int | None:
-    """``Range: events=N-`` → N; None when absent or not of that form."""
-    if not header:
+    """``Range: events=N-`` → N (capped at MAX_EVENT_INDEX); None when absent; 416 for any
+    other form."""
+    if header is None:
         return None
     match = re.fullmatch(r"\s*events\s*=\s*(\d+)\s*-\s*", header)
-    return int(match.group(1)) if match else None
+    if not match:
+        raise ApiError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "invalid_range",
+                       "unsupported Range", "only Range: events=<n>- is supported")
+    digits = match.group(1).lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else MAX_EVENT_INDEX
 
 
 ###############################################################################
@@ -3345,11 +3347,15 @@ def _opt_str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+
+
 def parse_ttl(value: Any) -> int | None:
     if value is None:
         return None
-    if type(value) is not int or value <= 0:
-        raise invalid_argument("invalid ttl_seconds", "ttl_seconds must be a positive integer")
+    if type(value) is not int or not 0 < value <= MAX_TTL_SECONDS:
+        raise invalid_argument("invalid ttl_seconds", "ttl_seconds must be a positive integer"
+                               f" of at most {MAX_TTL_SECONDS} (ten years)")
     return value
 
 
@@ -4112,6 +4118,9 @@ class RunManager:
 ###############################################################################
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+READ_TIMEOUT_SECONDS = 30.0
+LINGER_SECONDS = 2.0
 NOT_FOUND_TEXT = b"404 page not found\n"
 STREAM_POLL_SECONDS = 0.5
 
@@ -4144,7 +4153,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     header: Callable[[str], str | None]
-    read_body: Callable[[], bytes]
+    body: bytes
 
     def arg(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -4160,11 +4169,7 @@ class Request:
             raise invalid_argument(f"invalid {name}", str(exc)) from None
 
     def json(self) -> Any:
-        raw = self.read_body()
-        try:
-            return json.loads(raw.decode("utf-8") if raw else "")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise invalid_argument("invalid json payload", str(exc)) from None
+        return parse_json_body(self.body)
 
     def json_object(self) -> JsonDict:
         body = self.json()
@@ -4174,10 +4179,9 @@ class Request:
 
 
 def id_prefix_arg(req: Request) -> str | None:
-    raw = req.arg("id_prefix")
-    if raw is None:
+    prefix = (req.arg("id_prefix") or "").strip()
+    if not prefix:
         return None
-    prefix = raw.strip()
     if len(prefix) < 8:
         raise invalid_argument("invalid id_prefix", "id_prefix must be at least 8 hex characters")
     if not re.fullmatch(r"[0-9a-fA-F]+", prefix):
@@ -4191,18 +4195,55 @@ def list_response(req: Request, items: Sequence[JsonDict]) -> Response:
     return json_response(200, list(items))
 
 
-class BodyReader:
-    """Reads a request body once; later calls return the same bytes."""
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON; 400 for anything but UTF-8 JSON nested at most
+    MAX_JSON_DEPTH levels (no NaN or Infinity, integers of at most 4300 digits)."""
+    try:
+        value = json.loads(raw.decode("utf-8") if raw else "",
+                           parse_constant=_reject_json_constant)
+        too_deep = _nested_deeper(value, MAX_JSON_DEPTH)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise invalid_argument("invalid json payload", str(exc)) from None
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise invalid_argument("invalid json payload",
+                               f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
-    def __init__(self, stream: Any, length: int) -> None:
-        self._stream = stream
-        self._length = length
-        self._data: bytes | None = None
 
-    def read(self) -> bytes:
-        if self._data is None:
-            self._data = self._stream.read(self._length) if self._length else b""
-        return self._data
+def _reject_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    level = [value]
+    for _ in range(limit):
+        level = [child for node in level if isinstance(node, dict | list)
+                 for child in (node.values() if isinstance(node, dict) else node)]
+        if not level:
+            return False
+    return any(isinstance(node, dict | list) for node in level)
+
+
+def body_length(headers: Any) -> int:
+    """The request body's length from its framing headers; only a single non-negative
+    decimal Content-Length frames a body (411 for a body without one, 413 above the limit)."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise ApiError(HTTPStatus.LENGTH_REQUIRED, "length_required",
+                       "a request body needs a Content-Length",
+                       "Transfer-Encoding is not accepted")
+    values = {value.strip() for value in headers.get_all("Content-Length") or []}
+    if not values:
+        return 0
+    text = values.pop()
+    if values or not re.fullmatch(r"[0-9]{1,19}", text):
+        raise invalid_argument("invalid Content-Length",
+                               "Content-Length must be one non-negative decimal integer")
+    if int(text) > MAX_BODY_BYTES:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
+                       "request body too large", f"limit is {MAX_BODY_BYTES} bytes")
+    return int(text)
 
 
 Handler = Callable[..., Response]
@@ -5361,10 +5402,7 @@ class Api:
             parse_config_path(path)
         except ValueError as exc:
             raise invalid_argument("invalid path", str(exc)) from None
-        try:
-            value = self.e.config.set(path, body["value"])
-        except (ValueError, KeyError) as exc:
-            raise invalid_argument("invalid config value", str(exc)) from None
+        value = self.e.config.set(path, body["value"])
         return json_response(200, {"path": path, "value": value})
 
     def config_delete(self, req: Request) -> Response:
@@ -5374,8 +5412,6 @@ class Api:
             value = self.e.config.delete(path)
         except KeyError:
             raise ApiError(404, "not_found", "path not found", path) from None
-        except ValueError as exc:
-            raise invalid_argument("invalid config value", str(exc)) from None
         return json_response(200, {"path": path, "value": value})
 
     def config_schema(self, req: Request) -> Response:
@@ -5558,25 +5594,47 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.read_timeout)  # every read and write
+
     def _serve(self) -> None:
+        """Read the whole request, then answer it; only the answering counts as activity, so
+        a client that sends slowly neither keeps the engine awake nor holds it longer than
+        the read timeout."""
         started = time.monotonic()
-        self._pending_body: BodyReader | None = None
-        with self.server.activity.request():
-            try:
-                response = self._dispatch()
-            except ApiError as exc:
-                response = json_response(exc.status, exc.body())
-            except Exception as exc:
-                log.exception("request %s %s failed", self.command, self.path)
-                response = json_response(500, ApiError(500, "internal_error", "internal error",
-                                                       str(exc)).body())
-            self._drain_body()
-            sent = self._send(response)
+        try:
+            length = body_length(self.headers)
+            body = self.rfile.read(length)
+        except ApiError as exc:
+            self.close_connection = True
+            response = json_response(exc.status, exc.body())
+        except OSError as exc:  # timed out or reset while reading: nobody to answer
+            log.info("http request method=%s body not received: %s", self.command, exc)
+            self.close_connection = True
+            return
+        else:
+            if len(body) < length:
+                self.close_connection = True
+                return
+            with self.server.activity.request():
+                response = self._answer(body)
+        sent = self._send(response)
         log.info("http request method=%s path=%s status=%d bytes=%d dur=%.6fs remote=%s",
                  self.command, urllib.parse.urlsplit(self.path).path, response.status, sent,
                  time.monotonic() - started, self.client_address[0])
 
-    def _dispatch(self) -> Response:
+    def _answer(self, body: bytes) -> Response:
+        try:
+            return self._dispatch(body)
+        except ApiError as exc:
+            return json_response(exc.status, exc.body())
+        except Exception as exc:
+            log.exception("request %s %s failed", self.command, self.path)
+            return json_response(500, ApiError(500, "internal_error", "internal error",
+                                               str(exc)).body())
+
+    def _dispatch(self, body: bytes) -> Response:
         if not self.server.guard.host_allowed(self.headers.get("Host")):
             return json_response(403, {"code": "forbidden", "message": "host not allowed"})
         parts = urllib.parse.urlsplit(self.path)
@@ -5592,30 +5650,32 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         if handler is None:
             return Response(405)
         decoded = tuple(urllib.parse.unquote(group) for group in groups)
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise ApiError(413, "payload_too_large", "request body too large",
-                           f"limit is {MAX_BODY_BYTES} bytes")
-        body = BodyReader(self.rfile, length)
-        self._pending_body = body
         request = Request(self.command, parts.path,
                           urllib.parse.parse_qs(parts.query, keep_blank_values=True),
-                          self.headers.get, body.read)
+                          self.headers.get, body)
         return handler(request, *decoded)
 
-    def _drain_body(self) -> None:
-        """Consume a body the route did not read, so the connection stays usable."""
-        length = int(self.headers.get("Content-Length") or 0)
-        if self._pending_body is None:
-            if length and length <= MAX_BODY_BYTES:
-                self.rfile.read(length)
-            elif length:
-                self.close_connection = True
-        else:
-            self._pending_body.read()
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Errors http.server detects itself (bad request line, 414, 431, 501) as JSON too."""
+        status = HTTPStatus(code)
+        error = ApiError(code, status.phrase.lower().replace(" ", "_").replace("-", "_"),
+                         message or status.phrase, explain or status.description)
+        log.info("http error status=%d message=%s remote=%s", code, message,
+                 self.client_address[0])
+        self.close_connection = True
+        response = json_response(code, error.body(), {"Connection": "close"})
+        self._send(response)
 
     def _send(self, response: Response) -> int:
+        try:
+            return self._write(response)
+        except OSError as exc:
+            log.info("http response status=%d not delivered: %s", response.status, exc)
+            self.close_connection = True
+            return 0
+
+    def _write(self, response: Response) -> int:
         self.send_response(response.status)
         for key, value in response.headers.items():
             self.send_header(key, value)
@@ -5641,7 +5701,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 sent += len(chunk)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError as exc:
+            log.info("http stream ended early: %s", exc)
             self.close_connection = True
         finally:
             close = getattr(chunks, "close", None)
@@ -5655,9 +5716,24 @@ class EngineHttpServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    read_timeout = READ_TIMEOUT_SECONDS
     api: Api
     guard: Guard
     activity: Activity
+
+    def shutdown_request(self, request: Any) -> None:
+        """Lingering close: read what the client still sends (for a bounded time) before
+        closing, so a connection closed early never resets away an answer not yet read."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(65536):
+                    break
+        except OSError as exc:
+            log.debug("http lingering close: %s", exc)
+        self.close_request(request)
 
 
 class EngineHttpServer6(EngineHttpServer):
@@ -5926,6 +6002,8 @@ def run_engine(options: Options) -> int:
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.activity = Activity()
+    server.read_timeout = float(os.environ.get("SQLRS_ENGINE_READ_TIMEOUT") or
+                                READ_TIMEOUT_SECONDS)
     engine.recover()
     endpoint = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
     write_engine_json(engine_json, endpoint, engine, format_ts())

@@ -56,7 +56,8 @@ CONFIG_DEFAULTS: dict[str, Any] = {
                            "lowWatermark": 0.80, "minStateAge": "10m"}},
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
-    "orchestrator": {"jobs": {"maxIdentical": 2}},
+    # the contract's defaults plus our job-history bounds
+    "orchestrator": {"jobs": {"maxIdentical": 2, "maxHistory": 200, "maxHistoryAge": "168h"}},
 }
 
 
