@@ -158,6 +158,27 @@ def parse_go_bool(value: str) -> bool:
     raise ValueError(f'strconv.ParseBool: parsing "{value}": invalid syntax')
 
 
+def pause_point(name: str) -> None:
+    """Where tests arrange races: when ``$SQLRS_TEST_HOOKS_DIR/<name>`` exists, the first
+    thread to get here removes it, creates ``<name>.reached`` and waits (at most 120 s) for
+    ``<name>.release``. Without that variable (every real use) it does nothing."""
+    root = os.environ.get("SQLRS_TEST_HOOKS_DIR")
+    if not root:
+        return
+    try:
+        os.unlink(os.path.join(root, name))
+    except FileNotFoundError:
+        return
+    with open(os.path.join(root, f"{name}.reached"), "w", encoding="utf-8"):
+        pass
+    log.info("test hook %s: paused", name)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(root, f"{name}.release")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+
+
 def safe_path_component(value: str) -> str:
     """Map an arbitrary string (an image id) to one safe path component."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value).strip(".")
@@ -813,10 +834,15 @@ class MetadataStore:
             row = conn.execute(_NAME_SELECT + " WHERE n.name = ?", (name,)).fetchone()
         return _name_from(row) if row else None
 
-    def bind_name(self, name: str, inst: InstanceRow) -> bool:
-        """Bind ``name`` to the instance; True when the name is new."""
+    def bind_name(self, name: str, inst: InstanceRow, only_if_free: bool = False) -> bool:
+        """Bind ``name`` to the instance; True when the name is new. With ``only_if_free``
+        nothing changes when a live instance holds the name (then False)."""
         with self.db.write() as conn:
-            existed = conn.execute("SELECT 1 FROM names WHERE name = ?", (name,)).fetchone()
+            holder = conn.execute(
+                "SELECT i.instance_id FROM names n LEFT JOIN instances i"
+                " ON i.instance_id = n.instance_id WHERE n.name = ?", (name,)).fetchone()
+            if only_if_free and holder and holder[0]:
+                return False
             conn.execute("UPDATE names SET is_primary = 0 WHERE instance_id = ?",
                          (inst.instance_id,))
             conn.execute(
@@ -828,7 +854,7 @@ class MetadataStore:
                 (name, inst.instance_id, inst.state_id, inst.state_id, inst.image_id,
                  format_ts()),
             )
-        return existed is None
+        return holder is None or only_if_free
 
     def unbind_name(self, name: str) -> bool:
         with self.db.write() as conn:
@@ -1058,6 +1084,18 @@ class JobQueue:
             ).fetchall()
         return [_job_from(row) for row in rows]
 
+    def expired_history(self, current_job: str, keep: int | None, cutoff: str) -> list[str]:
+        """Completed jobs (other than ``current_job``, which counts as the newest) beyond the
+        ``keep`` newest or finished before ``cutoff``."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                "SELECT job_id, COALESCE(finished_at, created_at) AS done FROM prepare_jobs"
+                " WHERE status IN ('succeeded','failed') AND job_id <> ?"
+                " ORDER BY done DESC, rowid DESC", (current_job,)).fetchall()
+        limit = len(rows) if keep is None else max(keep - 1, 0)
+        return [row["job_id"] for index, row in enumerate(rows)
+                if index >= limit or (cutoff and row["done"] < cutoff)]
+
     def completed_with_signature(self, signature: str) -> list[JobRow]:
         with self.db.read() as conn:
             rows = conn.execute(
@@ -1067,16 +1105,22 @@ class JobQueue:
             ).fetchall()
         return [_job_from(row) for row in rows]
 
-    def update_job(self, job_id: str, *events: JsonDict, **fields: Any) -> None:
-        """Update job columns and append ``events`` in the same transaction."""
+    def update_job(self, job_id: str, *events: JsonDict, **fields: Any) -> bool:
+        """Update job columns and append ``events`` in the same transaction. A terminal status
+        is final: a change of ``status`` applies (with its events) only to a job that has not
+        ended yet; False when it did not apply."""
+        guard = " AND status NOT IN ('succeeded', 'failed')" if "status" in fields else ""
         with self.db.write() as conn:
             if fields:
                 sets = ", ".join(f"{key} = ?" for key in fields)
-                conn.execute(f"UPDATE prepare_jobs SET {sets} WHERE job_id = ?",
-                             [*fields.values(), job_id])
+                changed = conn.execute(f"UPDATE prepare_jobs SET {sets} WHERE job_id = ?{guard}",
+                                       [*fields.values(), job_id]).rowcount
+                if guard and not changed:
+                    return False
             for event in events:
                 self._insert_event(conn, job_id, event)
         self._notify()
+        return True
 
     def delete_job(self, job_id: str) -> None:
         with self.db.write() as conn:
@@ -1796,6 +1840,7 @@ class ResolvedImage:
     bindir: str = ""
     version: str = ""
     owner: tuple[int, int] = (0, 0)
+    local_id: str = ""  #: the image id containers are started from (docker only)
 
 
 @dataclass
@@ -2068,19 +2113,34 @@ class DockerClient(ClientProcess):
             if rest:
                 yield names.get(stream, "stdout"), rest
 
+    #: how long a client may run on after its output ended before it counts as hung
+    linger_seconds = 30.0
+
     def wait(self) -> int:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.linger_seconds
         while True:
             info = self.api.exec_inspect(self.exec_id)
-            if not info.get("Running") or time.monotonic() > deadline:
+            if not info.get("Running"):
                 return int(info.get("ExitCode") or 0)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise DbmsError(f"the client kept running {self.linger_seconds:g} s after"
+                                " closing its output; it was killed")
             time.sleep(0.01)
 
     def kill(self) -> None:
-        with contextlib.suppress(Exception):
+        import docker.errors
+        import requests.exceptions
+
+        try:
             pid = int(self.api.exec_inspect(self.exec_id).get("Pid") or 0)
             if pid > 0:
                 os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it has ended by itself
+        except (OSError, docker.errors.DockerException,
+                requests.exceptions.RequestException) as exc:
+            log.warning("cannot kill docker exec %s: %s", self.exec_id[:12], exc)
 
 
 class DockerRuntime:
@@ -2106,16 +2166,21 @@ class DockerRuntime:
         with self._lock:
             if self._client is None:
                 import docker
+                import requests.exceptions
+                from docker.utils import kwargs_from_env
 
                 try:
-                    from docker.utils import kwargs_from_env
-
                     options: dict[str, Any] = {"timeout": 60, "num_pools": 256,
                                                "max_pool_size": 64, **kwargs_from_env()}
                     client = docker.DockerClient(**options)
                     client.ping()
-                except Exception as exc:
+                except (docker.errors.DockerException,
+                        requests.exceptions.ConnectionError) as exc:
                     raise RuntimeUnavailable(str(exc)) from None
+                except (requests.exceptions.RequestException, ValueError) as exc:
+                    log.warning("docker client: %s", exc)
+                    raise ApiError(502, "docker_error", "cannot talk to docker", str(exc)
+                                   ) from None
                 self._client = client
             return self._client
 
@@ -2150,9 +2215,10 @@ class DockerRuntime:
         if cached:
             return cached
         image = self._find_or_pull(image_id, note)
-        digests = image.attrs.get("RepoDigests") or []
         name = image_id.split("@", 1)[0]
         repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
+        digests = [digest for digest in image.attrs.get("RepoDigests") or []
+                   if digest.split("@", 1)[0] == repo]
         resolved = digests[0] if digests else f"{repo}@{image.id}"
         digest = resolved.split("@", 1)[1]
         owner = self._postgres_owner(image.id)
@@ -2160,7 +2226,7 @@ class DockerRuntime:
             requested=image_id, resolved_id=resolved, runtime_kind=self.kind,
             engine_dir=os.path.join(safe_path_component(repo.rsplit("/", 1)[-1]),
                                     safe_path_component(digest)),
-            version=digest, owner=owner,
+            version=digest, owner=owner, local_id=image.id,
         )
         if "@" in image_id:
             self._resolved[image_id] = result
@@ -2191,6 +2257,10 @@ class DockerRuntime:
                     last = time.monotonic()
             return self._call(images.get, image_id)
         except docker.errors.APIError as exc:
+            if re.search(r"connection refused|no such host|i/o timeout|dial tcp", str(exc)):
+                raise JobFailure("registry_unavailable",
+                                 f"cannot reach the registry of image {image_id}",
+                                 str(exc)) from None
             raise JobFailure("image_not_found", f"cannot pull image {image_id}",
                              str(exc)) from None
 
@@ -2245,8 +2315,7 @@ class DockerRuntime:
 
     @staticmethod
     def _image_ref(image: ResolvedImage) -> str:
-        digest = image.resolved_id.split("@", 1)[1]
-        return digest if digest.startswith("sha256:") else image.resolved_id
+        return image.local_id or image.resolved_id.split("@", 1)[1]
 
     def start(self, handle: RuntimeHandle) -> None:
         container = self._container(handle.container_id)
@@ -2268,16 +2337,23 @@ class DockerRuntime:
                 if handle.pid:
                     break
             if time.monotonic() > deadline:
-                log_tail = self._exec(container, ["tail", "-n", "20", "/tmp/postgres.log"])
+                log_tail = self._exec(container, ["tail", "-n", "20", "/tmp/postgres.log"],
+                                      check=False)
                 raise DbmsError(f"postgres did not start in the container: {log_tail}")
             time.sleep(READY_POLL_SECONDS)
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
 
-    def _exec(self, container: Any, command: list[str], user: str = "postgres") -> str:
+    def _exec(self, container: Any, command: list[str], user: str = "postgres",
+              check: bool = True) -> str:
+        """Run ``command`` in the container; its output. A failure raises DbmsError, or with
+        ``check=False`` is logged and its output returned."""
         result = self._call(container.exec_run, command, user=user)
         output = result.output.decode("utf-8", "replace") if result.output else ""
-        if result.exit_code not in (0, None) and command[0] != "tail":
-            raise DbmsError(f"{' '.join(command[:2])} failed: {output.strip()}")
+        if result.exit_code not in (0, None):
+            if check:
+                raise DbmsError(f"{' '.join(command[:2])} failed: {output.strip()}")
+            log.warning("docker exec %s exited %s: %s", command[0], result.exit_code,
+                        output.strip()[-500:])
         return output
 
     def stop(self, handle: RuntimeHandle) -> None:
@@ -2294,11 +2370,15 @@ class DockerRuntime:
         import docker.errors
 
         ids = {handle.container_id} if handle.container_id else set()
-        with contextlib.suppress(RuntimeUnavailable):
+        try:
             ids |= {c.id for c in self._labelled({LABEL_KEY: handle.key})}
-        for container_id in ids:
-            with contextlib.suppress(docker.errors.NotFound, RuntimeUnavailable):
-                self._call(self.docker().api.remove_container, container_id, force=True)
+            for container_id in ids:
+                with contextlib.suppress(docker.errors.NotFound):
+                    self._call(self.docker().api.remove_container, container_id, force=True)
+        except RuntimeUnavailable as exc:
+            if ids:  # nothing to remove when there was never a container
+                log.warning("docker unavailable: containers of runtime %s are left for the"
+                            " next start's sweep: %s", handle.key, exc.details)
         handle.container_id = None
         handle.pid = None
 
@@ -2347,12 +2427,20 @@ class DockerRuntime:
 
     def sweep(self, keep: set[str]) -> list[str]:
         """Remove this engine's containers whose runtime key is not in ``keep``."""
+        import docker.errors
+
         removed = []
         for container in self._labelled({}):
-            if container.labels.get(LABEL_KEY) not in keep:
-                with contextlib.suppress(Exception):
-                    container.remove(force=True)
-                removed.append(container.id)
+            if container.labels.get(LABEL_KEY) in keep:
+                continue
+            try:
+                self._call(container.remove, force=True)
+            except docker.errors.NotFound:
+                continue
+            except (docker.errors.APIError, ApiError) as exc:
+                log.warning("sweep: cannot remove container %s: %s", container.id[:12], exc)
+                continue
+            removed.append(container.id)
         return removed
 
     # clients ------------------------------------------------------------------------------
@@ -2520,20 +2608,35 @@ class InstanceManager:
         self.snapshots = snapshots
         self.runtimes = runtimes
         self.conntrack = conntrack
-        self._handles: dict[str, RuntimeHandle] = {}
+        #: Guards the four tables below; held only for dictionary work, never across I/O.
+        #: Lock order: an instance's lock (``locked``) before ``_lock``.
         self._lock = threading.Lock()
-        self.clone_lock = threading.Lock()
+        #: instance id → its live runtime handle (a cache; the truth is the instances table)
+        self._handles: dict[str, RuntimeHandle] = {}
+        #: owner (job or instance id) → state dirs it is reading and no row protects yet
         self._pins: dict[str, set[str]] = {}
+        #: state dirs claimed by a deletion or an eviction in progress
+        self._claimed: set[str] = set()
+        #: instance id → [its lock, number of threads using or waiting for it]
+        self._instance_locks: dict[str, list[Any]] = {}
 
-    # pins: state directories a running job's runtime is layered on (no row protects them yet)
-    def pin(self, owner: str, handle: RuntimeHandle) -> None:
+    # pins and claims: a state is either read (pinned) or deleted (claimed), never both -------
+    def pin(self, owner: str, state_dirs: set[str]) -> None:
+        """Protect ``state_dirs`` for ``owner`` (replacing what it pinned before); a state
+        being deleted cannot be pinned (404)."""
+        with self._lock:
+            if state_dirs & self._claimed:
+                raise not_found("state not found")
+            self._pins[owner] = state_dirs
+
+    def pin_runtime(self, owner: str, handle: RuntimeHandle) -> None:
+        """Pin the states a runtime is layered on (its ``source`` file lists them)."""
         try:
             with open(os.path.join(handle.runtime_dir, "source"), encoding="utf-8") as source:
                 paths = {os.path.dirname(path) for path in source.read().split(":")}
-        except OSError:
+        except FileNotFoundError:
             return
-        with self._lock:
-            self._pins[owner] = paths
+        self.pin(owner, paths)
 
     def unpin(self, owner: str) -> None:
         with self._lock:
@@ -2542,6 +2645,35 @@ class InstanceManager:
     def pinned(self, state_dir: str) -> bool:
         with self._lock:
             return any(state_dir in paths for paths in self._pins.values())
+
+    def claim(self, state_dirs: set[str]) -> bool:
+        """Reserve ``state_dirs`` for deletion; False when one is pinned or claimed."""
+        with self._lock:
+            if state_dirs & self._claimed or any(
+                    state_dirs & paths for paths in self._pins.values()):
+                return False
+            self._claimed |= state_dirs
+            return True
+
+    def unclaim(self, state_dirs: set[str]) -> None:
+        with self._lock:
+            self._claimed -= state_dirs
+
+    @contextlib.contextmanager
+    def locked(self, instance_id: str) -> Iterator[None]:
+        """Serialise the slow work (connection checks, stop, removal) on one instance
+        without holding up any other."""
+        with self._lock:
+            entry = self._instance_locks.setdefault(instance_id, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._instance_locks[instance_id]
 
     # runtimes -----------------------------------------------------------------------------
     def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
@@ -2561,6 +2693,7 @@ class InstanceManager:
         handle.job_id, handle.scripts_dir = job_id, scripts_dir
         self.runtimes.for_image(image.requested).discard(handle)
         self.snapshots.release(handle.runtime_dir, key)
+        pause_point("clone")
         try:
             self.snapshots.clone(source_pgdata, handle.runtime_dir, key, image.owner)
         except BaseException:
@@ -2606,16 +2739,19 @@ class InstanceManager:
         """A new instance from ``state``: clone, start, register (§14.3)."""
         image, source = self.source_of(state)
         key = random_hex(16)
-        with self.clone_lock:
+        self.pin(key, {state.state_dir})  # until the row protects the state
+        try:
             if self.store.get_state(state.state_id) is None:
                 raise not_found("state not found")
             handle = self.new_runtime(key, image, source, state.state_id)
-        try:
-            self.start(handle)
-            return self.register(handle, state.state_id, None, ttl_seconds)
-        except BaseException:
-            self.discard(handle)
-            raise
+            try:
+                self.start(handle)
+                return self.register(handle, state.state_id, None, ttl_seconds)
+            except BaseException:
+                self.discard(handle)
+                raise
+        finally:
+            self.unpin(key)
 
     def live_handle(self, row: InstanceRow) -> RuntimeHandle | None:
         with self._lock:
@@ -2669,7 +2805,9 @@ class InstanceManager:
         note("run: runtime started")
         return handle
 
-    def connections(self, row: InstanceRow) -> int:
+    def connections(self, row: InstanceRow) -> int | None:
+        """Client sessions of a live instance (0 when it is not running); None when they
+        cannot be counted, which callers must treat as "maybe in use"."""
         handle = self.live_handle(row)
         if handle is None:
             return 0
@@ -2677,14 +2815,18 @@ class InstanceManager:
             return self.conntrack.active(handle)
         except Exception as exc:
             log.warning("conntrack failed for %s: %s", row.instance_id, exc)
-            return 0
+            return None
 
     def destroy(self, row: InstanceRow, terminate_connections: bool) -> None:
         """Stop the server, remove the clone and delete the row (and its names)."""
         handle = self.live_handle(row)
         if handle and terminate_connections:
-            with contextlib.suppress(Exception):
+            try:
                 self.conntrack.terminate(handle)
+            except Exception as exc:
+                log.warning("terminating sessions of %s failed (stopping it anyway): %s",
+                            row.instance_id, exc)
+        pause_point("destroy")
         if handle is None:
             image = self.runtimes.resolve(row.image_id)
             handle = self._handle(row.instance_id, image)
@@ -2744,19 +2886,25 @@ def delete_result(dry_run: bool, root: JsonDict) -> tuple[int, JsonDict]:
 
 
 class DeletionManager:
-    """Plans and carries out deletions of instances and states, post-order, all or nothing."""
+    """Plans and carries out deletions of instances and states, post-order, all or nothing.
+
+    Nothing global is held across slow work: an instance is deleted under its own lock, and a
+    state tree is claimed (``InstanceManager.claim``) so no clone or build can start on it.
+    """
 
     def __init__(self, store: MetadataStore, instances: InstanceManager) -> None:
         self.store = store
         self.instances = instances
-        self._lock = threading.Lock()
 
     def _instance_node(self, row: InstanceRow, force: bool) -> JsonDict:
+        connections = self.instances.connections(row)
         node: JsonDict = {"kind": "instance", "id": row.instance_id,
-                          "connections": self.instances.connections(row)}
+                          "connections": connections or 0}
         if row.runtime_id:
             node["runtime_id"] = row.runtime_id
-        if node["connections"] > 0 and not force:
+        if connections is None and not force:
+            node["blocked"] = "connections_unknown"
+        elif connections and not force:
             node["blocked"] = "active_connections"
         return node
 
@@ -2780,8 +2928,10 @@ class DeletionManager:
         return node
 
     def delete_instance(self, instance_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
-        with self._lock:
-            row = self.store.get_instance(instance_id) if is_instance_id(instance_id) else None
+        if not is_instance_id(instance_id):
+            raise not_found("instance not found")
+        with self.instances.locked(instance_id):
+            row = self.store.get_instance(instance_id)
             if row is None:
                 raise not_found("instance not found")
             node = self._instance_node(row, force)
@@ -2792,28 +2942,52 @@ class DeletionManager:
 
     def delete_state(self, state_id: str, recurse: bool, force: bool,
                      dry_run: bool) -> tuple[int, JsonDict]:
-        with self._lock, self.instances.clone_lock:
-            state = self.store.get_state(state_id) if is_state_id(state_id) else None
-            if state is None:
-                raise not_found("state not found")
-            node = self._state_node(state, recurse, force)
-            status, result = delete_result(dry_run, node)
-            if result["outcome"] == "deleted":
-                self._carry_out(node, force)
+        state = self.store.get_state(state_id) if is_state_id(state_id) else None
+        if state is None:
+            raise not_found("state not found")
+        node = self._state_node(state, recurse, force)
+        status, result = delete_result(dry_run, node)
+        if result["outcome"] != "deleted":
             return status, result
+        dirs = {row.state_dir for row in self._states_in(node)}
+        if not self.instances.claim(dirs):
+            return delete_result(dry_run, {**node, "blocked": "active_tasks"})
+        try:
+            again = self._state_node(state, recurse, force)  # what changed before the claim
+            if "blocked" in again or _tree_ids(again) != _tree_ids(node):
+                return delete_result(dry_run, {**again, "blocked": again.get(
+                    "blocked", "active_tasks")})
+            self._carry_out(again, force)
+        finally:
+            self.instances.unclaim(dirs)
+        return status, result
+
+    def _states_in(self, node: JsonDict) -> list[StateRow]:
+        rows = [self.store.get_state(node["id"])] if node["kind"] == "state" else []
+        for child in node.get("children", []):
+            rows += self._states_in(child)
+        return [row for row in rows if row is not None]
 
     def _carry_out(self, node: JsonDict, force: bool) -> None:
         for child in node.get("children", []):
             self._carry_out(child, force)
         if node["kind"] == "instance":
-            row = self.store.get_instance(node["id"])
-            if row:
-                self.instances.destroy(row, terminate_connections=force)
+            with self.instances.locked(node["id"]):
+                row = self.store.get_instance(node["id"])
+                if row:
+                    self.instances.destroy(row, terminate_connections=force)
             return
         state = self.store.get_state(node["id"])
         if state:
             remove_state_files(state)
             self.store.delete_state(state.state_id)
+
+
+def _tree_ids(node: JsonDict) -> set[str]:
+    ids = {node["id"]}
+    for child in node.get("children", []):
+        ids |= _tree_ids(child)
+    return ids
 
 
 class Reaper:
@@ -2832,12 +3006,17 @@ class Reaper:
             if not row.expires_at or row.expires_at >= now:
                 continue
             try:
-                status, _result = self.deletion.delete_instance(row.instance_id, False, False)
-            except ApiError:
+                status, result = self.deletion.delete_instance(row.instance_id, False, False)
+            except ApiError as exc:
+                log.warning("ttl: cannot remove expired instance %s: %s %s", row.instance_id,
+                            exc.message, exc.details or "")
                 continue
             if status == 200:
                 log.info("ttl: removed expired instance %s", row.instance_id)
                 removed.append(row.instance_id)
+            else:
+                log.debug("ttl: expired instance %s waits: %s", row.instance_id,
+                         result["root"].get("blocked"))
         return removed
 
     def run(self, stopped: threading.Event) -> None:
@@ -2998,21 +3177,31 @@ class CacheManager:
             eligible, blocked = self._classify()
             target = before.effective_max * before.low
             evicted = freed = 0
-            with self.instances.clone_lock:
-                for state in eligible:
-                    current = self.measure()
-                    current.usage += incoming
-                    if current.usage <= target and current.free >= current.reserve:
-                        break
-                    if self.store.get_state(state.state_id) is None:
-                        continue
-                    remove_state_files(state)
-                    self.store.delete_state(state.state_id)
+            for state in eligible:
+                current = self.measure()
+                current.usage += incoming
+                if current.usage <= target and current.free >= current.reserve:
+                    break
+                if self._evict(state):
                     evicted, freed = evicted + 1, freed + (state.size_bytes or 0)
             after = self.measure()
             after.usage += incoming
             self._record(trigger, before, after, evicted, freed, blocked, eligible)
             return after
+
+    def _evict(self, state: StateRow) -> bool:
+        """Remove one candidate, unless something started to use it since it was chosen."""
+        if not self.instances.claim({state.state_dir}):
+            return False
+        try:
+            current = self.store.get_state(state.state_id)
+            if current is None or current.refcount or current.children:
+                return False
+            remove_state_files(current)
+            self.store.delete_state(current.state_id)
+            return True
+        finally:
+            self.instances.unclaim({state.state_dir})
 
     def _record(self, trigger: str, before: CacheUsage, after: CacheUsage, evicted: int,
                 freed: int, blocked: list[StateRow], eligible: list[StateRow]) -> None:
@@ -3416,6 +3605,7 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 ###############################################################################
 
 HEARTBEAT_SECONDS = 0.5
+HEARTBEATS_AT_FULL_RATE = 20  #: repeats per quiet stretch before they slow down ten-fold
 LOG_LINES_IN_FULL = 200
 OUTPUT_TAIL_BYTES = 64 * 1024
 STATE_MARKER = ".build.ok"
@@ -3429,6 +3619,7 @@ class EventEmitter:
         self.job_id = job_id
         self._last: JsonDict | None = None
         self._last_at = time.monotonic()
+        self._repeats = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -3441,15 +3632,16 @@ class EventEmitter:
             if self._closed:
                 return
             event = {**event, "ts": format_ts()}
-            self.jobs.update_job(self.job_id, event, *({**e, "ts": event["ts"]} for e in more),
-                                 **job_fields)
-            self._closed = job_fields.get("status") in TERMINAL_STATUSES
+            applied = self.jobs.update_job(self.job_id, event,
+                                           *({**e, "ts": event["ts"]} for e in more),
+                                           **job_fields)
+            self._closed = not applied or job_fields.get("status") in TERMINAL_STATUSES
             if event["type"] == "log" or (event["type"] == "task" and
                                           event.get("status") == "running"):
                 self._last = event
             elif event["type"] == "task":
                 self._last = None
-            self._last_at = time.monotonic()
+            self._last_at, self._repeats = time.monotonic(), 0
 
     def log(self, message: str) -> None:
         self.emit({"type": "log", "message": message})
@@ -3469,7 +3661,7 @@ class EventEmitter:
                                   error_json=json.dumps(error) if error else None,
                                   **times, **fields)
             self._last = event if status == "running" else None
-            self._last_at = time.monotonic()
+            self._last_at, self._repeats = time.monotonic(), 0
 
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id[:8]}",
@@ -3482,12 +3674,17 @@ class EventEmitter:
             self._thread.join()
 
     def _beat(self) -> None:
+        """Repeat the last event through a quiet stretch: every HEARTBEAT_SECONDS at first,
+        ten times less often after HEARTBEATS_AT_FULL_RATE repeats (a long silent step must
+        not flood the store)."""
         while not self._stop.wait(HEARTBEAT_SECONDS / 5):
             with self._lock:
-                due = time.monotonic() - self._last_at >= HEARTBEAT_SECONDS
+                slow = self._repeats >= HEARTBEATS_AT_FULL_RATE
+                interval = HEARTBEAT_SECONDS * (10 if slow else 1)
+                due = time.monotonic() - self._last_at >= interval
                 if due and self._last is not None and not self._closed:
                     self.jobs.append_event(self.job_id, {**self._last, "ts": format_ts()})
-                    self._last_at = time.monotonic()
+                    self._last_at, self._repeats = time.monotonic(), self._repeats + 1
 
 
 @dataclass
@@ -3605,8 +3802,11 @@ class Executor:
 
     def _drop_runtime(self, run: JobRun) -> None:
         if run.runtime:
-            with contextlib.suppress(Exception):
+            try:
                 self.instances.discard(run.runtime)
+            except Exception:  # the job's outcome stands; the next start sweeps what is left
+                log.exception("job %s: cannot discard its runtime %s", run.job_id,
+                              run.runtime.key)
             run.runtime = None
 
     def _interrupt(self, job: JobRow, run: JobRun, emit: EventEmitter) -> None:
@@ -3652,14 +3852,25 @@ class Executor:
             if self.state_ready(step.state_id):
                 return True
             run.check()
+            if step.input_kind == "state":
+                self._pin_state(job.job_id, step.input_id)
             self.cache.before_build()
             handle = self._runtime_for(job, request, image, step.input_kind, step.input_id,
                                        run, emit)
             self._run_psql(request, handle, step, run, emit)
             run.check()
             self._snapshot(image, handle, step, emit)
-            self.instances.pin(job.job_id, handle)
+            self.instances.pin_runtime(job.job_id, handle)
             return False
+
+    def _pin_state(self, job_id: str, state_id: str) -> StateRow:
+        """Protect a job's input state from deletion and eviction before it is used."""
+        state = self.store.get_state(state_id)
+        if state is not None:
+            self.instances.pin(job_id, {state.state_dir})
+        if state is None or self.store.get_state(state_id) is None:
+            raise JobFailure("internal_error", "input state disappeared", state_id)
+        return state
 
     def _runtime_for(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                      input_kind: str, input_id: str,
@@ -3673,15 +3884,12 @@ class Executor:
                 source = (run.base.result() if run.base
                           else self.runtimes.ensure_base(image, emit.log))
             else:
-                state = self.store.get_state(input_id)
-                if state is None:
-                    raise JobFailure("internal_error", "input state disappeared", input_id)
+                state = self._pin_state(job.job_id, input_id)
                 source = self.snapshots.source_of(state.state_dir)
-            with self.instances.clone_lock:
-                run.runtime = self.instances.new_runtime(
-                    derived_instance_id(job.job_id), image, source, input_id, job.job_id,
-                    request.plan.scripts_dir)
-            self.instances.pin(job.job_id, run.runtime)
+            run.runtime = self.instances.new_runtime(
+                derived_instance_id(job.job_id), image, source, input_id, job.job_id,
+                request.plan.scripts_dir)
+            self.instances.pin_runtime(job.job_id, run.runtime)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
         if not self.runtimes.for_image(image.requested).alive(run.runtime):
             self.instances.start(run.runtime)
@@ -3909,15 +4117,16 @@ class PrepareManager:
             raise not_found("job not found")
         if job.terminal:
             return 200, self.status_json(job)
+        pause_point("cancel.after_check")
         with self._lock:
             run = self._runs.get(job_id)
         if run:
             self._cancel_run(run)
-        else:
-            self._fail_stored(job_id, JobCancelled().error)
+        elif not self._fail_stored(job_id, JobCancelled().error):
+            log.info("cancel of job %s came after it ended", job_id)
         current = self.get(job_id)
         assert current
-        return 202, self.status_json(current)
+        return (200 if current.status == "succeeded" else 202), self.status_json(current)
 
     def delete(self, job_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
         job = self.get(job_id)
@@ -3941,19 +4150,26 @@ class PrepareManager:
         self.jobs.delete_job(job_id)
 
     def apply_retention(self, signature: str, current_job: str, finishing: bool) -> None:
-        """Delete completed jobs with this signature beyond ``maxIdentical``; a finishing job
-        counts as the newest of them."""
-        keep = self.config.value("orchestrator.jobs.maxIdentical")
-        if keep is None:
-            return
-        others = [job for job in self.jobs.completed_with_signature(signature)
-                  if job.job_id != current_job]
-        for job in others[max(keep - 1 if finishing else keep, 0):]:
-            self._delete_job(job.job_id)
+        """Delete completed jobs with this signature beyond ``maxIdentical`` (a finishing job
+        counts as the newest of them), then any beyond ``maxHistory`` or ``maxHistoryAge``."""
+        settings = self.config.value("orchestrator.jobs")
+        keep = settings["maxIdentical"]
+        if keep is not None:
+            others = [job for job in self.jobs.completed_with_signature(signature)
+                      if job.job_id != current_job]
+            for job in others[max(keep - 1 if finishing else keep, 0):]:
+                self._delete_job(job.job_id)
+        if finishing:
+            max_age = parse_go_duration(settings["maxHistoryAge"])
+            cutoff = format_ts(time.time_ns() - int(max_age * 1e9)) if max_age else ""
+            kept = settings["maxHistory"]
+            for job_id in self.jobs.expired_history(current_job, kept, cutoff):
+                self._delete_job(job_id)
 
-    def _fail_stored(self, job_id: str, error: JsonDict) -> None:
-        """Fail a job that has no runner (status, then error event, in one transaction)."""
-        self.jobs.update_job(job_id, {"type": "status", "status": "failed"},
+    def _fail_stored(self, job_id: str, error: JsonDict) -> bool:
+        """Fail a job that has no runner (status, then error event, in one transaction);
+        False when it had ended already."""
+        return self.jobs.update_job(job_id, {"type": "status", "status": "failed"},
                              {"type": "error", "error": error}, status="failed",
                              finished_at=format_ts(), error_json=json.dumps(error))
 
@@ -4505,7 +4721,8 @@ def _oa_delete_node() -> _OaJson:
             "id": _oa_str("^([0-9a-f]{32}|[0-9a-f]{64})$"),
             "connections": _oa_int(description="Active client connections (instances only)."),
             "blocked": _oa_enum(
-                "active_connections", "active_tasks", "has_descendants", "blocked_by_descendant"
+                "active_connections", "connections_unknown", "active_tasks", "has_descendants",
+                "blocked_by_descendant"
             ),
             "runtime_id": _oa_str(description="Container id / runtime handle (instances only)."),
             "children": _oa_array(_oa_ref("DeleteNode")),
@@ -5477,10 +5694,10 @@ class Api:
         ttl = parse_ttl(body.get("ttl_seconds"))
         state = self.e.resolve_state(ref.strip())
         row = self.e.instances.create(state, ttl)
-        if name is not None:
-            fresh = self.e.store.get_instance(row.instance_id)
-            assert fresh
-            self.e.store.bind_name(name, fresh)
+        pause_point("instances.before_name")
+        if name is not None and not self.e.store.bind_name(name, row, only_if_free=True):
+            self.e.instances.destroy(row, terminate_connections=True)
+            raise conflict("name already in use", name)
         created = self.e.store.get_instance(row.instance_id)
         assert created
         return json_response(201, self.e.instances.entry(created),

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install-runtime.sh
 if [ "${SQLRS_SKIP_DOCKER_TESTS:-}" != "1" ]; then
   bash scripts/setup-docker.sh
+  bash scripts/setup-registry.sh
 fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 ruff check .

@@ -1,0 +1,229 @@
+"""Races and fail-open paths, each arranged deterministically: a slow script, a cache set-up
+that forces an eviction, or a pause point inside the engine ($SQLRS_TEST_HOOKS_DIR)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import EngineProcess, HttpResult, poll, psql, spawn_engine, stop_engine
+
+HOOK_DEADLINE = 60.0
+
+
+@dataclass
+class Hooks:
+    """Pause points of one engine: arm one, wait until a request reaches it, release it."""
+
+    root: Path
+
+    def arm(self, name: str) -> None:
+        (self.root / name).touch()
+
+    def wait_reached(self, name: str) -> None:
+        poll(lambda: (self.root / f"{name}.reached").exists(), HOOK_DEADLINE,
+             what=f"pause point {name}")
+
+    def release(self, name: str) -> None:
+        (self.root / f"{name}.release").touch()
+
+
+@dataclass
+class Background:
+    """An HTTP call made on another thread; ``result()`` waits for it."""
+
+    call: Callable[[], HttpResult]
+    _out: list[HttpResult] = field(default_factory=list)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Background:
+        self._thread = threading.Thread(target=lambda: self._out.append(self.call()),
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def result(self, deadline: float = 120.0) -> HttpResult:
+        assert self._thread is not None
+        self._thread.join(deadline)
+        assert self._out, "the background request did not finish"
+        return self._out[0]
+
+
+@pytest.fixture
+def hooked(tmp_path: Path) -> Iterator[tuple[EngineProcess, Hooks]]:
+    hooks = Hooks(tmp_path / "hooks")
+    hooks.root.mkdir()
+    engine = spawn_engine(tmp_path / "state", env={"SQLRS_TEST_HOOKS_DIR": str(hooks.root)})
+    try:
+        yield engine, hooks
+    finally:
+        for name in ("cancel.after_check", "instances.before_name", "clone", "destroy"):
+            hooks.release(name)  # never leave a request paused
+        stop_engine(engine)
+
+
+def prepared_state(engine: EngineProcess, sql: str = "create table t(x int)") -> str:
+    job = engine.prepare(["-c", sql])
+    assert job["status"] == "succeeded", job
+    return str(job["result"]["state_id"])
+
+
+def create(engine: EngineProcess, state_id: str, **extra: Any) -> HttpResult:
+    return engine.post("/v1/instances", {"state_id": state_id, **extra})
+
+
+def created(engine: EngineProcess, state_id: str, **extra: Any) -> str:
+    result = create(engine, state_id, **extra)
+    assert result.status == 201, result.body
+    return str(result.json()["instance_id"])
+
+
+def patch_config(engine: EngineProcess, path: str, value: Any) -> None:
+    result = engine.request("PATCH", "/v1/config", {"path": path, "value": value})
+    assert result.status == 200, result.body
+
+
+# ----------------------------------------------------------------------------- races
+
+
+def test_cancel_never_overwrites_a_finished_job(hooked: tuple[EngineProcess, Hooks]) -> None:
+    engine, hooks = hooked
+    job_id = engine.submit(["-c", "select pg_sleep(2)"], plan_only=False)
+    hooks.arm("cancel.after_check")
+    cancel = Background(lambda: engine.post(f"/v1/prepare-jobs/{job_id}/cancel")).start()
+    hooks.wait_reached("cancel.after_check")  # the job was not finished when cancel looked
+    poll(lambda: engine.get(f"/v1/prepare-jobs/{job_id}").json()["status"] == "succeeded",
+         120, what="the job to succeed")
+    hooks.release("cancel.after_check")
+    answer = cancel.result()
+    assert answer.status == 200, answer.body
+    job = engine.get(f"/v1/prepare-jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and "error" not in job, job
+    events = engine.get(f"/v1/prepare-jobs/{job_id}/events").ndjson()
+    assert [e["type"] for e in events[-2:]] == ["status", "result"], events[-3:]
+    assert not any(e["type"] == "error" for e in events)
+
+
+def test_a_name_held_by_a_live_instance_is_not_taken(
+        hooked: tuple[EngineProcess, Hooks]) -> None:
+    engine, hooks = hooked
+    state_id = prepared_state(engine)
+    hooks.arm("instances.before_name")
+    first = Background(lambda: create(engine, state_id, name="shared")).start()
+    hooks.wait_reached("instances.before_name")  # created, name not bound yet
+    second = created(engine, state_id, name="shared")
+    hooks.release("instances.before_name")
+    loser = first.result()
+    assert loser.status == 409, loser.body
+    assert loser.json()["code"] == "conflict"
+    assert engine.get("/v1/names/shared").json()["instance_id"] == second
+    ids = {i["instance_id"] for i in engine.get("/v1/instances").json()}
+    assert second in ids and len(ids) == 2, ids  # the prepare's instance and the winner
+    rebind = engine.request("PUT", "/v1/names/shared",
+                            {"instance_id": next(iter(ids - {second}))})
+    assert rebind.status == 200, rebind.body  # an explicit rebind stays allowed
+
+
+def test_a_slow_clone_or_stop_blocks_nothing_else(hooked: tuple[EngineProcess, Hooks]) -> None:
+    engine, hooks = hooked
+    state_id = prepared_state(engine)
+    victim = created(engine, state_id)
+    expiring = created(engine, state_id, ttl_seconds=1)
+    hooks.arm("clone")
+    slow_create = Background(lambda: create(engine, state_id)).start()
+    hooks.wait_reached("clone")
+    assert create(engine, state_id).status == 201
+    assert engine.delete(f"/v1/instances/{victim}", timeout=30).status == 200
+    poll(lambda: engine.get(f"/v1/instances/{expiring}").status == 404, 60,
+         what="the TTL reaper to remove the expired instance")
+    hooks.release("clone")
+    slow = slow_create.result()
+    assert slow.status == 201, slow.body
+
+    hooks.arm("destroy")
+    slow_delete = Background(lambda: engine.delete(
+        f"/v1/instances/{slow.json()['instance_id']}")).start()
+    hooks.wait_reached("destroy")
+    other = created(engine, state_id)
+    assert engine.delete(f"/v1/instances/{other}", timeout=30).status == 200
+    hooks.release("destroy")
+    assert slow_delete.result().status == 200
+
+
+def test_eviction_never_removes_a_builds_input(engine: EngineProcess) -> None:
+    first = engine.prepare(["-c", "create table a(x int)"])
+    assert first["status"] == "succeeded", first
+    parent = first["result"]["state_id"]
+    assert engine.delete(f"/v1/instances/{first['result']['instance_id']}").status == 200
+    size = engine.get(f"/v1/states/{parent}").json()["size_bytes"]
+    # Only the parent is cached and it is above the high watermark: before the child's build,
+    # the cache is under pressure and the parent is the one eviction candidate.
+    patch_config(engine, "cache.capacity.minStateAge", "0s")
+    patch_config(engine, "cache.capacity.lowWatermark", 0.2)
+    patch_config(engine, "cache.capacity.highWatermark", 0.3)
+    patch_config(engine, "cache.capacity.maxBytes", size * 3)
+    job = engine.prepare(["-c", "create table a(x int)", "-c", "create table b(x int)"])
+    assert job["status"] == "succeeded", job.get("error")
+    assert engine.get(f"/v1/states/{parent}").status == 200
+    child = engine.get(f"/v1/states/{job['result']['state_id']}").json()
+    assert child["parent_state_id"] == parent
+
+
+# ------------------------------------------------------------------- failing closed
+
+
+def test_delete_is_blocked_when_connections_cannot_be_counted(engine: EngineProcess) -> None:
+    state_id = prepared_state(engine)
+    instance = create(engine, state_id).json()
+    psql(instance["dsn"], "ALTER ROLE sqlrs NOLOGIN")  # the engine's own session is refused
+    blocked = engine.delete(f"/v1/instances/{instance['instance_id']}")
+    assert blocked.status == 409, blocked.body
+    assert blocked.json()["root"]["blocked"] == "connections_unknown"
+    assert "conntrack failed" in (engine.state_dir / "logs" / "engine.log").read_text()
+    assert engine.get(f"/v1/instances/{instance['instance_id']}").status == 200
+    forced = engine.delete(f"/v1/instances/{instance['instance_id']}?force=true")
+    assert forced.status == 200, forced.body
+
+
+# -------------------------------------------------------------------- bounded history
+
+
+def test_job_history_is_bounded_by_count_and_age(engine: EngineProcess) -> None:
+    patch_config(engine, "orchestrator.jobs.maxHistory", 3)
+    done = [engine.prepare(["-c", f"select {n}"], plan_only=True)["job_id"] for n in range(5)]
+    listed = [job["job_id"] for job in engine.get("/v1/prepare-jobs").json()]
+    assert listed == done[-3:]
+    patch_config(engine, "orchestrator.jobs.maxHistoryAge", "1ns")
+    last = engine.prepare(["-c", "select 6"], plan_only=True)["job_id"]
+    assert [job["job_id"] for job in engine.get("/v1/prepare-jobs").json()] == [last]
+
+
+def test_heartbeats_slow_down_through_a_long_silent_step(engine: EngineProcess) -> None:
+    job = engine.prepare(["-c", "select pg_sleep(16)"])
+    assert job["status"] == "succeeded", job
+    events = engine.get(f"/v1/prepare-jobs/{job['job_id']}/events").ndjson()
+    repeats = [e for e in events if e["type"] == "task" and e["task_id"] == "execute-0"
+               and e["status"] == "running"][1:] + [
+        e for e in events if e["type"] == "log" and e["message"] == "psql: start"][1:]
+    # 0.5 s apart for the first 20 repeats (10 s), then 5 s apart: about 21, not 32
+    assert 10 <= len(repeats) <= 24, len(repeats)
+
+
+def test_rejected_config_patch_leaves_the_file_alone(engine: EngineProcess) -> None:
+    patch_config(engine, "cache.capacity.maxBytes", 12345)
+    config = engine.store / "config.json"
+    before = config.read_bytes()
+    for path, value in [("aaaa", 1), ("__proto__.polluted", True),
+                        ("cache.capacity.minStateAge", "-5m"), ("cache.capacity.maxBytes", -1),
+                        ("cache.capacity.maxBytes", "1"), ("cache.capacity", {"extra": 1}),
+                        ("cache.capacity.highWatermark", 0.1), ("log.level", "loud")]:
+        result = engine.request("PATCH", "/v1/config", {"path": path, "value": value})
+        assert result.status == 400, (path, result.body)
+        assert result.json()["code"] == "invalid_argument"
+    assert config.read_bytes() == before
+    assert json.loads(before) == {"cache": {"capacity": {"maxBytes": 12345}}}

@@ -1,0 +1,91 @@
+"""In-process unit tests of failure paths that must never report an outcome that did not
+happen (fakes stand in for Docker only here)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+
+import sqlrs_engine as se
+
+pytestmark = pytest.mark.unit
+
+
+def test_config_values_are_copies(tmp_path: Path) -> None:
+    config = se.ConfigManager(str(tmp_path / "config.json"))
+    capacity = config.value("cache.capacity")
+    capacity["maxBytes"] = 99
+    config.effective()["log"]["level"] = "error"
+    assert config.value("cache.capacity.maxBytes") == 0
+    assert config.value("log.level") == "debug"
+    assert se.CONFIG_DEFAULTS["cache"]["capacity"]["maxBytes"] == 0
+
+
+class FakeContainer:
+    def __init__(self, key: str, fail: bool) -> None:
+        self.id = f"{key}-container"
+        self.labels = {se.LABEL_KEY: key}
+        self.fail = fail
+
+    def remove(self, force: bool) -> None:
+        if self.fail:
+            raise docker.errors.APIError("removal refused")
+
+
+class FakeDocker(se.DockerRuntime):
+    def __init__(self, containers: list[FakeContainer]) -> None:
+        super().__init__("label")
+        self.containers = containers
+
+    def _labelled(self, labels: Any) -> list[Any]:
+        return list(self.containers)
+
+
+def test_sweep_reports_only_containers_really_removed(caplog: pytest.LogCaptureFixture) -> None:
+    runtime = FakeDocker([FakeContainer("kept", False), FakeContainer("gone", False),
+                          FakeContainer("stuck", True)])
+    with caplog.at_level(logging.WARNING, logger="sqlrs-engine"):
+        removed = runtime.sweep({"kept"})
+    assert removed == ["gone-container"]
+    assert "cannot remove container stuck-cont" in caplog.text
+
+
+class RunningForever:
+    def __init__(self) -> None:
+        self.killed = False
+
+    def exec_inspect(self, exec_id: str) -> dict[str, Any]:
+        return {"Running": True, "ExitCode": None, "Pid": 0}
+
+
+def test_docker_client_still_running_is_not_a_success() -> None:
+    api = RunningForever()
+    client = se.DockerClient.__new__(se.DockerClient)
+    client.api, client.exec_id, client.linger_seconds = api, "e" * 64, 0.05
+    with pytest.raises(se.DbmsError, match="kept running"):
+        client.wait()
+
+
+class FailingDeletion:
+    def delete_instance(self, instance_id: str, force: bool, dry_run: bool) -> Any:
+        raise se.RuntimeUnavailable("connection refused")
+
+
+class OneExpired:
+    def list_instances(self) -> list[Any]:
+        return [se.InstanceRow(instance_id="a" * 32, state_id="b" * 64, image_id="x",
+                               created_at=se.format_ts(0), expires_at=se.format_ts(1),
+                               runtime_id=None, runtime_dir=None, status="active", port=None,
+                               job_id=None, name=None)]
+
+
+def test_reaper_logs_what_it_could_not_reap(caplog: pytest.LogCaptureFixture) -> None:
+    reaper = se.Reaper(OneExpired(), FailingDeletion())  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="sqlrs-engine"):
+        assert reaper.sweep() == []
+    assert f"cannot remove expired instance {'a' * 32}" in caplog.text
+    assert "connection refused" in caplog.text
