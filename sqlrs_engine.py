@@ -13,6 +13,7 @@ instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, c
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import errno
@@ -32,6 +33,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -514,7 +516,8 @@ CREATE TABLE IF NOT EXISTS instances (
     runtime_dir TEXT,
     status TEXT NOT NULL DEFAULT 'active',
     port INTEGER,
-    job_id TEXT
+    job_id TEXT,
+    password TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_state ON instances(state_id);
 CREATE TABLE IF NOT EXISTS names (
@@ -642,6 +645,7 @@ class InstanceRow:
     port: int | None
     job_id: str | None
     name: str | None = None
+    password: str | None = field(default=None, repr=False)  #: never logged
 
 
 @dataclass
@@ -718,6 +722,10 @@ class MetadataStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate(STORE_SCHEMA)
+        with db.read() as conn:  # stores of engines from before per-instance passwords
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(instances)")}
+        if "password" not in columns:
+            db.migrate("ALTER TABLE instances ADD COLUMN password TEXT")
 
     # states -------------------------------------------------------------------------------
     def insert_state(self, state: StateRow) -> None:
@@ -767,11 +775,12 @@ class MetadataStore:
         with self.db.write() as conn:
             conn.execute(
                 "INSERT INTO instances (instance_id, state_id, image_id, created_at, expires_at,"
-                " runtime_id, runtime_dir, status, port, job_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " runtime_id, runtime_dir, status, port, job_id, password)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     inst.instance_id, inst.state_id, inst.image_id, inst.created_at,
                     inst.expires_at, inst.runtime_id, inst.runtime_dir, inst.status, inst.port,
-                    inst.job_id,
+                    inst.job_id, inst.password,
                 ),
             )
             conn.execute(
@@ -1274,8 +1283,11 @@ class Guard:
 ###############################################################################
 
 
-def json_line(value: Any) -> bytes:
-    return (json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+def json_line(value: Any, compact: bool = True) -> bytes:
+    """One JSON document and a newline, as UTF-8 (a lone surrogate, which UTF-8 cannot carry,
+    becomes its JSON escape)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":") if compact else None)
+    return (text + "\n").encode("utf-8", "backslashreplace")
 
 
 def wants_ndjson(accept: str | None) -> bool:
@@ -1285,16 +1297,19 @@ def wants_ndjson(accept: str | None) -> bool:
 MAX_EVENT_INDEX = 1 << 62
 
 
-def parse_events_range(header: str | None) -> int | None:
-    """``Range: events=N-`` → N (capped at MAX_EVENT_INDEX); None when absent; 416 for any
-    other form."""
+def parse_events_range(header: str | None) -> str | None:
+    """``Range: events=N-`` → N as decimal digits; None when absent; 416 for any other form."""
     if header is None:
         return None
     match = re.fullmatch(r"\s*events\s*=\s*(\d+)\s*-\s*", header)
     if not match:
         raise ApiError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, "invalid_range",
                        "unsupported Range", "only Range: events=<n>- is supported")
-    digits = match.group(1).lstrip("0") or "0"
+    return match.group(1).lstrip("0") or "0"
+
+
+def event_index(digits: str) -> int:
+    """A Range start as an event index (any start past MAX_EVENT_INDEX is past the end)."""
     return int(digits) if len(digits) < 19 else MAX_EVENT_INDEX
 
 
@@ -1616,8 +1631,9 @@ def fsync_dir(path: str) -> None:
 
 
 ###############################################################################
-# dbms: the Postgres server lifecycle through its own binaries (initdb, start, fast stop).
-# Owns the server processes it starts and the OS user they run as; may call ids, errors.
+# dbms: the Postgres server lifecycle through its own binaries (initdb, start, fast stop),
+# its authentication set-up and the engine's private sessions. Owns the server processes it
+# starts and the OS user they run as; may call ids, errors, config (atomic_write).
 ###############################################################################
 
 @dataclass(frozen=True)
@@ -1642,11 +1658,35 @@ class ServerUser:
     def is_self(self) -> bool:
         return self.uid == os.geteuid()
 
+    def can_enter(self, path: str) -> bool:
+        """Whether this user may search every directory down to ``path``."""
+        current = "/"
+        for part in [p for p in os.path.abspath(path).split("/") if p] + [""]:
+            try:
+                st = os.stat(current)
+            except OSError:
+                return False
+            bit = (stat.S_IXUSR if st.st_uid == self.uid else
+                   stat.S_IXGRP if st.st_gid == self.gid else stat.S_IXOTH)
+            if not st.st_mode & bit:
+                return False
+            current = os.path.join(current, part)
+        return True
+
 
 SUPERUSER = "sqlrs"
 INITDB_OPTIONS = (
-    f"--username={SUPERUSER}", "--auth=trust", "--encoding=UTF8", "--locale=C",
-    "--wal-segsize=1", "--no-sync",
+    f"--username={SUPERUSER}", "--auth-local=trust", "--auth-host=scram-sha-256",
+    "--encoding=UTF8", "--locale=C", "--wal-segsize=1", "--no-sync",
+)
+#: Written over a data directory's pg_hba.conf before every start, whatever state it came
+#: from: the unix socket (in a directory only the server user may enter) is trusted, every TCP
+#: client needs the instance's password.
+PG_HBA = (
+    b"# written by sqlrs-engine before every start\n"
+    b"local all all trust\n"
+    b"host all all 0.0.0.0/0 scram-sha-256\n"
+    b"host all all ::/0 scram-sha-256\n"
 )
 SERVER_SETTINGS = (
     "listen_addresses=127.0.0.1", "fsync=off", "full_page_writes=off", "logging_collector=off",
@@ -1654,6 +1694,34 @@ SERVER_SETTINGS = (
     "max_wal_senders=0",
 )
 READY_POLL_SECONDS = 0.002
+
+
+def write_hba(data_dir: str, owner: tuple[int, int]) -> None:
+    path = os.path.join(data_dir, "pg_hba.conf")
+    atomic_write(path, PG_HBA, 0o600)
+    os.chown(path, *owner)
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier Postgres stores for ``password`` (RFC 5802/7677): what the
+    engine sends instead of the password itself."""
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    encode = base64.b64encode
+    return (f"SCRAM-SHA-256${iterations}:{encode(salt).decode()}"
+            f"${encode(stored_key).decode()}:{encode(server_key).decode()}")
+
+
+def admin_session(socket_dir: str, port: int, application: str) -> Any:
+    """A superuser session over a server's private unix socket (psycopg2, imported here)."""
+    import psycopg2
+
+    conn = psycopg2.connect(host=socket_dir, port=port, user=SUPERUSER, dbname="postgres",
+                            connect_timeout=10, application_name=application)
+    conn.autocommit = True
+    return conn
 
 
 class DbmsError(Exception):
@@ -1709,7 +1777,7 @@ class PostgresDbms:
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
-    def _as_server_user(self) -> dict[str, Any]:
+    def as_server_user(self) -> dict[str, Any]:
         """Popen keywords that drop privileges to the server user."""
         if self.user.is_self:
             return {}
@@ -1718,7 +1786,7 @@ class PostgresDbms:
     def initdb(self, bindir: str, data_dir: str) -> None:
         proc = subprocess.run(
             [os.path.join(bindir, "initdb"), "-D", data_dir, *INITDB_OPTIONS],
-            capture_output=True, text=True, cwd="/", check=False, **self._as_server_user(),
+            capture_output=True, text=True, cwd="/", check=False, **self.as_server_user(),
         )
         if proc.returncode != 0:
             raise DbmsError(f"initdb failed: {proc.stdout}{proc.stderr}".strip())
@@ -1728,6 +1796,7 @@ class PostgresDbms:
         """Start a server on a free loopback port; return (pid, port) once it accepts."""
         os.makedirs(socket_dir, mode=0o700, exist_ok=True)
         os.chown(socket_dir, self.user.uid, self.user.gid)
+        write_hba(data_dir, (self.user.uid, self.user.gid))
         last_error = ""
         for _attempt in range(5):
             port = free_port()
@@ -1751,7 +1820,7 @@ class PostgresDbms:
             os.chmod(log_path, 0o600)
             proc: subprocess.Popen[bytes] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
-                start_new_session=True, **self._as_server_user(),
+                start_new_session=True, **self.as_server_user(),
             )
         with self._lock:
             self._children[proc.pid] = proc
@@ -1856,7 +1925,6 @@ class RuntimeHandle:
     port: int | None = None
     content_id: str = ""
     container_id: str | None = None
-    scripts_dir: str | None = None
     job_id: str | None = None
 
     @property
@@ -1869,8 +1937,10 @@ class RuntimeHandle:
     def log_path(self) -> str:
         return os.path.join(self.runtime_dir, "postgres.log")
 
-    def dsn(self) -> str:
-        return f"postgres://{SUPERUSER}@127.0.0.1:{self.port}/postgres"
+    def dsn(self, password: str | None) -> str:
+        """The client DSN; without a password it names no credential (for events)."""
+        secret = f":{urllib.parse.quote(password, safe='')}" if password else ""
+        return f"postgres://{SUPERUSER}{secret}@127.0.0.1:{self.port}/postgres"
 
 
 class ClientProcess:
@@ -1914,7 +1984,7 @@ def _pump(source: Iterator[bytes], name: str,
 class HostClient(ClientProcess):
     """A client subprocess on this machine."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], stdin: str | None) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None) -> None:
         self.proc = proc
         if stdin is not None:
             threading.Thread(target=_feed_stdin, args=(proc, stdin), daemon=True).start()
@@ -1933,10 +2003,10 @@ class HostClient(ClientProcess):
                 self.proc.kill()
 
 
-def _feed_stdin(proc: subprocess.Popen[bytes], text: str) -> None:
+def _feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
     assert proc.stdin
-    with contextlib.suppress(BrokenPipeError, OSError):
-        proc.stdin.write(text.encode())
+    with contextlib.suppress(BrokenPipeError, OSError):  # the client stopped reading: its exit
+        proc.stdin.write(data)                          # status says why
     with contextlib.suppress(BrokenPipeError, OSError):
         proc.stdin.close()
 
@@ -1956,7 +2026,13 @@ class HostRuntime:
         if re.fullmatch(r"\d+(\.\d+)*", spec):
             return DEBIAN_BINDIR.format(major=spec.split(".")[0])
         if os.path.isabs(spec):
-            return os.path.normpath(spec)
+            bindir = os.path.normpath(spec)
+            problem = untrusted_path_problem(bindir)
+            if problem:
+                raise invalid_argument("untrusted host binaries",
+                                       f"{problem}: only root or the engine's own user may"
+                                       " be able to change the binaries the engine runs")
+            return bindir
         raise invalid_argument("invalid image_id",
                                "host images are host:<major> or host:<absolute bindir>")
 
@@ -2023,19 +2099,26 @@ class HostRuntime:
         return bool(handle.pid) and self.dbms.alive(handle.pid or 0)
 
     def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
-               stdin: str | None, workdir: str) -> ClientProcess:
-        """A client binary (psql, pgbench) from the same bindir, connected to the server."""
-        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(handle.port),
-               "PGUSER": SUPERUSER, "PGDATABASE": "postgres", "PGAPPNAME": f"sqlrs-{program}"}
+               stdin: bytes | None, workdir: str) -> ClientProcess:
+        """A client binary (psql, pgbench) from the same bindir, run as the server's OS user
+        and connected over the private socket; ``workdir`` is used when that user may enter
+        it, "/" otherwise."""
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        env.update(PGHOST=handle.socket_dir, PGPORT=str(handle.port), PGUSER=SUPERUSER,
+                   PGDATABASE="postgres", PGAPPNAME=f"sqlrs-{program}")
+        as_user = self.dbms.as_server_user()
+        if as_user:
+            env.update(HOME="/", USER=self.dbms.user.name, LOGNAME=self.dbms.user.name)
         proc = subprocess.Popen(
-            [os.path.join(handle.image.bindir, program), *args], cwd=workdir, env=env,
+            [os.path.join(handle.image.bindir, program), *args],
+            cwd=workdir if not as_user or self.dbms.user.can_enter(workdir) else "/", env=env,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user,
         )
         return HostClient(proc, stdin)
 
-    def map_path(self, handle: RuntimeHandle, path: str) -> str:
-        return path
+    def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
+        return handle.socket_dir, handle.port or 0
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
@@ -2048,6 +2131,34 @@ class HostRuntime:
         handle.pid, handle.port = pid, int(lines[3].strip())
         return True
 
+
+
+HOST_BINARIES = ("postgres", "initdb", "pg_ctl", "psql", "pgbench")
+
+
+def untrusted_path_problem(bindir: str) -> str | None:
+    """Why the binaries in ``bindir`` could be swapped by someone else (None when they can
+    not): the directory, a directory above it or a binary owned by another user, or writable
+    by group or others (a sticky directory above, such as /tmp, is fine)."""
+    checks = [(bindir, False)]
+    for name in HOST_BINARIES:
+        real = os.path.realpath(os.path.join(bindir, name))
+        if os.path.exists(real):
+            checks.append((real, False))
+    seen: set[str] = set()
+    for path, sticky_ok in checks:
+        while path not in seen:
+            seen.add(path)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None  # resolving the image reports missing binaries
+            if st.st_uid not in (0, os.geteuid()):
+                return f"{path} belongs to uid {st.st_uid}"
+            if st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+                return f"{path} is writable by {'others' if st.st_mode & 0o002 else 'its group'}"
+            path, sticky_ok = os.path.dirname(path), True
+    return None
 
 
 class RuntimeUnavailable(ApiError):
@@ -2072,30 +2183,32 @@ class Runtime(Protocol):
     def alive(self, handle: RuntimeHandle) -> bool: ...
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool: ...
     def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
-               stdin: str | None, workdir: str) -> ClientProcess: ...
-    def map_path(self, handle: RuntimeHandle, path: str) -> str: ...
+               stdin: bytes | None, workdir: str) -> ClientProcess: ...
+    def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
+        """(unix socket directory, port) of the engine's own sessions, seen from here."""
 
 
 PGDATA_IN_CONTAINER = "/var/lib/postgresql/data/pgdata"
-SCRIPTS_IN_CONTAINER = "/sqlrs/scripts"
 LABEL_ENGINE = "sqlrs.engine"
 LABEL_KEY = "sqlrs.runtime"
 LABEL_JOB = "sqlrs.job"
-CLIENT_ENV = {"PGHOST": "127.0.0.1", "PGPORT": "5432", "PGUSER": SUPERUSER,
+#: the socket lives in the data directory (0700, the postgres user's): private to the server
+#: user inside the container, and reachable from the host through the bind mount
+CLIENT_ENV = {"PGHOST": PGDATA_IN_CONTAINER, "PGPORT": "5432", "PGUSER": SUPERUSER,
               "PGDATABASE": "postgres"}
 
 
 class DockerClient(ClientProcess):
     """A client program run with ``docker exec`` over an attached socket (stdin supported)."""
 
-    def __init__(self, api: Any, exec_id: str, sock: Any, stdin: str | None) -> None:
+    def __init__(self, api: Any, exec_id: str, sock: Any, stdin: bytes | None) -> None:
         self.api = api
         self.exec_id = exec_id
         self.sock = sock
         raw = getattr(sock, "_sock", sock)
         with contextlib.suppress(OSError):
             if stdin is not None:
-                raw.sendall(stdin.encode())
+                raw.sendall(stdin)
             raw.shutdown(socket.SHUT_WR)
 
     def lines(self) -> Iterator[tuple[str, bytes]]:
@@ -2294,14 +2407,10 @@ class DockerRuntime:
         self._run_helper(self._image_ref(image),
                          ["initdb", "-D", PGDATA_IN_CONTAINER, *INITDB_OPTIONS], pgdata,
                          user="postgres")
-        with open(os.path.join(pgdata, "pg_hba.conf"), "a", encoding="utf-8") as hba:
-            hba.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
 
     # lifecycle ----------------------------------------------------------------------------
     def _create(self, handle: RuntimeHandle) -> Any:
         volumes = {handle.data_dir: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}}
-        if handle.scripts_dir:
-            volumes[handle.scripts_dir] = {"bind": SCRIPTS_IN_CONTAINER, "mode": "ro"}
         labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
         if handle.job_id:
             labels[LABEL_JOB] = handle.job_id
@@ -2325,9 +2434,11 @@ class DockerRuntime:
             container = self._create(handle)
             with contextlib.suppress(FileNotFoundError):  # left by a killed container
                 os.unlink(os.path.join(handle.data_dir, "postmaster.pid"))
+        write_hba(handle.data_dir, handle.image.owner)
         options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
         self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log",
-                               "-W", "-o", f"-c listen_addresses=* -p 5432 {options}", "start"])
+                               "-W", "-o", f"-c listen_addresses=* -p 5432 -k {PGDATA_IN_CONTAINER}"
+                               f" {options}", "start"])
         container.reload()
         deadline = time.monotonic() + 60
         while True:
@@ -2445,19 +2556,18 @@ class DockerRuntime:
 
     # clients ------------------------------------------------------------------------------
     def client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
-               stdin: str | None, workdir: str) -> ClientProcess:
+               stdin: bytes | None, workdir: str) -> ClientProcess:
+        """A client in the container, as its postgres user, over the private socket (the
+        host's ``workdir`` does not exist in there: it runs in /)."""
         api = self.docker().api
         created = self._call(api.exec_create, handle.container_id, [program, *args],
-                             stdin=True, user="root", workdir=workdir,
+                             stdin=True, user="postgres", workdir="/",
                              environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
         sock = self._call(api.exec_start, created["Id"], socket=True)
         return DockerClient(api, created["Id"], sock, stdin)
 
-    def map_path(self, handle: RuntimeHandle, path: str) -> str:
-        root = handle.scripts_dir
-        if root and (path == root or path.startswith(root.rstrip("/") + "/")):
-            return os.path.join(SCRIPTS_IN_CONTAINER, os.path.relpath(path, root))
-        return "/" if os.path.isdir(path) else path
+    def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
+        return handle.data_dir, 5432
 
 
 @dataclass(frozen=True)
@@ -2561,29 +2671,34 @@ TERMINATE_CONNECTIONS_SQL = (
 )
 
 
-class ConnectionTracker:
-    """Counts and terminates client sessions of a running instance (not the engine's own)."""
+class ConntrackError(Exception):
+    """Client sessions could not be counted or ended."""
 
-    def _query(self, handle: RuntimeHandle, sql: str) -> int:
+
+class ConnectionTracker:
+    """Counts and terminates client sessions of a running instance (not the engine's own),
+    over the server's private socket."""
+
+    def _query(self, endpoint: tuple[str, int], sql: str) -> int:
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=handle.port, user=SUPERUSER,
-                                dbname="postgres", connect_timeout=5,
-                                application_name="sqlrs-engine-conntrack")
         try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql)
-                row = cur.fetchone()
-                return int(row[0]) if row else 0
-        finally:
-            conn.close()
+            conn = admin_session(*endpoint, "sqlrs-engine-conntrack")
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql)
+                    row = cur.fetchone()
+                    return int(row[0]) if row else 0
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:
+            raise ConntrackError(str(exc).strip()) from exc
 
-    def active(self, handle: RuntimeHandle) -> int:
-        return self._query(handle, COUNT_CONNECTIONS_SQL) if handle.port else 0
+    def active(self, endpoint: tuple[str, int]) -> int:
+        return self._query(endpoint, COUNT_CONNECTIONS_SQL)
 
-    def terminate(self, handle: RuntimeHandle) -> int:
-        return self._query(handle, TERMINATE_CONNECTIONS_SQL) if handle.port else 0
+    def terminate(self, endpoint: tuple[str, int]) -> int:
+        return self._query(endpoint, TERMINATE_CONNECTIONS_SQL)
 
 
 
@@ -2685,12 +2800,11 @@ class InstanceManager:
         )
 
     def new_runtime(self, key: str, image: ResolvedImage, source_pgdata: str,
-                    content_id: str, job_id: str | None = None,
-                    scripts_dir: str | None = None) -> RuntimeHandle:
+                    content_id: str, job_id: str | None = None) -> RuntimeHandle:
         """Clone ``source_pgdata`` into a fresh (stopped) runtime named ``key``; whatever an
         interrupted earlier attempt left under that key goes first."""
         handle = self._handle(key, image)
-        handle.job_id, handle.scripts_dir = job_id, scripts_dir
+        handle.job_id = job_id
         self.runtimes.for_image(image.requested).discard(handle)
         self.snapshots.release(handle.runtime_dir, key)
         pause_point("clone")
@@ -2715,20 +2829,41 @@ class InstanceManager:
         with self._lock:
             self._handles.pop(handle.key, None)
 
+    def _admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
+        return self.runtimes.for_image(handle.image.requested).admin_endpoint(handle)
+
+    def set_password(self, handle: RuntimeHandle) -> str:
+        """Give a started runtime its own random superuser password (over the private
+        socket; only the SCRAM verifier is sent) and return it. Never part of a state."""
+        import psycopg2
+
+        password = secrets.token_urlsafe(24)
+        try:
+            conn = admin_session(*self._admin_endpoint(handle), "sqlrs-engine")
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"ALTER ROLE {SUPERUSER} PASSWORD %s",
+                                (scram_verifier(password),))
+            finally:
+                conn.close()
+        except psycopg2.Error as exc:
+            raise DbmsError(f"cannot set the instance password: {str(exc).strip()}") from exc
+        return password
+
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)
         return image, self.snapshots.source_of(state.state_dir)
 
     # instances ----------------------------------------------------------------------------
     def register(self, handle: RuntimeHandle, state_id: str, job_id: str | None,
-                 ttl_seconds: int | None) -> InstanceRow:
+                 ttl_seconds: int | None, password: str) -> InstanceRow:
         now = time.time_ns()
         row = InstanceRow(
             instance_id=handle.key, state_id=state_id, image_id=handle.image.resolved_id,
             created_at=format_ts(now),
             expires_at=format_ts(now + ttl_seconds * 1_000_000_000) if ttl_seconds else None,
             runtime_id=handle.runtime_id, runtime_dir=handle.runtime_dir, status="active",
-            port=handle.port, job_id=job_id,
+            port=handle.port, job_id=job_id, password=password,
         )
         self.store.insert_instance(row)
         with self._lock:
@@ -2746,7 +2881,8 @@ class InstanceManager:
             handle = self.new_runtime(key, image, source, state.state_id)
             try:
                 self.start(handle)
-                return self.register(handle, state.state_id, None, ttl_seconds)
+                return self.register(handle, state.state_id, None, ttl_seconds,
+                                     self.set_password(handle))
             except BaseException:
                 self.discard(handle)
                 raise
@@ -2779,7 +2915,7 @@ class InstanceManager:
                 "expires_at": row.expires_at,
                 "runtime_id": row.runtime_id,
                 "status": self.status(row, handle),
-                "dsn": handle.dsn() if handle else None,
+                "dsn": handle.dsn(row.password) if handle else None,
             }
         )
 
@@ -2812,8 +2948,8 @@ class InstanceManager:
         if handle is None:
             return 0
         try:
-            return self.conntrack.active(handle)
-        except Exception as exc:
+            return self.conntrack.active(self._admin_endpoint(handle))
+        except ConntrackError as exc:
             log.warning("conntrack failed for %s: %s", row.instance_id, exc)
             return None
 
@@ -2822,8 +2958,8 @@ class InstanceManager:
         handle = self.live_handle(row)
         if handle and terminate_connections:
             try:
-                self.conntrack.terminate(handle)
-            except Exception as exc:
+                self.conntrack.terminate(self._admin_endpoint(handle))
+            except ConntrackError as exc:
                 log.warning("terminating sessions of %s failed (stopping it anyway): %s",
                             row.instance_id, exc)
         pause_point("destroy")
@@ -3558,6 +3694,9 @@ class StepPlan:
     args: list[str]
     summary: str
     normalized: str
+    #: for a file or stdin input: the expanded text the step was hashed from, which psql is
+    #: fed on stdin (so it runs exactly what was hashed and needs no access to the files)
+    script: bytes | None = field(default=None, repr=False)
 
 
 def plan_steps(request: PrepareRequest, resolved_image: str,
@@ -3573,8 +3712,9 @@ def plan_steps(request: PrepareRequest, resolved_image: str,
         state_id = state_id_for(input_kind, input_id, task_hash)
         summary = items[0].summary if items else ""
         normalized = " ".join([*(items[0].args if items else []), *plan.shared])
+        script = hasher.input_text(items[0]) if items and items[0].kind != "command" else None
         steps.append(StepPlan(index, input_kind, input_id, task_hash, state_id,
-                              plan.step_args(index), summary, normalized))
+                              plan.step_args(index), summary, normalized, script))
         input_kind, input_id = "state", state_id
     whole = psql_task_hash(hasher.content_hash(plan.inputs), engine_version)
     return steps, job_signature(whole, resolved_image, request.plan_only)
@@ -3887,8 +4027,7 @@ class Executor:
                 state = self._pin_state(job.job_id, input_id)
                 source = self.snapshots.source_of(state.state_dir)
             run.runtime = self.instances.new_runtime(
-                derived_instance_id(job.job_id), image, source, input_id, job.job_id,
-                request.plan.scripts_dir)
+                derived_instance_id(job.job_id), image, source, input_id, job.job_id)
             self.instances.pin_runtime(job.job_id, run.runtime)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
         if not self.runtimes.for_image(image.requested).alive(run.runtime):
@@ -3900,13 +4039,10 @@ class Executor:
                   run: JobRun, emit: EventEmitter) -> None:
         runtime = self.runtimes.for_image(handle.image.requested)
         args = list(step.args)
-        for index, arg in enumerate(args[:-1]):
-            if arg == "-f" and args[index + 1] != "-":
-                args[index + 1] = runtime.map_path(handle, args[index + 1])
-        feeds_stdin = "-f" in step.args and step.args[step.args.index("-f") + 1] == "-"
+        if step.script is not None:  # ends with -f <path or ->
+            args[-1] = "-"
         emit.log("psql: start")
-        proc = runtime.client(handle, "psql", args, request.stdin if feeds_stdin else None,
-                              runtime.map_path(handle, request.plan.work_dir))
+        proc = runtime.client(handle, "psql", args, step.script, request.plan.work_dir)
         run.process = proc
         try:
             output = collect_output(proc, emit.log, "psql: ")
@@ -3959,12 +4095,15 @@ class Executor:
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
         handle = self._runtime_for(job, request, image, "state", last.state_id, run, emit)
-        row = self.instances.register(handle, last.state_id, job.job_id, request.ttl_seconds)
+        password = self.instances.set_password(handle)
+        row = self.instances.register(handle, last.state_id, job.job_id, request.ttl_seconds,
+                                      password)
         run.runtime = None
         emit.log(f"instance created {row.instance_id}")
         emit.task("prepare-instance", "succeeded")
         return {
-            "dsn": handle.dsn(), "instance_id": row.instance_id, "state_id": last.state_id,
+            "dsn": handle.dsn(None),  # stored and streamed without the password
+            "instance_id": row.instance_id, "state_id": last.state_id,
             "image_id": image.resolved_id, "prepare_kind": "psql",
             "prepare_args_normalized": " ".join(request.plan.normalized),
         }
@@ -4017,6 +4156,8 @@ class PrepareManager:
     # submit / run -------------------------------------------------------------------------
     def submit(self, body: Any) -> JobRow:
         request = PrepareRequest.parse(body, self.cwd)
+        if request.image_id.startswith(HOST_IMAGE_PREFIX):  # refuse untrusted binaries now
+            self.executor.runtimes.host.bindir_for(request.image_id)
         job = JobRow(
             job_id=random_hex(16), status="queued", prepare_kind=request.prepare_kind,
             image_id=request.image_id, plan_only=request.plan_only,
@@ -4080,6 +4221,18 @@ class PrepareManager:
     def get(self, job_id: str) -> JobRow | None:
         return self.jobs.get_job(job_id) if is_job_id(job_id) else None
 
+    def result_json(self, job: JobRow) -> JsonDict | None:
+        """The stored result, its DSN completed with the instance's password (kept only with
+        the instance, never in job rows or events) while the instance exists."""
+        if not job.result_json:
+            return None
+        result: JsonDict = json.loads(job.result_json)
+        row = self.instances.store.get_instance(str(result.get("instance_id", "")))
+        entry = self.instances.entry(row) if row else {}
+        if entry.get("dsn"):
+            result["dsn"] = entry["dsn"]
+        return result
+
     def status_json(self, job: JobRow) -> JsonDict:
         tasks = [task.to_json() for _job, task in self.jobs.list_tasks(job.job_id)]
         out = _omit_none({
@@ -4088,7 +4241,7 @@ class PrepareManager:
             "prepare_args_normalized": job.prepare_args_normalized or None,
             "created_at": job.created_at, "started_at": job.started_at,
             "finished_at": job.finished_at, "tasks": tasks or None,
-            "result": json.loads(job.result_json) if job.result_json else None,
+            "result": self.result_json(job),
             "error": json.loads(job.error_json) if job.error_json else None,
         })
         return out
@@ -4310,7 +4463,8 @@ class RunManager:
                   handle: RuntimeHandle) -> Generator[bytes, None, int]:
         runtime = self.instances.runtimes.for_image(handle.image.requested)
         try:
-            proc = runtime.client(handle, kind, step.args, step.stdin, "/")
+            stdin = step.stdin.encode() if step.stdin is not None else None
+            proc = runtime.client(handle, kind, step.args, stdin, "/")
         except (OSError, ApiError) as exc:
             yield json_line({"type": "error", "ts": format_ts(),
                              "error": {"code": "internal_error", "message": "run failed",
@@ -4353,8 +4507,7 @@ class Response:
 
 
 def json_response(status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(status, (json.dumps(value, ensure_ascii=False) + "\n").encode(),
-                    "application/json", headers or {})
+    return Response(status, json_line(value, compact=False), "application/json", headers or {})
 
 
 def text_not_found() -> Response:
@@ -4418,7 +4571,9 @@ def parse_json_body(raw: bytes) -> Any:
         value = json.loads(raw.decode("utf-8") if raw else "",
                            parse_constant=_reject_json_constant)
         too_deep = _nested_deeper(value, MAX_JSON_DEPTH)
-    except (UnicodeDecodeError, ValueError) as exc:
+        if not too_deep:  # a lone surrogate ("\ud800") is no text: nothing could store it
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError) as exc:
         raise invalid_argument("invalid json payload", str(exc)) from None
     except RecursionError:
         too_deep = True
@@ -4792,7 +4947,8 @@ def _oa_schemas() -> _OaJson:
                 "expires_at": _oa_ts(),
                 "runtime_id": _oa_str(description="Container id or host-runtime handle."),
                 "dsn": _oa_str(
-                    description="libpq URL, e.g. postgres://sqlrs@127.0.0.1:5433/postgres"
+                    description="libpq URL with the instance's own password, e.g."
+                    " postgres://sqlrs:<password>@127.0.0.1:5433/postgres"
                 ),
                 "status": _oa_enum("active", "expired", "orphaned"),
             },
@@ -5758,7 +5914,8 @@ class Api:
         if start is not None:
             headers["Content-Range"] = f"events {start}-"
         return Response(206 if start is not None else 200, content_type="application/x-ndjson",
-                        headers=headers, stream=self._event_stream(job_id, start or 0))
+                        headers=headers,
+                        stream=self._event_stream(job_id, event_index(start or "0")))
 
     def _event_stream(self, job_id: str, index: int) -> Iterator[bytes]:
         jobs = self.e.prepare.jobs
@@ -5881,8 +6038,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         log.info("http error status=%d message=%s remote=%s", code, message,
                  self.client_address[0])
         self.close_connection = True
-        response = json_response(code, error.body(), {"Connection": "close"})
-        self._send(response)
+        if self.request_version == "HTTP/0.9":  # unparsable request line: answer as HTTP/1.1
+            self.request_version = self.protocol_version
+        self._send(json_response(code, error.body(), {"Connection": "close"}))
 
     def _send(self, response: Response) -> int:
         try:
