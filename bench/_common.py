@@ -391,12 +391,12 @@ def prepare(engine: Engine, psql_args: Sequence[str], stdin: str | None = None,
     posted = time.time()
     job_id = submit_prepare(engine, psql_args, stdin)
     events = follow_events(engine, job_id, until_result)
-    ended = time.time()
-    results = [e["result"] for e in events if e.get("type") == "result"]
-    if not results:
+    if not any(e.get("type") == "result" for e in events):
         errors = [e.get("error") for e in events if e.get("type") == "error"]
         raise BenchError(f"prepare job {job_id} failed: {errors or events[-3:]}")
-    return PrepareOutcome(job_id, events, posted, ended, results[0])
+    # as the CLI does: the DSN with the instance's password comes from the job's status
+    result: JsonDict = engine.call("GET", f"/v1/prepare-jobs/{job_id}")["result"]
+    return PrepareOutcome(job_id, events, posted, time.time(), result)
 
 
 def create_instance(engine: Engine, state_id: str) -> JsonDict:

@@ -137,6 +137,7 @@ class Server:
     data_dir: Path
     port: int
     log_path: Path
+    sock_dir: Path
 
     def stop(self, timeout: float = 60.0) -> None:
         """Fast shutdown (SIGINT) and wait for the postmaster to exit."""
@@ -161,9 +162,18 @@ def _ready(data_dir: Path, pid: int) -> bool:
     return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
 
 
+#: Baseline servers let TCP clients in without a password: the floor the engine's
+#: per-instance passwords are measured against (bench/instances.py measures their cost).
+TRUST_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n"
+
+
 def start_server(area: Scratch, data_dir: Path, settings: Sequence[str] = ENGINE_SETTINGS
                  ) -> Server:
-    """Start ``postgres`` on a free port and wait for ``postmaster.pid`` line 8 == ready."""
+    """Start ``postgres`` on a free port (trust for TCP) and wait for ``postmaster.pid`` line
+    8 == ready."""
+    hba = data_dir / "pg_hba.conf"
+    hba.write_text(TRUST_HBA)
+    os.chown(hba, *server_ids())
     port = free_port()
     sock_dir = area.new_dir("sock")
     os.chown(sock_dir, *server_ids())
@@ -175,7 +185,7 @@ def start_server(area: Scratch, data_dir: Path, settings: Sequence[str] = ENGINE
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=log_file, cwd="/", start_new_session=True,
                                 **as_server_user())
-    server = Server(proc, data_dir, port, log_path)
+    server = Server(proc, data_dir, port, log_path, sock_dir)
     area.servers.append(server)
     deadline = time.monotonic() + READY_DEADLINE_S
     while not _ready(data_dir, proc.pid):

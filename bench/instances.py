@@ -8,18 +8,23 @@ Baselines, same run, on a running server holding the same data (an engine instan
 state, whose ``postgres`` database is the template; the admin session is on ``template1``):
 ``CREATE DATABASE … TEMPLATE postgres STRATEGY WAL_LOG`` and ``… FILE_COPY``, each until a
 connection to the new database succeeds; and a fresh ``initdb`` + start + connect.
-Also: 20 concurrent creations from the 10 MB state (wall time and per-instance latencies).
+Also: 20 concurrent creations from the 10 MB state (wall time and per-instance latencies),
+and what a per-instance password costs against the trust floor, on a scratch server: the
+engine's hand-out (SCRAM verifier + ``ALTER ROLE`` over the unix socket) plus a first TCP
+connection with the password, minus a first TCP connection with trust. Goal: <= 10 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import shutil
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
+import psycopg2
 from _common import (
     Engine,
     Goal,
@@ -40,8 +45,18 @@ from _common import (
     ratio,
     run_main,
     temp_dir,
+    timed,
 )
-from _pg import Scratch, check_connection, connect, execute, initdb, scratch, start_server
+from _pg import (
+    _ENGINE,
+    Scratch,
+    check_connection,
+    connect,
+    execute,
+    initdb,
+    scratch,
+    start_server,
+)
 
 ROW_BYTES = 546  # a row of (int, 500-byte text) takes ~546 bytes of heap (15 per 8 kB page)
 SMALL_MB = 10
@@ -198,6 +213,67 @@ def report(states: list[BuiltState], engine_s: dict[str, list[float]],
             Goal(f"{states[1].label} / {states[0].label}", ratio(big, small), 1.2, "x")]
 
 
+@dataclass
+class PasswordCost:
+    hand_out: list[float]
+    trust_connect: list[float]
+    scram_connect: list[float]
+
+    @property
+    def added(self) -> float:
+        return (median(self.hand_out) + median(self.scram_connect)
+                - median(self.trust_connect))
+
+
+def password_cost(area: Scratch, runs: int) -> PasswordCost:
+    data = area.pg_dir(area.new_dir("password"))
+    initdb(data)
+    server = start_server(area, data)
+    cost = PasswordCost([], [], [])
+    passwords = []
+    for _ in range(runs):
+        password = secrets.token_urlsafe(24)
+        passwords.append(password)
+
+        def hand_out(password: str = password) -> None:
+            conn = _ENGINE.admin_session(str(server.sock_dir), server.port, "bench")
+            with conn.cursor() as cur:
+                cur.execute(f"ALTER ROLE {_ENGINE.SUPERUSER} PASSWORD %s",
+                            (_ENGINE.scram_verifier(password),))
+            conn.close()
+
+        cost.hand_out.append(timed(hand_out))
+        cost.trust_connect.append(timed(lambda: psycopg2.connect(server.dsn()).close()))
+    (data / "pg_hba.conf").write_bytes(_ENGINE.PG_HBA)
+    execute(server.dsn(), "SELECT pg_reload_conf()")
+    deadline = time.monotonic() + 30
+    while True:  # until the reload took effect: a passwordless client is refused
+        try:
+            psycopg2.connect(server.dsn()).close()
+        except psycopg2.OperationalError:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError("pg_hba.conf reload did not take effect")
+        time.sleep(0.002)
+    secret = server.dsn().replace("@", f":{passwords[-1]}@", 1)
+    cost.scram_connect = [timed(lambda: psycopg2.connect(secret).close()) for _ in range(runs)]
+    return cost
+
+
+def report_password(cost: PasswordCost) -> Goal:
+    rows = [[name, str(len(values)), fmt_s(median(values)), fmt_s(min(values)),
+             fmt_s(max(values))]
+            for name, values in (("hand-out: verifier + ALTER ROLE over the socket",
+                                  cost.hand_out),
+                                 ("first TCP connection, trust (the floor)",
+                                  cost.trust_connect),
+                                 ("first TCP connection, scram-sha-256 password",
+                                  cost.scram_connect))]
+    print_table("Per-instance password", ["measurement", "runs", "median", "min", "max"], rows)
+    print(f"added per instance: {fmt_s(cost.added)}")
+    return Goal("password cost per instance (median)", cost.added, 0.010, "s")
+
+
 def report_concurrent(result: Concurrent, count: int, single: float) -> None:
     lat = result.latencies or [0.0]
     print_table(f"{count} concurrent creations from the small state (threads)",
@@ -235,6 +311,8 @@ def bench(options: Options) -> None:
             report_concurrent(result, count, median(engine_s[states[0].label]))
             goals.append(Goal(f"failed creations of {count} concurrent",
                               float(len(result.errors)), 0, "n"))
+            print("\nper-instance password against the trust floor", flush=True)
+            goals.append(report_password(password_cost(area, max(options.runs, 20))))
         print_goals(goals)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +79,14 @@ def main() -> int:
         if final["status"] != "succeeded":
             raise SystemExit(f"prepare failed: {final.get('error')}")
         result = final["result"]
-        print(f"DSN={result['dsn']}")
+        dsn = urllib.parse.urlsplit(result["dsn"])
+        password = urllib.parse.unquote(dsn.password or "")
+        bare = dsn._replace(netloc=f"{dsn.username}@{dsn.hostname}:{dsn.port}").geturl()
+        print(f"DSN={bare} (with the instance's password)")
         print(f"state {result['state_id']}")
-        out = subprocess.run(["/usr/lib/postgresql/15/bin/psql", "-X", result["dsn"],
-                              "-c", QUERY], capture_output=True, text=True, check=True)
+        out = subprocess.run(["/usr/lib/postgresql/15/bin/psql", "-X", bare, "-c", QUERY],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PGPASSWORD": password})  # never in argv
         print(out.stdout)
         client.call("DELETE", f"/v1/instances/{result['instance_id']}?force=true")
     finally:
