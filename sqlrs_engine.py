@@ -8,6 +8,8 @@ engine on loopback, authenticated by a bearer token it writes to ``engine.json``
 Sections, in dependency order (later sections use earlier ones, never the reverse):
 ids, errors, config, store, queue, registry, auth, stream, snapshot, dbms, runtime, conntrack,
 instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, cli/main.
+Every section may call ids and errors; each banner names what else it may call, and
+tests/test_layers.py holds the module to that.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ log = logging.getLogger("sqlrs-engine")
 JsonDict = dict[str, Any]
 
 ###############################################################################
-# ids: identifier formats, validation, timestamps and Go durations.
-# Owns nothing; may call only the standard library.
+# ids: identifier formats, validation, timestamps, Go durations, and the file-system helpers
+# every layer shares (atomic writes, locks, tree removal). Owns nothing; may call only the
+# standard library.
 ###############################################################################
 
 HEX32_RE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -181,6 +184,38 @@ def pause_point(name: str) -> None:
         time.sleep(0.01)
 
 
+def atomic_write(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_tree(path: str) -> None:
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            raise OSError(errno.EBUSY, f"cannot remove {path}")
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: released by the kernel if the engine dies."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def safe_path_component(value: str) -> str:
     """Map an arbitrary string (an image id) to one safe path component."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value).strip(".")
@@ -243,7 +278,7 @@ class EngineStopping(Exception):
 
 ###############################################################################
 # config: engine settings persisted in <store>/config.json (§3.8).
-# Owns config.json; may call ids and errors.
+# Owns config.json; may call nothing but ids and errors.
 ###############################################################################
 
 CONFIG_DEFAULTS: JsonDict = {
@@ -470,22 +505,12 @@ def _assign(tree: JsonDict, keys: Sequence[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def atomic_write(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+
 
 
 ###############################################################################
 # store: SQLite metadata for states, instances and names (§7.4).
-# Owns state.db and its connections; may call ids and errors.
+# Owns state.db and its connections; may call nothing but ids and errors.
 ###############################################################################
 
 STORE_SCHEMA = """
@@ -872,7 +897,7 @@ class MetadataStore:
 
 ###############################################################################
 # queue: prepare jobs, their tasks and events in SQLite (§5.9), plus the wake-up signal
-# for event streams. Owns the prepare_* tables; may call store (Database), ids, errors.
+# for event streams. Owns the prepare_* tables; may call store (Database).
 ###############################################################################
 
 QUEUE_SCHEMA = """
@@ -1196,7 +1221,8 @@ class JobQueue:
 
 
 ###############################################################################
-# registry: resolves instance references (id or name), the "redirect decision" of §3.3.
+# registry: resolves instance references (id or name; the "redirect decision" of §3.3) and
+# state references (id or unique prefix).
 # Owns nothing; may call store.
 ###############################################################################
 
@@ -1208,7 +1234,8 @@ class Resolution:
 
 
 class Registry:
-    """Maps an instance reference (32-hex id, else a name) to an instance row."""
+    """Maps an instance reference (32-hex id, else a name) to an instance row, and a state
+    reference (id, or a unique prefix of 8+ hex digits) to a state row."""
 
     def __init__(self, store: MetadataStore) -> None:
         self.store = store
@@ -1226,6 +1253,24 @@ class Registry:
             if target:
                 return Resolution(target, by_name=True)
         return None
+
+    def resolve_state(self, ref: str) -> StateRow:
+        """A state by full id or 8+ hex prefix (ambiguous → 409 listing the candidates)."""
+        lowered = ref.lower()
+        if is_state_id(lowered):
+            state = self.store.get_state(lowered)
+            if state:
+                return state
+            raise not_found("state not found")
+        if len(lowered) < 8 or not re.fullmatch(r"[0-9a-f]+", lowered):
+            raise invalid_argument("invalid state_id",
+                                   "state_id must be a state id or at least 8 hex characters")
+        matches = self.store.list_states(id_prefix=lowered)
+        if not matches:
+            raise not_found("state not found")
+        if len(matches) > 1:
+            raise conflict("ambiguous state id prefix", [row.state_id for row in matches])
+        return matches[0]
 
 
 def validate_name(name: str) -> None:
@@ -1315,7 +1360,8 @@ def event_index(digits: str) -> int:
 
 ###############################################################################
 # snapshot: writable clones of immutable directories and atomic publication of states (§14.2).
-# Owns mounts under the expose root and the directories it is handed; may call ids, errors.
+# Owns mounts under the expose root and the directories it is handed; may call nothing but ids
+# and errors.
 ###############################################################################
 
 MNT_DETACH = 2
@@ -1391,11 +1437,7 @@ def fsync_tree(path: str) -> None:
         os.close(fd)
 
 
-def remove_tree(path: str) -> None:
-    if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.lexists(path):
-            raise OSError(errno.EBUSY, f"cannot remove {path}")
+
 
 
 def copy_tree(source: str, dest: str) -> None:
@@ -1633,7 +1675,7 @@ def fsync_dir(path: str) -> None:
 ###############################################################################
 # dbms: the Postgres server lifecycle through its own binaries (initdb, start, fast stop),
 # its authentication set-up and the engine's private sessions. Owns the server processes it
-# starts and the OS user they run as; may call ids, errors, config (atomic_write).
+# starts and the OS user they run as; may call nothing but ids and errors.
 ###############################################################################
 
 @dataclass(frozen=True)
@@ -1890,8 +1932,7 @@ class PostgresDbms:
 
 ###############################################################################
 # runtime: where Postgres runs: ``host`` (this machine's binaries) or ``docker`` (§14.1).
-# Owns image resolution, containers and the base cluster per image; may call dbms, snapshot,
-# errors, ids.
+# Owns image resolution, containers and the base cluster per image; may call snapshot, dbms.
 ###############################################################################
 
 HOST_IMAGE_PREFIX = "host:"
@@ -2599,16 +2640,7 @@ class StoreLayout:
         return os.path.join(self.instances_dir(), instance_id)
 
 
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path``: released by the kernel if the engine dies."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+
 
 
 class Runtimes:
@@ -2658,7 +2690,7 @@ class Runtimes:
 
 ###############################################################################
 # conntrack: active client connections of an instance, from pg_stat_activity (§14.7).
-# Owns nothing; may call runtime handles. psycopg2 is imported on first use.
+# Owns nothing; may call dbms (its private sessions). psycopg2 is imported on first use.
 ###############################################################################
 
 COUNT_CONNECTIONS_SQL = (
@@ -2705,7 +2737,7 @@ class ConnectionTracker:
 ###############################################################################
 # instances: live databases cloned from states (§6, §14.3, §14.5).
 # Owns <store>/instances/<id> and the runtime of each instance; may call store, snapshot,
-# runtime, conntrack.
+# dbms, runtime, conntrack.
 ###############################################################################
 
 
@@ -3010,7 +3042,8 @@ class InstanceManager:
 
 ###############################################################################
 # deletion: deletion trees for instances and states (§6.4), and the TTL reaper (§14.6);
-# nothing is deleted unless the whole tree may be. Owns nothing; may call store, instances.
+# nothing is deleted unless the whole tree may be. Owns nothing; may call store, snapshot,
+# instances.
 ###############################################################################
 
 
@@ -3378,7 +3411,7 @@ class CacheManager:
 
 ###############################################################################
 # planner: psql argument validation and normalisation (§5.2), content hashing (§5.5) and
-# task lists (§5.4). Pure logic apart from reading script files; may call ids, errors.
+# task lists (§5.4). Pure logic apart from reading script files; may call queue (PlanTask).
 ###############################################################################
 
 PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
@@ -3444,7 +3477,7 @@ class PsqlPlan:
         return max(1, len(self.inputs))
 
 
-def _split_flag(token: str, short: Sequence[str], long: Sequence[str]) -> tuple[str, str | None]:
+def split_flag(token: str, short: Sequence[str], long: Sequence[str]) -> tuple[str, str | None]:
     """Return (flag, attached value) when ``token`` is one of the flags, else ("", None)."""
     for flag in long:
         if token == flag:
@@ -3472,11 +3505,11 @@ def plan_psql(args: Sequence[str], stdin: str | None, cwd: str) -> PsqlPlan:
             if pos < len(args):
                 raise invalid_argument("positional arguments are not allowed")
             continue
-        if _split_flag(token, CONNECTION_FLAGS, CONNECTION_LONG)[0]:
+        if split_flag(token, CONNECTION_FLAGS, CONNECTION_LONG)[0]:
             raise invalid_argument("connection flags are not allowed", token)
         if not token.startswith("-") or token == "-":
             raise invalid_argument("positional database arguments are not allowed", token)
-        flag, value = _split_flag(token, VALUE_FLAGS_SHORT, VALUE_FLAGS_LONG)
+        flag, value = split_flag(token, VALUE_FLAGS_SHORT, VALUE_FLAGS_LONG)
         if flag and value is None:
             if pos >= len(args):
                 if flag in ("-v", "--set", "--variable"):
@@ -3741,7 +3774,7 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 ###############################################################################
 # executor: runs one job's tasks in order and records every step as events (§5.3, §5.6).
 # Owns the job's runtime while it runs; may call queue, store, snapshot, runtime, instances,
-# planner.
+# cache, planner.
 ###############################################################################
 
 HEARTBEAT_SECONDS = 0.5
@@ -4133,7 +4166,7 @@ def collect_output(proc: ClientProcess, log_line: Callable[[str], None], prefix:
 ###############################################################################
 # prepare manager: submit, status, cancel, list, delete, retention and restart recovery of
 # prepare jobs (§3.5, §5.3, §5.10). Owns the worker pool and the in-memory JobRun table; may
-# call queue, store, instances, planner, executor.
+# call config, queue, store, runtime, instances, deletion, planner, executor.
 ###############################################################################
 
 MAX_CRASH_ATTEMPTS = 3
@@ -4354,7 +4387,7 @@ class PrepareManager:
 
 ###############################################################################
 # runs: psql and pgbench against an instance, output streamed live as NDJSON (§3.7, §14.9).
-# Owns the client processes of a run; may call registry, instances, runtime.
+# Owns the client processes of a run; may call stream, registry, instances, runtime, planner.
 ###############################################################################
 
 RUN_KINDS = ("psql", "pgbench")
@@ -4416,7 +4449,7 @@ class RunRequest:
         short, long = PSQL_CONNECTION_FLAGS if self.kind == "psql" else PGBENCH_CONNECTION_FLAGS
         for step in self.steps:
             for arg in step.args:
-                is_flag = bool(_split_flag(arg, short, long)[0])
+                is_flag = bool(split_flag(arg, short, long)[0])
                 if is_flag or (self.kind == "psql" and not arg.startswith("-") and "://" in arg):
                     raise conflict(f"conflicting {self.kind} connection arguments", arg)
 
@@ -5688,11 +5721,25 @@ def openapi_document(version: str) -> dict[str, Any]:
     return doc
 
 
+@dataclass
 class Api:
-    """The engine's HTTP endpoints; each method turns a Request into a Response."""
+    """The engine's HTTP endpoints; each method turns a Request into a Response using the
+    managers it is given."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.e = engine
+    version: str
+    instance_id: str
+    config: ConfigManager
+    store: MetadataStore
+    jobs: JobQueue
+    registry: Registry
+    instances: InstanceManager
+    deletion: DeletionManager
+    cache: CacheManager
+    prepare: PrepareManager
+    runs: RunManager
+    routes: list[Route] = field(init=False)
+
+    def __post_init__(self) -> None:
         self.routes = self._routes()
 
     def _routes(self) -> list[Route]:
@@ -5734,11 +5781,11 @@ class Api:
 
     # meta ---------------------------------------------------------------------------------
     def health(self, req: Request) -> Response:
-        return json_response(200, {"ok": True, "version": self.e.version,
-                                   "instanceId": self.e.instance_id, "pid": os.getpid()})
+        return json_response(200, {"ok": True, "version": self.version,
+                                   "instanceId": self.instance_id, "pid": os.getpid()})
 
     def openapi(self, req: Request) -> Response:
-        return json_response(200, openapi_document(self.e.version))
+        return json_response(200, openapi_document(self.version))
 
     # config -------------------------------------------------------------------------------
     def _config_path(self, req: Request, required: bool) -> str | None:
@@ -5756,7 +5803,7 @@ class Api:
     def config_get(self, req: Request) -> Response:
         effective = req.flag("effective")
         path = self._config_path(req, required=False)
-        config = self.e.config
+        config = self.config
         if path is None:
             return json_response(200, config.effective() if effective else config.overrides())
         try:
@@ -5775,14 +5822,14 @@ class Api:
             parse_config_path(path)
         except ValueError as exc:
             raise invalid_argument("invalid path", str(exc)) from None
-        value = self.e.config.set(path, body["value"])
+        value = self.config.set(path, body["value"])
         return json_response(200, {"path": path, "value": value})
 
     def config_delete(self, req: Request) -> Response:
         path = self._config_path(req, required=True)
         assert path is not None
         try:
-            value = self.e.config.delete(path)
+            value = self.config.delete(path)
         except KeyError:
             raise ApiError(404, "not_found", "path not found", path) from None
         return json_response(200, {"path": path, "value": value})
@@ -5792,12 +5839,12 @@ class Api:
 
     # names --------------------------------------------------------------------------------
     def names_list(self, req: Request) -> Response:
-        rows = self.e.store.list_names(req.arg("instance") or None, req.arg("state") or None,
+        rows = self.store.list_names(req.arg("instance") or None, req.arg("state") or None,
                                        req.arg("image") or None)
         return list_response(req, [row.to_json() for row in rows])
 
     def name_get(self, req: Request, name: str) -> Response:
-        row = self.e.store.get_name(name) if name else None
+        row = self.store.get_name(name) if name else None
         return json_response(200, row.to_json()) if row else text_not_found()
 
     def name_put(self, req: Request, name: str) -> Response:
@@ -5806,34 +5853,34 @@ class Api:
         ref = body.get("instance_id")
         if not isinstance(ref, str) or not ref:
             raise invalid_argument("instance_id is required")
-        resolved = self.e.registry.resolve(ref) if is_instance_id(ref) else None
+        resolved = self.registry.resolve(ref) if is_instance_id(ref) else None
         if resolved is None or resolved.by_name:
             raise not_found("instance not found")
-        created = self.e.store.bind_name(name, resolved.instance)
-        row = self.e.store.get_name(name)
+        created = self.store.bind_name(name, resolved.instance)
+        row = self.store.get_name(name)
         assert row
         return json_response(201 if created else 200, row.to_json())
 
     def name_delete(self, req: Request, name: str) -> Response:
-        row = self.e.store.get_name(name) if name else None
-        if row is None or not self.e.store.unbind_name(name):
+        row = self.store.get_name(name) if name else None
+        if row is None or not self.store.unbind_name(name):
             raise not_found("name not found")
         return json_response(200, row.to_json())
 
     # instances ----------------------------------------------------------------------------
     def instances_list(self, req: Request) -> Response:
-        rows = self.e.store.list_instances(req.arg("state") or None, req.arg("image") or None,
+        rows = self.store.list_instances(req.arg("state") or None, req.arg("image") or None,
                                            id_prefix_arg(req))
-        return list_response(req, [self.e.instances.entry(row) for row in rows])
+        return list_response(req, [self.instances.entry(row) for row in rows])
 
     def instance_get(self, req: Request, ref: str) -> Response:
-        found = self.e.registry.resolve(ref)
+        found = self.registry.resolve(ref)
         if found is None:
             return text_not_found()
         if found.by_name:
             location = f"/v1/instances/{found.instance.instance_id}"
             return Response(307, headers={"Location": location})
-        return json_response(200, self.e.instances.entry(found.instance))
+        return json_response(200, self.instances.entry(found.instance))
 
     def instances_create(self, req: Request) -> Response:
         body = req.json_object()
@@ -5845,69 +5892,69 @@ class Api:
             if not isinstance(name, str):
                 raise invalid_argument("invalid name", "name must be a string")
             validate_name(name)
-            if self.e.store.get_name(name):
+            if self.store.get_name(name):
                 raise conflict("name already in use", name)
         ttl = parse_ttl(body.get("ttl_seconds"))
-        state = self.e.resolve_state(ref.strip())
-        row = self.e.instances.create(state, ttl)
+        state = self.registry.resolve_state(ref.strip())
+        row = self.instances.create(state, ttl)
         pause_point("instances.before_name")
-        if name is not None and not self.e.store.bind_name(name, row, only_if_free=True):
-            self.e.instances.destroy(row, terminate_connections=True)
+        if name is not None and not self.store.bind_name(name, row, only_if_free=True):
+            self.instances.destroy(row, terminate_connections=True)
             raise conflict("name already in use", name)
-        created = self.e.store.get_instance(row.instance_id)
+        created = self.store.get_instance(row.instance_id)
         assert created
-        return json_response(201, self.e.instances.entry(created),
+        return json_response(201, self.instances.entry(created),
                              {"Location": f"/v1/instances/{row.instance_id}"})
 
     def instance_delete(self, req: Request, instance_id: str) -> Response:
         force, dry_run = req.flag("force"), req.flag("dry_run")
-        status, result = self.e.deletion.delete_instance(instance_id, force, dry_run)
+        status, result = self.deletion.delete_instance(instance_id, force, dry_run)
         return json_response(status, result)
 
     # states -------------------------------------------------------------------------------
     def states_list(self, req: Request) -> Response:
-        rows = self.e.store.list_states(req.arg("kind") or None, req.arg("image") or None,
+        rows = self.store.list_states(req.arg("kind") or None, req.arg("image") or None,
                                         id_prefix_arg(req))
         return list_response(req, [row.to_json() for row in rows])
 
     def state_get(self, req: Request, state_id: str) -> Response:
-        row = self.e.store.get_state(state_id) if is_state_id(state_id) else None
+        row = self.store.get_state(state_id) if is_state_id(state_id) else None
         return json_response(200, row.to_json()) if row else text_not_found()
 
     def state_delete(self, req: Request, state_id: str) -> Response:
         recurse, force, dry_run = req.flag("recurse"), req.flag("force"), req.flag("dry_run")
-        status, result = self.e.deletion.delete_state(state_id, recurse, force, dry_run)
+        status, result = self.deletion.delete_state(state_id, recurse, force, dry_run)
         return json_response(status, result)
 
     # prepare jobs -------------------------------------------------------------------------
     def jobs_list(self, req: Request) -> Response:
-        jobs = self.e.prepare.jobs.list_jobs(req.arg("job") or None)
-        return list_response(req, [self.e.prepare.entry_json(job) for job in jobs])
+        jobs = self.jobs.list_jobs(req.arg("job") or None)
+        return list_response(req, [self.prepare.entry_json(job) for job in jobs])
 
     def jobs_submit(self, req: Request) -> Response:
-        job = self.e.prepare.submit(req.json())
+        job = self.prepare.submit(req.json())
         url = f"/v1/prepare-jobs/{job.job_id}"
         return json_response(201, {"job_id": job.job_id, "status_url": url,
                                    "events_url": f"{url}/events", "status": job.status},
                              {"Location": url})
 
     def job_get(self, req: Request, job_id: str) -> Response:
-        job = self.e.prepare.get(job_id)
-        return json_response(200, self.e.prepare.status_json(job)) if job else text_not_found()
+        job = self.prepare.get(job_id)
+        return json_response(200, self.prepare.status_json(job)) if job else text_not_found()
 
     def job_delete(self, req: Request, job_id: str) -> Response:
         force, dry_run = req.flag("force"), req.flag("dry_run")
-        status, result = self.e.prepare.delete(job_id, force, dry_run)
+        status, result = self.prepare.delete(job_id, force, dry_run)
         return json_response(status, result)
 
     def job_cancel(self, req: Request, job_id: str) -> Response:
         if not job_id:
             return text_not_found()
-        status, body = self.e.prepare.cancel(job_id)
+        status, body = self.prepare.cancel(job_id)
         return json_response(status, body)
 
     def job_events(self, req: Request, job_id: str) -> Response:
-        if self.e.prepare.get(job_id) is None:
+        if self.prepare.get(job_id) is None:
             return text_not_found()
         start = parse_events_range(req.header("Range"))
         headers = {"Accept-Ranges": "events"}
@@ -5918,7 +5965,7 @@ class Api:
                         stream=self._event_stream(job_id, event_index(start or "0")))
 
     def _event_stream(self, job_id: str, index: int) -> Iterator[bytes]:
-        jobs = self.e.prepare.jobs
+        jobs = self.jobs
         while True:
             since = jobs.version
             job = jobs.get_job(job_id)
@@ -5931,23 +5978,23 @@ class Api:
             jobs.wait_for_change(since, STREAM_POLL_SECONDS)
 
     def tasks_list(self, req: Request) -> Response:
-        rows = self.e.prepare.jobs.list_tasks(req.arg("job") or None)
+        rows = self.jobs.list_tasks(req.arg("job") or None)
         return list_response(req, [task.to_json(job_id) for job_id, task in rows])
 
     # cache --------------------------------------------------------------------------------
     def cache_status(self, req: Request) -> Response:
-        return json_response(200, self.e.cache.status())
+        return json_response(200, self.cache.status())
 
     def cache_explain(self, req: Request) -> Response:
         try:
-            return json_response(200, self.e.prepare.explain(req.json()))
+            return json_response(200, self.prepare.explain(req.json()))
         except JobFailure as exc:
             raise ApiError(500, exc.error["code"], exc.error["message"],
                            exc.error.get("details")) from None
 
     # runs ---------------------------------------------------------------------------------
     def runs_create(self, req: Request) -> Response:
-        stream = self.e.runs.start(req.json_object())
+        stream = self.runs.start(req.json_object())
         return Response(200, content_type="application/x-ndjson", stream=stream)
 
 
@@ -6235,7 +6282,7 @@ class Engine:
         self.db = Database(os.environ.get("SQLRS_STATE_DB") or
                            os.path.join(store_root, "state.db"))
         self.store = MetadataStore(self.db)
-        jobs = JobQueue(self.db)
+        self.jobs = JobQueue(self.db)
         self.config = ConfigManager(os.path.join(store_root, "config.json"))
         self.registry = Registry(self.store)
         self.layout = StoreLayout(store_root)
@@ -6249,9 +6296,9 @@ class Engine:
                                          ConnectionTracker())
         self.deletion = DeletionManager(self.store, self.instances)
         self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances)
-        executor = Executor(jobs, self.store, self.layout, self.runtimes, self.instances,
+        executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
                             self.snapshots, self.cache, self.version)
-        self.prepare = PrepareManager(jobs, executor, self.config, self.instances)
+        self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
 
     def recover(self) -> None:
@@ -6295,24 +6342,6 @@ class Engine:
             if not os.path.exists(os.path.join(row.state_dir, STATE_MARKER)) and not (
                     self.store.list_instances(state=row.state_id)):
                 self.store.delete_state(row.state_id)
-
-    def resolve_state(self, ref: str) -> StateRow:
-        """A state by full id or 8+ hex prefix (ambiguous → 409 listing the candidates)."""
-        lowered = ref.lower()
-        if is_state_id(lowered):
-            state = self.store.get_state(lowered)
-            if state:
-                return state
-            raise not_found("state not found")
-        if len(lowered) < 8 or not re.fullmatch(r"[0-9a-f]+", lowered):
-            raise invalid_argument("invalid state_id",
-                                   "state_id must be a state id or at least 8 hex characters")
-        matches = self.store.list_states(id_prefix=lowered)
-        if not matches:
-            raise not_found("state not found")
-        if len(matches) > 1:
-            raise conflict("ambiguous state id prefix", [row.state_id for row in matches])
-        return matches[0]
 
     def busy(self) -> bool:
         return self.prepare.busy()
@@ -6373,7 +6402,9 @@ def run_engine(options: Options) -> int:
     os.makedirs(store_root, mode=0o700, exist_ok=True)
     os.chmod(store_root, 0o700)
     engine = Engine(options, state_dir, store_root)
-    server.api = Api(engine)
+    server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
+                     engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
+                     engine.prepare, engine.runs)
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.activity = Activity()
