@@ -6,6 +6,12 @@ under ``_native/`` and unpacks them on first import into a per-content cache dir
 (``$SQLRS_ENGINE_CACHE`` or ``~/.cache/sqlrs-engine/native-<hash>``), published with a rename so
 two engines starting at once never see a half-written copy. The build is reproducible: entries
 are sorted and carry fixed timestamps and modes, so the same inputs give the same bytes.
+
+It also builds dist/sqlrs-engine: one file that is both a native executable and the zipapp. A
+small launcher (native/launcher.c, compiled with the system C compiler: $CC, cc, gcc or clang)
+comes first and the archive is written after it, so its offsets are right for zipfile, zipimport
+and unzip alike. The launcher execs ``python3 <itself> args...``. Without a compiler only the .pyz
+is built (with a warning) unless ``--native`` demands the executable.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import hashlib
 import importlib.util
 import marshal
 import os
+import platform
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +45,11 @@ DEFAULT_REQUIREMENTS = (
 )
 DROP_FROM_DIST_INFO = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")
 NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
+LAUNCHER_SOURCE = ROOT / "native" / "launcher.c"
+COMPILERS = ("cc", "gcc", "clang")
+# No paths, timestamps or debug info in the output: the same compiler gives the same bytes.
+LAUNCHER_FLAGS = ("-std=c11", "-Wall", "-Wextra", "-O2", "-s")
+SOURCE_DATE_EPOCH = "315532800"  # FIXED_TIME, 1980-01-01 UTC
 
 BOOTSTRAP = '''"""sqlrs-engine zipapp bootstrap: vendored imports, native parts unpacked."""
 import hashlib
@@ -192,11 +206,15 @@ def archive_entries(staging: Path, vendor: Path, natives: list[str]) -> dict[str
     return entries
 
 
-def write_archive(output: Path, entries: dict[str, bytes], interpreter: str) -> None:
+def write_archive(output: Path, entries: dict[str, bytes], prefix: bytes) -> None:
+    """Write ``prefix`` (a shebang line or the launcher), then the archive right after it.
+
+    zipfile records offsets from the start of the file, so the result is a valid zip as is.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".tmp")
+    tmp = output.with_name(output.name + ".tmp")
     with open(tmp, "wb") as handle:
-        handle.write(f"#!{interpreter}\n".encode())
+        handle.write(prefix)
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name in sorted(entries):
                 info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
@@ -207,9 +225,82 @@ def write_archive(output: Path, entries: dict[str, bytes], interpreter: str) -> 
     os.replace(tmp, output)
 
 
+class LauncherError(Exception):
+    """The native launcher could not be built."""
+
+
+def find_compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (it may carry flags) or the first of COMPILERS on PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in COMPILERS:
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise LauncherError(f"no C compiler found (set CC or install one of {', '.join(COMPILERS)})")
+
+
+def preferred_python(python_version: str | None) -> str | None:
+    """``python3.N`` for the Python the archive's compiled parts target (pip's 3.N or 3N)."""
+    version = python_version or f"{sys.version_info[0]}.{sys.version_info[1]}"
+    match = re.fullmatch(r"3\.?(\d{1,2})", version)
+    return f"python3.{match.group(1)}" if match else None
+
+
+def native_target_problem(wheel_platform: str | None) -> str | None:
+    """Why the host compiler cannot build for the target, if it cannot."""
+    if sys.platform != "linux":
+        return f"the native launcher supports Linux only (this is {sys.platform})"
+    machine = platform.machine()
+    if wheel_platform and not os.environ.get("CC") and not (
+            wheel_platform.startswith(("linux", "manylinux", "musllinux"))
+            and wheel_platform.endswith(machine)):
+        return (f"--platform {wheel_platform} is not this {machine} Linux host "
+                "(set CC to cross-build)")
+    return None
+
+
+def compile_launcher(compiler: list[str], python_name: str | None) -> bytes:
+    """Compile native/launcher.c in a scratch directory under a fixed name; return the binary."""
+    with tempfile.TemporaryDirectory(prefix="sqlrs-launcher-") as tmp:
+        shutil.copyfile(LAUNCHER_SOURCE, Path(tmp) / "launcher.c")
+        define = [f'-DPREFERRED_PYTHON="{python_name}"'] if python_name else []
+        cmd = [*compiler, *LAUNCHER_FLAGS, f"-ffile-prefix-map={tmp}=.", *define,
+               "-o", "launcher", "launcher.c"]
+        env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH, "LC_ALL": "C"}
+        try:
+            result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
+                                    check=False)
+        except OSError as exc:
+            raise LauncherError(f"cannot run {compiler[0]}: {exc}") from exc
+        if result.returncode != 0:
+            raise LauncherError(f"{shlex.join(cmd)} failed:\n{result.stderr.strip()}")
+        if result.stderr.strip():
+            print(result.stderr.strip(), file=sys.stderr)
+        return (Path(tmp) / "launcher").read_bytes()
+
+
+def build_launcher(wheel_platform: str | None, python_version: str | None) -> bytes:
+    problem = native_target_problem(wheel_platform)
+    if problem:
+        raise LauncherError(problem)
+    return compile_launcher(find_compiler(), preferred_python(python_version))
+
+
+def report(path: Path) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"{path} {path.stat().st_size} bytes sha256={digest}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=ROOT / "dist" / "sqlrs-engine.pyz")
+    parser.add_argument("--native-output", type=Path,
+                        help="the native executable; default: --output without its suffix")
+    native = parser.add_mutually_exclusive_group()
+    native.add_argument("--native", action="store_true",
+                        help="fail unless the native executable is built")
+    native.add_argument("--no-native", action="store_true", help="build only the .pyz")
     parser.add_argument("--platform", help="target wheel platform, e.g. manylinux2014_x86_64")
     parser.add_argument("--python-version", help="target Python, e.g. 3.11")
     parser.add_argument("--interpreter", default="/usr/bin/env python3")
@@ -220,6 +311,9 @@ def main() -> int:
     parser.add_argument("--no-bytecode", action="store_true",
                         help="leave out .pyc files (always left out for another Python)")
     args = parser.parse_args()
+    native_output: Path = args.native_output or args.output.with_suffix("")
+    if native_output.resolve() == args.output.resolve():
+        parser.error("the native executable needs its own path: pass --native-output")
     with tempfile.TemporaryDirectory(prefix="sqlrs-zipapp-") as tmp:
         staging = Path(tmp)
         vendor = staging / "vendor"
@@ -232,9 +326,21 @@ def main() -> int:
         same_python = args.python_version in (None, f"{sys.version_info[0]}.{sys.version_info[1]}")
         if same_python and not args.no_bytecode:
             add_bytecode(entries)
-        write_archive(args.output, entries, args.interpreter)
-    digest = hashlib.sha256(args.output.read_bytes()).hexdigest()
-    print(f"{args.output} {args.output.stat().st_size} bytes sha256={digest}")
+        write_archive(args.output, entries, f"#!{args.interpreter}\n".encode())
+        report(args.output)
+        if args.no_native:
+            return 0
+        try:
+            launcher = build_launcher(args.platform, args.python_version)
+        except LauncherError as exc:
+            stale = native_output.is_file()
+            native_output.unlink(missing_ok=True)
+            print(f"{'error' if args.native else 'warning'}: {native_output} was not built: "
+                  f"{exc}{' (removed the stale copy)' if stale else ''}", file=sys.stderr)
+            return 1 if args.native else 0
+        write_archive(native_output, entries, launcher)
+    report(native_output)
+    print(f"  native launcher: {len(launcher)} bytes")
     return 0
 
 
