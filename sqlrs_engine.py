@@ -5,6 +5,13 @@ of a Postgres data directory), caches them by content, and starts instances (liv
 servers with a DSN) from any state. It speaks the HTTP/JSON/NDJSON contract of the reference
 engine on loopback, authenticated by a bearer token it writes to ``engine.json``.
 
+Trust model: the engine listens on loopback only. Whoever holds the bearer token from
+``engine.json`` (0600, in a 0700 directory) controls it: they can build and delete states and
+instances, run SQL as superuser in every instance and read every DSN. Without the token only
+``/v1/health`` and ``/v1/openapi.json`` answer, and only to a loopback ``Host``. Instances
+take TCP clients only with their own password; the engine's own sessions use each server's
+unix socket, in a directory only the server's OS user (never root) may enter.
+
 Sections, in dependency order (later sections use earlier ones, never the reverse):
 ids, errors, config, store, queue, registry, auth, stream, snapshot, dbms, runtime, conntrack,
 instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, cli/main.
@@ -41,12 +48,14 @@ import sys
 import tempfile
 import threading
 import time
+import types
+import typing
 import urllib.parse
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Annotated, Any, NotRequired, Protocol, TypedDict, TypeVar, cast
 
 __version__ = "0.1.0"
 
@@ -75,6 +84,27 @@ GO_DURATION_UNITS = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
+
+
+class Doc:
+    """JSON Schema keywords refining a field of an API shape: ``Annotated[str, Doc(...)]``.
+    The shapes (TypedDicts next to the code producing them) are the one declaration of the
+    API; the OpenAPI document is generated from them."""
+
+    def __init__(self, description: str = "", **keywords: Any) -> None:
+        self.keywords = {**keywords, **({"description": description} if description else {})}
+
+
+Hex32 = Annotated[str, Doc(pattern="^[0-9a-f]{32}$")]
+Hex64 = Annotated[str, Doc(pattern="^[0-9a-f]{64}$")]
+Timestamp = Annotated[str, Doc(format="date-time")]
+Count = Annotated[int, Doc(minimum=0)]
+Shape = TypeVar("Shape", bound=Mapping[str, Any])
+
+
+def omit_none(values: Shape) -> Shape:
+    """``values`` without its None entries: an optional field is omitted, never null."""
+    return cast(Shape, {key: value for key, value in values.items() if value is not None})
 
 
 def random_hex(n_bytes: int) -> str:
@@ -107,10 +137,10 @@ def format_ts(ns: int | None = None) -> str:
 
 
 def parse_go_duration(text: str) -> float:
-    """Parse a Go duration (``30s``, ``2m0s``, ``1h30m``, ``0``) into seconds."""
-    value = text.strip()
-    sign = -1 if value.startswith("-") else 1
-    value = value.lstrip("+-")
+    """Parse a Go duration (``30s``, ``2m0s``, ``1h30m``, ``0``, one optional sign) into
+    seconds, as strictly as Go's ``time.ParseDuration`` (no spaces, at most 2^63-1 ns)."""
+    sign = -1 if text[:1] == "-" else 1
+    value = text[1:] if text[:1] in ("-", "+") else text
     if value == "0":
         return 0.0
     if not value:
@@ -122,7 +152,7 @@ def parse_go_duration(text: str) -> float:
             raise ValueError(f"invalid duration {text!r}")
         total_ns += float(match.group(1)) * GO_DURATION_UNITS[match.group(2)]
         pos = match.end()
-    if pos != len(value):
+    if pos != len(value) or total_ns > 2**63 - 1:
         raise ValueError(f"invalid duration {text!r}")
     return sign * total_ns / 1e9
 
@@ -228,6 +258,14 @@ def safe_path_component(value: str) -> str:
 ###############################################################################
 
 
+class ErrorBody(TypedDict):
+    """Every JSON error."""
+    code: Annotated[str, Doc("invalid_argument, not_found, conflict, internal_error, "
+                             "cancelled, cache_* ...", minLength=1)]
+    message: str
+    details: NotRequired[Annotated[str, Doc("Omitted when empty.")]]
+
+
 class ApiError(Exception):
     """A failure with an HTTP status and a JSON body ``{code, message[, details]}``."""
 
@@ -238,8 +276,8 @@ class ApiError(Exception):
         self.message = message
         self.details = details
 
-    def body(self) -> JsonDict:
-        out: JsonDict = {"code": self.code, "message": self.message}
+    def body(self) -> ErrorBody:
+        out = ErrorBody(code=self.code, message=self.message)
         if self.details not in (None, ""):
             out["details"] = (
                 self.details if isinstance(self.details, str) else json.dumps(self.details)
@@ -247,16 +285,21 @@ class ApiError(Exception):
         return out
 
 
+def internal_error(details: Any = None, message: str = "internal error",
+                   code: str = "internal_error") -> ApiError:
+    return ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, code, message, details)
+
+
 def invalid_argument(message: str, details: Any = None) -> ApiError:
-    return ApiError(400, "invalid_argument", message, details)
+    return ApiError(HTTPStatus.BAD_REQUEST, "invalid_argument", message, details)
 
 
 def not_found(message: str) -> ApiError:
-    return ApiError(404, "not_found", message)
+    return ApiError(HTTPStatus.NOT_FOUND, "not_found", message)
 
 
 def conflict(message: str, details: Any = None) -> ApiError:
-    return ApiError(409, "conflict", message, details)
+    return ApiError(HTTPStatus.CONFLICT, "conflict", message, details)
 
 
 class JobFailure(Exception):
@@ -264,7 +307,7 @@ class JobFailure(Exception):
 
     def __init__(self, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
-        self.error = ApiError(500, code, message, details).body()
+        self.error = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, code, message, details).body()
 
 
 class JobCancelled(JobFailure):
@@ -277,7 +320,7 @@ class EngineStopping(Exception):
 
 
 ###############################################################################
-# config: engine settings persisted in <store>/config.json (§3.8).
+# config: engine settings persisted in <store>/config.json.
 # Owns config.json; may call nothing but ids and errors.
 ###############################################################################
 
@@ -415,6 +458,10 @@ def validate_config(effective: JsonDict) -> None:
         raise ValueError("lowWatermark must be below highWatermark")
 
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
+              "error": logging.ERROR}
+
+
 class ConfigManager:
     """Engine configuration: defaults overlaid by overrides persisted atomically in config.json.
 
@@ -424,6 +471,7 @@ class ConfigManager:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: serialises changes: read, validate, write config.json, swap ``_overrides``
         self._lock = threading.Lock()
         self._overrides: JsonDict = {}
         if os.path.exists(path):
@@ -494,6 +542,16 @@ class ConfigManager:
     def _write(self, overrides: JsonDict) -> None:
         atomic_write(self.path, json.dumps(overrides, indent=2).encode() + b"\n", 0o600)
         self._overrides = overrides
+        self._apply_log_level(overrides)
+
+    def apply_log_level(self) -> None:
+        """``log.level`` takes effect (at start; every change applies it at once)."""
+        with self._lock:
+            self._apply_log_level(self._overrides)
+
+    @staticmethod
+    def _apply_log_level(overrides: JsonDict) -> None:
+        log.setLevel(LOG_LEVELS[deep_merge(CONFIG_DEFAULTS, overrides)["log"]["level"]])
 
 
 def _assign(tree: JsonDict, keys: Sequence[str], value: Any) -> None:
@@ -509,7 +567,7 @@ def _assign(tree: JsonDict, keys: Sequence[str], value: Any) -> None:
 
 
 ###############################################################################
-# store: SQLite metadata for states, instances and names (§7.4).
+# store: SQLite metadata for states, instances and names.
 # Owns state.db and its connections; may call nothing but ids and errors.
 ###############################################################################
 
@@ -525,10 +583,6 @@ CREATE TABLE IF NOT EXISTS states (
     size_bytes INTEGER,
     last_used_at TEXT,
     use_count INTEGER NOT NULL DEFAULT 0,
-    min_retention_until TEXT,
-    evicted_at TEXT,
-    eviction_reason TEXT,
-    status TEXT NOT NULL DEFAULT 'ready',
     state_dir TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS instances (
@@ -614,13 +668,37 @@ class Database:
                 return
 
 
-def _omit_none(values: Mapping[str, Any]) -> JsonDict:
-    return {key: value for key, value in values.items() if value is not None}
-
-
 def _prefix_like(prefix: str) -> str:
     escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "%"
+
+
+Kind = Annotated[str, Doc(enum=["psql", "lb"])]
+
+
+class StateEntry(TypedDict):
+    """A cached state (``GET /v1/states``)."""
+    state_id: Hex64
+    parent_state_id: NotRequired[Annotated[Hex64 | None, Doc("Absent for root states.")]]
+    image_id: str
+    prepare_kind: Kind
+    prepare_args_normalized: str
+    created_at: Timestamp
+    size_bytes: NotRequired[Count | None]
+    last_used_at: NotRequired[Timestamp | None]
+    use_count: Count
+    refcount: Annotated[Count, Doc("Instances running from this state.")]
+
+
+class NameEntry(TypedDict):
+    """A name bound to an instance (``GET /v1/names``)."""
+    name: Annotated[str, Doc(minLength=1)]
+    instance_id: NotRequired[Hex32 | None]
+    image_id: str
+    state_id: Hex64
+    state_fingerprint: Hex64
+    status: Annotated[str, Doc(enum=["active", "expired"])]
+    last_used_at: NotRequired[Timestamp | None]
 
 
 @dataclass
@@ -634,27 +712,18 @@ class StateRow:
     size_bytes: int | None
     last_used_at: str | None
     use_count: int
-    min_retention_until: str | None
     state_dir: str
     refcount: int = 0
     children: int = 0
 
-    def to_json(self) -> JsonDict:
-        return _omit_none(
-            {
-                "state_id": self.state_id,
-                "parent_state_id": self.parent_state_id,
-                "image_id": self.image_id,
-                "prepare_kind": self.prepare_kind,
-                "prepare_args_normalized": self.prepare_args_normalized,
-                "created_at": self.created_at,
-                "size_bytes": self.size_bytes,
-                "last_used_at": self.last_used_at,
-                "use_count": self.use_count,
-                "min_retention_until": self.min_retention_until,
-                "refcount": self.refcount,
-            }
-        )
+    def to_json(self) -> StateEntry:
+        return omit_none(StateEntry(
+            state_id=self.state_id, parent_state_id=self.parent_state_id,
+            image_id=self.image_id, prepare_kind=self.prepare_kind,
+            prepare_args_normalized=self.prepare_args_normalized, created_at=self.created_at,
+            size_bytes=self.size_bytes, last_used_at=self.last_used_at,
+            use_count=self.use_count, refcount=self.refcount,
+        ))
 
 
 @dataclass
@@ -682,25 +751,15 @@ class NameRow:
     image_id: str
     last_used_at: str | None
     instance_expires_at: str | None
-    instance_exists: bool
 
-    def to_json(self) -> JsonDict:
-        status = "active"
-        if not self.instance_exists:
-            status = "missing"
-        elif self.instance_expires_at and self.instance_expires_at < format_ts():
-            status = "expired"
-        return _omit_none(
-            {
-                "name": self.name,
-                "instance_id": self.instance_id,
-                "image_id": self.image_id,
-                "state_id": self.state_id or self.state_fingerprint,
-                "state_fingerprint": self.state_fingerprint,
-                "status": status,
-                "last_used_at": self.last_used_at,
-            }
-        )
+    def to_json(self) -> NameEntry:
+        expired = bool(self.instance_expires_at and self.instance_expires_at < format_ts())
+        return omit_none(NameEntry(
+            name=self.name, instance_id=self.instance_id, image_id=self.image_id,
+            state_id=self.state_id or self.state_fingerprint,
+            state_fingerprint=self.state_fingerprint,
+            status="expired" if expired else "active", last_used_at=self.last_used_at,
+        ))
 
 
 _STATE_SELECT = """
@@ -714,7 +773,7 @@ SELECT i.*, (SELECT n.name FROM names n WHERE n.instance_id = i.instance_id
 FROM instances i
 """
 _NAME_SELECT = """
-SELECT n.*, i.expires_at AS instance_expires_at, i.instance_id IS NOT NULL AS instance_exists
+SELECT n.*, i.expires_at AS instance_expires_at
 FROM names n LEFT JOIN instances i ON i.instance_id = n.instance_id
 """
 
@@ -730,9 +789,7 @@ def _instance_from(row: sqlite3.Row) -> InstanceRow:
 
 
 def _name_from(row: sqlite3.Row) -> NameRow:
-    values = {k: row[k] for k in NameRow.__dataclass_fields__}
-    values["instance_exists"] = bool(values["instance_exists"])
-    return NameRow(**values)
+    return NameRow(**{k: row[k] for k in NameRow.__dataclass_fields__})
 
 
 def _where(filters: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
@@ -896,7 +953,7 @@ class MetadataStore:
 
 
 ###############################################################################
-# queue: prepare jobs, their tasks and events in SQLite (§5.9), plus the wake-up signal
+# queue: prepare jobs, their tasks and events in SQLite, plus the wake-up signal
 # for event streams. Owns the prepare_* tables; may call store (Database).
 ###############################################################################
 
@@ -965,6 +1022,58 @@ TASK_FIELDS = (
 )
 
 
+JobStatus = Annotated[str, Doc(enum=["queued", "running", "succeeded", "failed"])]
+
+
+class TaskInput(TypedDict):
+    kind: Annotated[str, Doc(enum=["image", "state"])]
+    id: str
+
+
+class TaskEntry(TypedDict):
+    """A task of a job's plan; ``job_id``, ``status`` and ``args_summary`` only in
+    ``GET /v1/tasks``."""
+    task_id: Annotated[str, Doc(pattern="^(plan|resolve-image|execute-[0-9]+|prepare-instance)$")]
+    job_id: NotRequired[Hex32 | None]
+    type: Annotated[str, Doc(enum=["plan", "resolve_image", "state_execute",
+                                   "prepare_instance"])]
+    status: NotRequired[JobStatus | None]
+    planner_kind: NotRequired[str | None]
+    input: NotRequired[TaskInput | None]
+    image_id: NotRequired[str | None]
+    resolved_image_id: NotRequired[str | None]
+    args_summary: NotRequired[Annotated[str | None, Doc("e.g. `-f /abs/x.sql`.")]]
+    task_hash: NotRequired[Hex64 | None]
+    output_state_id: NotRequired[Hex64 | None]
+    cached: NotRequired[bool | None]
+    instance_mode: NotRequired[str | None]
+    changeset_id: NotRequired[str | None]
+    changeset_author: NotRequired[str | None]
+    changeset_path: NotRequired[str | None]
+
+
+class PrepareJobResult(TypedDict):
+    """What a succeeded prepare hands out."""
+    dsn: Annotated[str, Doc("With the instance's password in a job's status; without it in "
+                            "the events stream.", minLength=1)]
+    instance_id: Hex32
+    state_id: Hex64
+    image_id: Annotated[str, Doc("Resolved image id.")]
+    prepare_kind: Kind
+    prepare_args_normalized: str
+
+
+class PrepareJobEvent(TypedDict):
+    """One line of a job's NDJSON events stream."""
+    type: Annotated[str, Doc(enum=["status", "task", "log", "result", "error"])]
+    ts: Timestamp
+    status: NotRequired[JobStatus | None]
+    task_id: NotRequired[str | None]
+    message: NotRequired[str | None]
+    result: NotRequired[PrepareJobResult | None]
+    error: NotRequired[ErrorBody | None]
+
+
 @dataclass
 class JobRow:
     job_id: str
@@ -989,7 +1098,7 @@ class JobRow:
 
 @dataclass
 class PlanTask:
-    """One task of a prepare plan (§5.4); ``to_json`` gives the wire shape."""
+    """One task of a prepare plan; ``to_json`` gives the wire shape."""
 
     task_id: str
     type: str
@@ -1011,30 +1120,19 @@ class PlanTask:
     finished_at: str | None = None
     error_json: str | None = None
 
-    def to_json(self, job_id: str | None = None) -> JsonDict:
-        out = _omit_none(
-            {
-                "task_id": self.task_id,
-                "job_id": job_id,
-                "type": self.type,
-                "status": self.status if job_id else None,
-                "planner_kind": self.planner_kind,
-                "input": (
-                    {"kind": self.input_kind, "id": self.input_id} if self.input_kind else None
-                ),
-                "image_id": self.image_id,
-                "resolved_image_id": self.resolved_image_id,
-                "args_summary": self.args_summary if job_id else None,
-                "task_hash": self.task_hash,
-                "output_state_id": self.output_state_id,
-                "cached": self.cached,
-                "instance_mode": self.instance_mode,
-                "changeset_id": self.changeset_id,
-                "changeset_author": self.changeset_author,
-                "changeset_path": self.changeset_path,
-            }
-        )
-        return out
+    def to_json(self, job_id: str | None = None) -> TaskEntry:
+        listed = job_id is not None  # GET /v1/tasks carries the job's view of the task
+        return omit_none(TaskEntry(
+            task_id=self.task_id, job_id=job_id, type=self.type,
+            status=self.status if listed else None, planner_kind=self.planner_kind,
+            input=TaskInput(kind=self.input_kind, id=self.input_id or "")
+            if self.input_kind else None,
+            image_id=self.image_id, resolved_image_id=self.resolved_image_id,
+            args_summary=self.args_summary if listed else None, task_hash=self.task_hash,
+            output_state_id=self.output_state_id, cached=self.cached,
+            instance_mode=self.instance_mode, changeset_id=self.changeset_id,
+            changeset_author=self.changeset_author, changeset_path=self.changeset_path,
+        ))
 
 
 def _job_from(row: sqlite3.Row) -> JobRow:
@@ -1050,18 +1148,13 @@ def _task_from(row: sqlite3.Row) -> PlanTask:
     return PlanTask(**values)
 
 
-def event_to_json(row: sqlite3.Row) -> JsonDict:
-    return _omit_none(
-        {
-            "type": row["type"],
-            "ts": row["ts"],
-            "status": row["status"],
-            "task_id": row["task_id"],
-            "message": row["message"],
-            "result": json.loads(row["result_json"]) if row["result_json"] else None,
-            "error": json.loads(row["error_json"]) if row["error_json"] else None,
-        }
-    )
+def event_to_json(row: sqlite3.Row) -> PrepareJobEvent:
+    return omit_none(PrepareJobEvent(
+        type=row["type"], ts=row["ts"], status=row["status"], task_id=row["task_id"],
+        message=row["message"],
+        result=json.loads(row["result_json"]) if row["result_json"] else None,
+        error=json.loads(row["error_json"]) if row["error_json"] else None,
+    ))
 
 
 class JobQueue:
@@ -1070,6 +1163,7 @@ class JobQueue:
     def __init__(self, db: Database) -> None:
         self.db = db
         db.migrate(QUEUE_SCHEMA)
+        #: guards ``version``, bumped on every append; event streams wait on it
         self.changed = threading.Condition()
         self.version = 0
 
@@ -1211,7 +1305,7 @@ class JobQueue:
             ),
         )
 
-    def events(self, job_id: str, start: int) -> list[JsonDict]:
+    def events(self, job_id: str, start: int) -> list[PrepareJobEvent]:
         with self.db.read() as conn:
             rows = conn.execute(
                 "SELECT * FROM prepare_events WHERE job_id = ? ORDER BY seq LIMIT -1 OFFSET ?",
@@ -1221,7 +1315,7 @@ class JobQueue:
 
 
 ###############################################################################
-# registry: resolves instance references (id or name; the "redirect decision" of §3.3) and
+# registry: resolves instance references (id, else name: a name answers with a redirect) and
 # state references (id or unique prefix).
 # Owns nothing; may call store.
 ###############################################################################
@@ -1359,7 +1453,7 @@ def event_index(digits: str) -> int:
 
 
 ###############################################################################
-# snapshot: writable clones of immutable directories and atomic publication of states (§14.2).
+# snapshot: writable clones of immutable directories and atomic publication of states.
 # Owns mounts under the expose root and the directories it is handed; may call nothing but ids
 # and errors.
 ###############################################################################
@@ -1808,7 +1902,7 @@ def tail_file(path: str, limit: int = 4000) -> str:
 
 
 class PostgresDbms:
-    """Starts and stops Postgres servers without ``pg_ctl -w`` pacing (§ runtime notes).
+    """Starts and stops Postgres servers without ``pg_ctl -w`` pacing (readiness polled every 2 ms).
 
     Readiness is read from ``postmaster.pid`` (line 8 becomes ``ready``) every 2 ms and
     confirmed with one TCP connection; stop is SIGINT (fast shutdown) and a wait for the pid.
@@ -1817,6 +1911,7 @@ class PostgresDbms:
     def __init__(self, user: ServerUser) -> None:
         self.user = user
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        #: guards ``_children`` (servers started by this process, reaped on stop)
         self._lock = threading.Lock()
 
     def as_server_user(self) -> dict[str, Any]:
@@ -1931,7 +2026,7 @@ class PostgresDbms:
 
 
 ###############################################################################
-# runtime: where Postgres runs: ``host`` (this machine's binaries) or ``docker`` (§14.1).
+# runtime: where Postgres runs: ``host`` (this machine's binaries) or ``docker``.
 # Owns image resolution, containers and the base cluster per image; may call snapshot, dbms.
 ###############################################################################
 
@@ -2060,6 +2155,7 @@ class HostRuntime:
     def __init__(self, dbms: PostgresDbms) -> None:
         self.dbms = dbms
         self._fingerprints: dict[tuple[str, float, int], str] = {}
+        #: guards ``_fingerprints`` (binary fingerprints by path, mtime and size)
         self._lock = threading.Lock()
 
     def bindir_for(self, image_id: str) -> str:
@@ -2206,7 +2302,8 @@ class RuntimeUnavailable(ApiError):
     """The container engine cannot be reached; jobs fail and requests get 503 with this."""
 
     def __init__(self, details: str) -> None:
-        super().__init__(503, "docker_unavailable", "docker is not running",
+        super().__init__(HTTPStatus.SERVICE_UNAVAILABLE, "docker_unavailable",
+                         "docker is not running",
                          f"{details} (start Docker and retry)")
 
 
@@ -2298,7 +2395,7 @@ class DockerClient(ClientProcess):
 
 
 class DockerRuntime:
-    """Postgres in containers through the Docker SDK (§7.1, §14.1).
+    """Postgres in containers through the Docker SDK.
 
     One container per runtime runs ``sleep infinity`` with the runtime's data directory bind
     mounted at PGDATA and port 5432 published on 127.0.0.1 only; Postgres is started and
@@ -2307,14 +2404,26 @@ class DockerRuntime:
 
     kind = "docker"
 
-    def __init__(self, engine_label: str) -> None:
+    def __init__(self, engine_label: str, engine_kind: str = "auto") -> None:
         self.engine_label = engine_label
+        #: the container engine's API socket: DOCKER_HOST wins; ``container.runtime=podman``
+        #: means Podman's Docker-compatible socket; otherwise Docker's default socket
+        self.socket_path = "/var/run/docker.sock"
+        if engine_kind == "podman":
+            run = "/run" if os.geteuid() == 0 else os.environ.get(
+                "XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")
+            self.socket_path = f"{run}/podman/podman.sock"
         self._client: Any = None
+        #: guards ``_client`` (created on first use, dropped when the daemon goes away)
         self._lock = threading.Lock()
         self._resolved: dict[str, ResolvedImage] = {}
         self._owners: dict[str, tuple[int, int]] = {}
 
     # plumbing -----------------------------------------------------------------------------
+    def configured(self) -> bool:
+        """Whether a container engine may be there at all (no call is made)."""
+        return bool(os.environ.get("DOCKER_HOST")) or os.path.exists(self.socket_path)
+
     def docker(self) -> Any:
         """The SDK client, created on first use (the import is slow and often not needed)."""
         with self._lock:
@@ -2325,7 +2434,9 @@ class DockerRuntime:
 
                 try:
                     options: dict[str, Any] = {"timeout": 60, "num_pools": 256,
-                                               "max_pool_size": 64, **kwargs_from_env()}
+                                               "max_pool_size": 64,
+                                               "base_url": f"unix://{self.socket_path}",
+                                               **kwargs_from_env()}
                     client = docker.DockerClient(**options)
                     client.ping()
                 except (docker.errors.DockerException,
@@ -2333,7 +2444,8 @@ class DockerRuntime:
                     raise RuntimeUnavailable(str(exc)) from None
                 except (requests.exceptions.RequestException, ValueError) as exc:
                     log.warning("docker client: %s", exc)
-                    raise ApiError(502, "docker_error", "cannot talk to docker", str(exc)
+                    raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error",
+                                   "cannot talk to docker", str(exc)
                                    ) from None
                 self._client = client
             return self._client
@@ -2351,7 +2463,8 @@ class DockerRuntime:
                 self._client = None
             raise RuntimeUnavailable(str(exc)) from None
         except (requests.exceptions.RequestException, AttributeError) as exc:
-            raise ApiError(502, "docker_error", "docker call failed", str(exc)) from None
+            raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error", "docker call failed",
+                           str(exc)) from None
 
     def _container(self, container_id: str | None) -> Any:
         import docker.errors
@@ -2613,7 +2726,7 @@ class DockerRuntime:
 
 @dataclass(frozen=True)
 class StoreLayout:
-    """Paths inside the state store (§7.3); every id is validated before it becomes a path."""
+    """Paths inside the state store; every id is validated before it becomes a path."""
 
     root: str
 
@@ -2689,7 +2802,7 @@ class Runtimes:
 
 
 ###############################################################################
-# conntrack: active client connections of an instance, from pg_stat_activity (§14.7).
+# conntrack: active client connections of an instance, from pg_stat_activity.
 # Owns nothing; may call dbms (its private sessions). psycopg2 is imported on first use.
 ###############################################################################
 
@@ -2735,10 +2848,24 @@ class ConnectionTracker:
 
 
 ###############################################################################
-# instances: live databases cloned from states (§6, §14.3, §14.5).
+# instances: live databases cloned from states.
 # Owns <store>/instances/<id> and the runtime of each instance; may call store, snapshot,
 # dbms, runtime, conntrack.
 ###############################################################################
+
+
+class InstanceEntry(TypedDict):
+    """A live database (``GET /v1/instances``)."""
+    instance_id: Hex32
+    image_id: str
+    state_id: Hex64
+    name: NotRequired[Annotated[str | None, Doc("Primary name, if bound.", minLength=1)]]
+    created_at: Timestamp
+    expires_at: NotRequired[Timestamp | None]
+    runtime_id: NotRequired[Annotated[str | None, Doc("Container id or host:<pid>.")]]
+    status: Annotated[str, Doc(enum=["active", "expired", "orphaned"])]
+    dsn: NotRequired[Annotated[str | None, Doc(
+        "postgres://sqlrs:<password>@127.0.0.1:<port>/postgres while it runs")]]
 
 
 class InstanceManager:
@@ -2903,7 +3030,7 @@ class InstanceManager:
         return row
 
     def create(self, state: StateRow, ttl_seconds: int | None) -> InstanceRow:
-        """A new instance from ``state``: clone, start, register (§14.3)."""
+        """A new instance from ``state``: clone, start, register."""
         image, source = self.source_of(state)
         key = random_hex(16)
         self.pin(key, {state.state_dir})  # until the row protects the state
@@ -2934,22 +3061,15 @@ class InstanceManager:
             return "expired"
         return "active" if handle else "orphaned"
 
-    def entry(self, row: InstanceRow) -> JsonDict:
+    def entry(self, row: InstanceRow) -> InstanceEntry:
         """The wire form; the runtime is checked once for both status and DSN."""
         handle = self.live_handle(row)
-        return _omit_none(
-            {
-                "instance_id": row.instance_id,
-                "image_id": row.image_id,
-                "state_id": row.state_id,
-                "name": row.name,
-                "created_at": row.created_at,
-                "expires_at": row.expires_at,
-                "runtime_id": row.runtime_id,
-                "status": self.status(row, handle),
-                "dsn": handle.dsn(row.password) if handle else None,
-            }
-        )
+        return omit_none(InstanceEntry(
+            instance_id=row.instance_id, image_id=row.image_id, state_id=row.state_id,
+            name=row.name, created_at=row.created_at, expires_at=row.expires_at,
+            runtime_id=row.runtime_id, status=self.status(row, handle),
+            dsn=handle.dsn(row.password) if handle else None,
+        ))
 
     def ensure_running(self, row: InstanceRow, note: Callable[[str], None]) -> RuntimeHandle:
         """The instance's live runtime, restarted from its own data if the server is gone."""
@@ -3041,17 +3161,36 @@ class InstanceManager:
 
 
 ###############################################################################
-# deletion: deletion trees for instances and states (§6.4), and the TTL reaper (§14.6);
+# deletion: deletion trees for instances and states, and the TTL reaper;
 # nothing is deleted unless the whole tree may be. Owns nothing; may call store, snapshot,
 # instances.
 ###############################################################################
 
 
-def delete_result(dry_run: bool, root: JsonDict) -> tuple[int, JsonDict]:
+class DeleteNode(TypedDict):
+    """One node of a deletion tree, deepest first when carried out."""
+    kind: Annotated[str, Doc(enum=["state", "instance", "job"])]
+    id: Annotated[str, Doc(pattern="^([0-9a-f]{32}|[0-9a-f]{64})$")]
+    connections: NotRequired[Annotated[Count, Doc("Client sessions (instances only).")]]
+    runtime_id: NotRequired[str]
+    blocked: NotRequired[Annotated[str, Doc(enum=[
+        "active_connections", "connections_unknown", "active_tasks", "has_descendants",
+        "blocked_by_descendant"])]]
+    children: NotRequired[list[DeleteNode]]
+
+
+class DeleteResult(TypedDict):
+    """The answer of every DELETE of an instance, state or job."""
+    dry_run: bool
+    outcome: Annotated[str, Doc(enum=["deleted", "would_delete", "blocked"])]
+    root: DeleteNode
+
+
+def delete_result(dry_run: bool, root: DeleteNode) -> tuple[int, DeleteResult]:
     blocked = "blocked" in root
     outcome = "blocked" if blocked else ("would_delete" if dry_run else "deleted")
-    status = 409 if blocked and not dry_run else 200
-    return status, {"dry_run": dry_run, "outcome": outcome, "root": root}
+    status = HTTPStatus.CONFLICT if blocked and not dry_run else HTTPStatus.OK
+    return status, DeleteResult(dry_run=dry_run, outcome=outcome, root=root)
 
 
 class DeletionManager:
@@ -3065,9 +3204,9 @@ class DeletionManager:
         self.store = store
         self.instances = instances
 
-    def _instance_node(self, row: InstanceRow, force: bool) -> JsonDict:
+    def _instance_node(self, row: InstanceRow, force: bool) -> DeleteNode:
         connections = self.instances.connections(row)
-        node: JsonDict = {"kind": "instance", "id": row.instance_id,
+        node: DeleteNode = {"kind": "instance", "id": row.instance_id,
                           "connections": connections or 0}
         if row.runtime_id:
             node["runtime_id"] = row.runtime_id
@@ -3077,8 +3216,8 @@ class DeletionManager:
             node["blocked"] = "active_connections"
         return node
 
-    def _state_node(self, state: StateRow, recurse: bool, force: bool) -> JsonDict:
-        node: JsonDict = {"kind": "state", "id": state.state_id}
+    def _state_node(self, state: StateRow, recurse: bool, force: bool) -> DeleteNode:
+        node: DeleteNode = {"kind": "state", "id": state.state_id}
         instances = self.store.list_instances(state=state.state_id)
         children = self.store.list_states(parent=state.state_id)
         if self.instances.pinned(state.state_dir):
@@ -3096,7 +3235,8 @@ class DeletionManager:
             node["blocked"] = "blocked_by_descendant"
         return node
 
-    def delete_instance(self, instance_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
+    def delete_instance(self, instance_id: str, force: bool,
+                        dry_run: bool) -> tuple[int, DeleteResult]:
         if not is_instance_id(instance_id):
             raise not_found("instance not found")
         with self.instances.locked(instance_id):
@@ -3110,7 +3250,7 @@ class DeletionManager:
             return status, result
 
     def delete_state(self, state_id: str, recurse: bool, force: bool,
-                     dry_run: bool) -> tuple[int, JsonDict]:
+                     dry_run: bool) -> tuple[int, DeleteResult]:
         state = self.store.get_state(state_id) if is_state_id(state_id) else None
         if state is None:
             raise not_found("state not found")
@@ -3120,24 +3260,25 @@ class DeletionManager:
             return status, result
         dirs = {row.state_dir for row in self._states_in(node)}
         if not self.instances.claim(dirs):
-            return delete_result(dry_run, {**node, "blocked": "active_tasks"})
+            node["blocked"] = "active_tasks"
+            return delete_result(dry_run, node)
         try:
             again = self._state_node(state, recurse, force)  # what changed before the claim
             if "blocked" in again or _tree_ids(again) != _tree_ids(node):
-                return delete_result(dry_run, {**again, "blocked": again.get(
-                    "blocked", "active_tasks")})
+                again.setdefault("blocked", "active_tasks")
+                return delete_result(dry_run, again)
             self._carry_out(again, force)
         finally:
             self.instances.unclaim(dirs)
         return status, result
 
-    def _states_in(self, node: JsonDict) -> list[StateRow]:
+    def _states_in(self, node: DeleteNode) -> list[StateRow]:
         rows = [self.store.get_state(node["id"])] if node["kind"] == "state" else []
         for child in node.get("children", []):
             rows += self._states_in(child)
         return [row for row in rows if row is not None]
 
-    def _carry_out(self, node: JsonDict, force: bool) -> None:
+    def _carry_out(self, node: DeleteNode, force: bool) -> None:
         for child in node.get("children", []):
             self._carry_out(child, force)
         if node["kind"] == "instance":
@@ -3152,7 +3293,7 @@ class DeletionManager:
             self.store.delete_state(state.state_id)
 
 
-def _tree_ids(node: JsonDict) -> set[str]:
+def _tree_ids(node: DeleteNode) -> set[str]:
     ids = {node["id"]}
     for child in node.get("children", []):
         ids |= _tree_ids(child)
@@ -3160,7 +3301,7 @@ def _tree_ids(node: JsonDict) -> set[str]:
 
 
 class Reaper:
-    """Deletes expired instances (§14.6); one with active connections waits until they end."""
+    """Deletes expired instances; one with active connections waits until they end."""
 
     def __init__(self, store: MetadataStore, deletion: DeletionManager,
                  interval: float = 1.0) -> None:
@@ -3180,7 +3321,7 @@ class Reaper:
                 log.warning("ttl: cannot remove expired instance %s: %s %s", row.instance_id,
                             exc.message, exc.details or "")
                 continue
-            if status == 200:
+            if status == HTTPStatus.OK:
                 log.info("ttl: removed expired instance %s", row.instance_id)
                 removed.append(row.instance_id)
             else:
@@ -3206,7 +3347,7 @@ def remove_state_files(state: StateRow) -> None:
 
 
 ###############################################################################
-# cache: status, capacity and eviction of the state cache (§3.9, §5.11).
+# cache: status, capacity and eviction of the state cache.
 # Owns the cache_evictions table and .evict.lock; may call store, config, snapshot,
 # instances, deletion.
 ###############################################################################
@@ -3218,6 +3359,42 @@ CREATE TABLE IF NOT EXISTS cache_evictions (
 );
 """
 GIB = 1 << 30
+
+
+Fraction = Annotated[float, Doc(exclusiveMinimum=0, maximum=1)]
+
+
+class CacheEvictionSummary(TypedDict):
+    """What the last eviction run did."""
+    completed_at: Timestamp
+    trigger: str
+    evicted_count: Count
+    freed_bytes: Count
+    blocked_count: Count
+    reclaimable_bytes: Count
+    usage_bytes_before: Count
+    usage_bytes_after: Count
+    free_bytes_before: Count
+    free_bytes_after: Count
+
+
+class CacheStatus(TypedDict):
+    """``GET /v1/cache/status``."""
+    usage_bytes: Count
+    configured_max_bytes: NotRequired[Annotated[Count | None, Doc("Omitted when maxBytes=0.")]]
+    effective_max_bytes: int
+    reserve_bytes: Count
+    high_watermark: Fraction
+    low_watermark: Fraction
+    min_state_age: Annotated[str, Doc("Go duration, e.g. 10m0s.")]
+    store_total_bytes: Count
+    store_free_bytes: Count
+    state_count: Count
+    reclaimable_bytes: Count
+    blocked_count: Count
+    pressure_reasons: list[Annotated[str, Doc(enum=["usage_above_high_watermark",
+                                                      "physical_free_below_reserve"])]]
+    last_eviction: NotRequired[CacheEvictionSummary | None]
 
 
 @dataclass
@@ -3264,6 +3441,8 @@ class CacheManager:
         self.config = config
         self.root = root
         self.instances = instances
+        #: one eviction pass at a time in this process (``.evict.lock`` across processes);
+        #: taken before InstanceManager's locks
         self._lock = threading.Lock()
         db.migrate(CACHE_SCHEMA)
 
@@ -3285,14 +3464,12 @@ class CacheManager:
         """(eviction candidates in eviction order, blocked states)."""
         min_age = parse_go_duration(self.config.value("cache.capacity.minStateAge"))
         oldest_allowed = format_ts(time.time_ns() - int(min_age * 1e9))
-        now = format_ts()
         lowers = overlay_lower_dirs()
         eligible: list[StateRow] = []
         blocked: list[StateRow] = []
         for state in self.store.list_states():
             ok = (state.refcount == 0 and state.children == 0
                   and state.created_at <= oldest_allowed
-                  and (state.min_retention_until or "") <= now
                   and not {os.path.join(state.state_dir, sub) for sub in ("pgdata", "layer")}
                   & lowers
                   and not self.instances.pinned(state.state_dir))
@@ -3301,29 +3478,23 @@ class CacheManager:
                                      s.state_id))
         return eligible, blocked
 
-    def status(self) -> JsonDict:
+    def status(self) -> CacheStatus:
         usage = self.measure()
         eligible, blocked = self._classify()
         capacity = self.config.value("cache.capacity")
-        out: JsonDict = {
-            "usage_bytes": usage.usage,
-            "configured_max_bytes": capacity["maxBytes"] or None,
-            "effective_max_bytes": usage.effective_max,
-            "reserve_bytes": usage.reserve,
-            "high_watermark": usage.high,
-            "low_watermark": usage.low,
-            "min_state_age": format_go_duration(parse_go_duration(capacity["minStateAge"])),
-            "store_total_bytes": usage.total,
-            "store_free_bytes": usage.free,
-            "state_count": len(eligible) + len(blocked),
-            "reclaimable_bytes": sum(s.size_bytes or 0 for s in eligible),
-            "blocked_count": len(blocked),
-            "pressure_reasons": usage.reasons,
-            "last_eviction": self.last_eviction(),
-        }
-        return _omit_none(out)
+        return omit_none(CacheStatus(
+            usage_bytes=usage.usage, configured_max_bytes=capacity["maxBytes"] or None,
+            effective_max_bytes=usage.effective_max, reserve_bytes=usage.reserve,
+            high_watermark=usage.high, low_watermark=usage.low,
+            min_state_age=format_go_duration(parse_go_duration(capacity["minStateAge"])),
+            store_total_bytes=usage.total, store_free_bytes=usage.free,
+            state_count=len(eligible) + len(blocked),
+            reclaimable_bytes=sum(s.size_bytes or 0 for s in eligible),
+            blocked_count=len(blocked), pressure_reasons=usage.reasons,
+            last_eviction=self.last_eviction(),
+        ))
 
-    def last_eviction(self) -> JsonDict | None:
+    def last_eviction(self) -> CacheEvictionSummary | None:
         with self.db.read() as conn:
             row = conn.execute(
                 "SELECT summary_json FROM cache_evictions ORDER BY seq DESC LIMIT 1").fetchone()
@@ -3374,13 +3545,13 @@ class CacheManager:
 
     def _record(self, trigger: str, before: CacheUsage, after: CacheUsage, evicted: int,
                 freed: int, blocked: list[StateRow], eligible: list[StateRow]) -> None:
-        summary = {
-            "completed_at": format_ts(), "trigger": trigger, "evicted_count": evicted,
-            "freed_bytes": freed, "blocked_count": len(blocked),
-            "reclaimable_bytes": sum(s.size_bytes or 0 for s in eligible) - freed,
-            "usage_bytes_before": before.usage, "usage_bytes_after": after.usage,
-            "free_bytes_before": before.free, "free_bytes_after": after.free,
-        }
+        summary = CacheEvictionSummary(
+            completed_at=format_ts(), trigger=trigger, evicted_count=evicted,
+            freed_bytes=freed, blocked_count=len(blocked),
+            reclaimable_bytes=sum(s.size_bytes or 0 for s in eligible) - freed,
+            usage_bytes_before=before.usage, usage_bytes_after=after.usage,
+            free_bytes_before=before.free, free_bytes_after=after.free,
+        )
         with self.db.write() as conn:
             conn.execute("INSERT INTO cache_evictions (summary_json) VALUES (?)",
                          (json.dumps(summary),))
@@ -3410,8 +3581,8 @@ class CacheManager:
 
 
 ###############################################################################
-# planner: psql argument validation and normalisation (§5.2), content hashing (§5.5) and
-# task lists (§5.4). Pure logic apart from reading script files; may call queue (PlanTask).
+# planner: psql argument validation and normalisation, content hashing and
+# task lists. Pure logic apart from reading script files; may call queue (PlanTask).
 ###############################################################################
 
 PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
@@ -3492,11 +3663,46 @@ def split_flag(token: str, short: Sequence[str], long: Sequence[str]) -> tuple[s
     return "", None
 
 
+#: psql's long options (getopt_long: any unique prefix works) → the short option they mean
+PSQL_LONG_OPTIONS = {
+    "echo-all": "-a", "no-align": "-A", "command": "-c", "dbname": "-d", "echo-queries": "-e",
+    "echo-errors": "-b", "echo-hidden": "-E", "file": "-f", "field-separator": "-F",
+    "field-separator-zero": "-z", "host": "-h", "html": "-H", "list": "-l", "log-file": "-L",
+    "no-readline": "-n", "single-transaction": "-1", "output": "-o", "port": "-p",
+    "pset": "-P", "quiet": "-q", "record-separator": "-R", "record-separator-zero": "-0",
+    "single-step": "-s", "single-line": "-S", "tuples-only": "-t", "table-attr": "-T",
+    "username": "-U", "set": "-v", "variable": "-v", "version": "-V", "no-password": "-w",
+    "password": "-W", "expanded": "-x", "no-psqlrc": "-X", "help": "-?", "csv": "--csv",
+}
+PSQL_VALUE_OPTIONS = "cdfFhLopPRTUv"  #: short options that take a value
+
+
+def expand_psql_option(token: str) -> list[str]:
+    """``token`` as psql's getopt reads it, one option per item: an unambiguous prefix of a
+    long option becomes that option (``--hos=x`` → ``--host=x``), and a group of short options
+    is split where one takes a value (``-Xh/tmp`` → ``-X``, ``-h/tmp``)."""
+    if token.startswith("--") and len(token) > 2:
+        name, sep, value = token[2:].partition("=")
+        found = [long for long in PSQL_LONG_OPTIONS if long.startswith(name)]
+        if name not in PSQL_LONG_OPTIONS and len(found) == 1:
+            return [f"--{found[0]}{sep}{value}"]
+        return [token]
+    if not token.startswith("-") or len(token) <= 2:
+        return [token]
+    for index, letter in enumerate(token[1:], start=1):
+        if letter in PSQL_VALUE_OPTIONS and index > 1:
+            return [token[:index], f"-{token[index:]}"]
+        if letter in PSQL_VALUE_OPTIONS:
+            return [token]
+    return [token]
+
+
 def plan_psql(args: Sequence[str], stdin: str | None, cwd: str) -> PsqlPlan:
-    """Validate and normalise psql arguments exactly as §5.2 (ValidationError → 400)."""
+    """Validate and normalise psql arguments as the sqlrs CLI expects (anything else: 400)."""
     shared: list[str] = []
     inputs: list[PsqlInput] = []
     has_no_psqlrc = has_on_error_stop = False
+    args = [option for token in args for option in expand_psql_option(token)]
     pos = 0
     while pos < len(args):
         token = args[pos]
@@ -3534,6 +3740,8 @@ def plan_psql(args: Sequence[str], stdin: str | None, cwd: str) -> PsqlPlan:
             has_no_psqlrc |= token in ("-X", "--no-psqlrc")
             shared.append(token)
     uses_stdin = any(item.kind == "stdin" for item in inputs)
+    if sum(item.kind == "stdin" for item in inputs) > 1:
+        raise invalid_argument("-f - may appear only once", "stdin can be read once")
     if uses_stdin and stdin is None:
         raise invalid_argument("stdin is required when using -f -")
     if stdin is not None and not uses_stdin:
@@ -3648,6 +3856,23 @@ def state_id_for(input_kind: str, input_id: str, task_hash: str) -> str:
 def job_signature(all_inputs_task_hash: str, resolved_image: str, plan_only: bool) -> str:
     return hash_records(("task_hash", all_inputs_task_hash), ("image_id", resolved_image),
                         ("plan_only", "true" if plan_only else "false"))
+
+
+class PrepareBody(TypedDict):
+    """``POST /v1/prepare-jobs`` and ``/v1/cache/explain/prepare`` (unknown fields, such as
+    ``source_manifest``, are ignored)."""
+    prepare_kind: Annotated[str, Doc("psql (lb is not supported yet); trimmed.")]
+    image_id: Annotated[str, Doc("Container image, or host:<major> / host:<absolute bindir>.")]
+    psql_args: NotRequired[list[str] | None]
+    liquibase_args: NotRequired[list[str] | None]
+    liquibase_exec: NotRequired[str]
+    liquibase_exec_mode: NotRequired[Annotated[str, Doc("native | windows-bat")]]
+    liquibase_env: NotRequired[dict[str, str]]
+    work_dir: NotRequired[str]
+    stdin: NotRequired[str | None]
+    plan_only: NotRequired[bool]
+    ttl_seconds: NotRequired[Annotated[int, Doc("Sets expires_at of the instance.", minimum=1,
+                                                maximum=MAX_TTL_SECONDS)]]
 
 
 @dataclass
@@ -3772,7 +3997,7 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 
 
 ###############################################################################
-# executor: runs one job's tasks in order and records every step as events (§5.3, §5.6).
+# executor: runs one job's tasks in order and records every step as events.
 # Owns the job's runtime while it runs; may call queue, store, snapshot, runtime, instances,
 # cache, planner.
 ###############################################################################
@@ -3793,6 +4018,8 @@ class EventEmitter:
         self._last: JsonDict | None = None
         self._last_at = time.monotonic()
         self._repeats = 0
+        #: orders appends with their timestamps; guards ``_last``, ``_last_at``, ``_repeats``,
+        #: ``_closed`` (the heartbeat thread shares them)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -3819,7 +4046,7 @@ class EventEmitter:
     def log(self, message: str) -> None:
         self.emit({"type": "log", "message": message})
 
-    def task(self, task_id: str, status: str, error: JsonDict | None = None,
+    def task(self, task_id: str, status: str, error: ErrorBody | None = None,
              **fields: Any) -> None:
         event: JsonDict = {"type": "task", "task_id": task_id, "status": status}
         if error:
@@ -3955,11 +4182,11 @@ class Executor:
         except sqlite3.OperationalError as exc:
             code, message = (("cache_limit_too_small", "no space left for the build")
                              if "full" in str(exc) else ("internal_error", "internal error"))
-            self._fail(job.job_id, run, emit, ApiError(500, code, message, str(exc)).body())
+            self._fail(job.job_id, run, emit, internal_error(str(exc), message, code).body())
         except Exception as exc:
             log.exception("job %s crashed", job.job_id)
             self._fail(job.job_id, run, emit,
-                       ApiError(500, "internal_error", "internal error", str(exc)).body())
+                       internal_error(str(exc)).body())
         finally:
             self.instances.unpin(job.job_id)
             emit.stop_heartbeat()
@@ -3988,7 +4215,7 @@ class Executor:
         emit.emit({"type": "log", "message": "engine stopping: the job resumes at the next start"},
                   status="queued", attempts=job.attempts)
 
-    def _fail(self, job_id: str, run: JobRun, emit: EventEmitter, error: JsonDict) -> None:
+    def _fail(self, job_id: str, run: JobRun, emit: EventEmitter, error: ErrorBody) -> None:
         self._drop_runtime(run)
         for _job, task in self.jobs.list_tasks(job_id):
             if task.status == "running":
@@ -4112,7 +4339,7 @@ class Executor:
                 parent_state_id=step.input_id if step.input_kind == "state" else None,
                 image_id=image.resolved_id, prepare_kind="psql",
                 prepare_args_normalized=step.normalized, created_at=format_ts(),
-                size_bytes=size, last_used_at=None, use_count=0, min_retention_until=None,
+                size_bytes=size, last_used_at=None, use_count=0,
                 state_dir=final_dir,
             ))
         except OSError as exc:
@@ -4165,11 +4392,56 @@ def collect_output(proc: ClientProcess, log_line: Callable[[str], None], prefix:
 
 ###############################################################################
 # prepare manager: submit, status, cancel, list, delete, retention and restart recovery of
-# prepare jobs (§3.5, §5.3, §5.10). Owns the worker pool and the in-memory JobRun table; may
+# prepare jobs. Owns the worker pool and the in-memory JobRun table; may
 # call config, queue, store, runtime, instances, deletion, planner, executor.
 ###############################################################################
 
 MAX_CRASH_ATTEMPTS = 3
+
+
+class JobFields(TypedDict):
+    """What every view of a prepare job shows."""
+    job_id: Hex32
+    status: JobStatus
+    prepare_kind: Kind
+    image_id: Annotated[str, Doc("As requested.")]
+    prepare_args_normalized: NotRequired[str | None]
+    created_at: Timestamp
+    started_at: NotRequired[Timestamp | None]
+    finished_at: NotRequired[Timestamp | None]
+
+
+class PrepareJobStatus(JobFields):
+    """``GET /v1/prepare-jobs/{id}``: a job, its plan and its outcome."""
+    plan_only: NotRequired[Annotated[bool | None, Doc("Omitted when false.")]]
+    tasks: NotRequired[list[TaskEntry] | None]
+    result: NotRequired[PrepareJobResult | None]
+    error: NotRequired[ErrorBody | None]
+
+
+class PrepareJobEntry(JobFields):
+    """``GET /v1/prepare-jobs`` items."""
+    resolved_image_id: NotRequired[str | None]
+    signature: NotRequired[Hex64 | None]
+    plan_only: bool
+
+
+class ExplainStep(TypedDict):
+    index: Count
+    state_id: Hex64
+    cached: bool
+
+
+class CacheExplain(TypedDict):
+    """Would this prepare be a cache hit? (nothing is run)"""
+    decision: Annotated[str, Doc(enum=["hit", "miss"])]
+    reason_code: Annotated[str, Doc(enum=["exact_state_match", "no_matching_state"])]
+    signature: Hex64
+    matched_state_id: NotRequired[Annotated[Hex64, Doc("Only on a hit.")]]
+    resolved_image_id: str
+    reason: NotRequired[Annotated[str, Doc("On a miss: where the chain stops.")]]
+    first_missing_step: NotRequired[Annotated[Count, Doc("On a miss: first uncached step.")]]
+    steps: list[ExplainStep]
 
 
 class PrepareManager:
@@ -4183,6 +4455,7 @@ class PrepareManager:
         self.instances = instances
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
         self._runs: dict[str, JobRun] = {}
+        #: guards ``_runs`` (job id → its in-memory JobRun while a worker runs it)
         self._lock = threading.Lock()
         self.cwd = os.getcwd()
 
@@ -4219,23 +4492,25 @@ class PrepareManager:
                 self._runs.pop(job.job_id, None)
             run.done.set()
 
-    def explain(self, body: Any) -> JsonDict:
+    def explain(self, body: Any) -> CacheExplain:
         """Plan without running anything: would this prepare be a cache hit?"""
         request = PrepareRequest.parse(body, self.cwd)
         image, steps, signature, _tasks = self.executor.plan(request, None)
         ready = [self.executor.state_ready(step.state_id) for step in steps]
-        out: JsonDict = {"signature": signature, "resolved_image_id": image.resolved_id,
-                         "steps": [{"index": step.index, "state_id": step.state_id,
-                                    "cached": cached} for step, cached in zip(steps, ready,
-                                                                              strict=True)]}
+        out = CacheExplain(
+            decision="hit", reason_code="exact_state_match", signature=signature,
+            resolved_image_id=image.resolved_id,
+            steps=[ExplainStep(index=step.index, state_id=step.state_id, cached=cached)
+                   for step, cached in zip(steps, ready, strict=True)])
         if ready[-1]:
-            return {"decision": "hit", "reason_code": "exact_state_match",
-                    "matched_state_id": steps[-1].state_id, **out}
+            out["matched_state_id"] = steps[-1].state_id
+            return out
         first = ready.index(False)
-        reason = ("no state for the first step" if first == 0 else
-                  f"the chain stops at step {first}: steps before it are cached")
-        return {"decision": "miss", "reason_code": "no_matching_state", "reason": reason,
-                "first_missing_step": first, **out}
+        out["decision"], out["reason_code"] = "miss", "no_matching_state"
+        out["first_missing_step"] = first
+        out["reason"] = ("no state for the first step" if first == 0 else
+                         f"the chain stops at step {first}: steps before it are cached")
+        return out
 
     def busy(self) -> bool:
         with self._lock:
@@ -4254,42 +4529,39 @@ class PrepareManager:
     def get(self, job_id: str) -> JobRow | None:
         return self.jobs.get_job(job_id) if is_job_id(job_id) else None
 
-    def result_json(self, job: JobRow) -> JsonDict | None:
+    def result_json(self, job: JobRow) -> PrepareJobResult | None:
         """The stored result, its DSN completed with the instance's password (kept only with
         the instance, never in job rows or events) while the instance exists."""
         if not job.result_json:
             return None
-        result: JsonDict = json.loads(job.result_json)
-        row = self.instances.store.get_instance(str(result.get("instance_id", "")))
-        entry = self.instances.entry(row) if row else {}
-        if entry.get("dsn"):
-            result["dsn"] = entry["dsn"]
+        result: PrepareJobResult = json.loads(job.result_json)
+        row = self.instances.store.get_instance(result["instance_id"])
+        dsn = self.instances.entry(row).get("dsn") if row else None
+        if dsn:
+            result["dsn"] = dsn
         return result
 
-    def status_json(self, job: JobRow) -> JsonDict:
+    def status_json(self, job: JobRow) -> PrepareJobStatus:
         tasks = [task.to_json() for _job, task in self.jobs.list_tasks(job.job_id)]
-        out = _omit_none({
-            "job_id": job.job_id, "status": job.status, "prepare_kind": job.prepare_kind,
-            "image_id": job.image_id, "plan_only": True if job.plan_only else None,
-            "prepare_args_normalized": job.prepare_args_normalized or None,
-            "created_at": job.created_at, "started_at": job.started_at,
-            "finished_at": job.finished_at, "tasks": tasks or None,
-            "result": self.result_json(job),
-            "error": json.loads(job.error_json) if job.error_json else None,
-        })
-        return out
+        return omit_none(PrepareJobStatus(
+            job_id=job.job_id, status=job.status, prepare_kind=job.prepare_kind,
+            image_id=job.image_id, plan_only=True if job.plan_only else None,
+            prepare_args_normalized=job.prepare_args_normalized or None,
+            created_at=job.created_at, started_at=job.started_at,
+            finished_at=job.finished_at, tasks=tasks or None, result=self.result_json(job),
+            error=json.loads(job.error_json) if job.error_json else None,
+        ))
 
-    def entry_json(self, job: JobRow) -> JsonDict:
+    def entry_json(self, job: JobRow) -> PrepareJobEntry:
         resolved = next((task.resolved_image_id for _j, task in self.jobs.list_tasks(job.job_id)
                          if task.resolved_image_id), None)
-        return _omit_none({
-            "job_id": job.job_id, "status": job.status, "prepare_kind": job.prepare_kind,
-            "image_id": job.image_id, "resolved_image_id": resolved,
-            "prepare_args_normalized": job.prepare_args_normalized or None,
-            "signature": job.signature, "plan_only": job.plan_only,
-            "created_at": job.created_at, "started_at": job.started_at,
-            "finished_at": job.finished_at,
-        })
+        return omit_none(PrepareJobEntry(
+            job_id=job.job_id, status=job.status, prepare_kind=job.prepare_kind,
+            image_id=job.image_id, resolved_image_id=resolved,
+            prepare_args_normalized=job.prepare_args_normalized or None,
+            signature=job.signature, plan_only=job.plan_only, created_at=job.created_at,
+            started_at=job.started_at, finished_at=job.finished_at,
+        ))
 
     # cancel / delete / retention ------------------------------------------------------------
     def _cancel_run(self, run: JobRun, stopping: bool = False) -> None:
@@ -4297,12 +4569,12 @@ class PrepareManager:
         if run.process:
             run.process.kill()
 
-    def cancel(self, job_id: str) -> tuple[int, JsonDict]:
+    def cancel(self, job_id: str) -> tuple[int, PrepareJobStatus]:
         job = self.get(job_id)
         if job is None:
             raise not_found("job not found")
         if job.terminal:
-            return 200, self.status_json(job)
+            return HTTPStatus.OK, self.status_json(job)
         pause_point("cancel.after_check")
         with self._lock:
             run = self._runs.get(job_id)
@@ -4312,13 +4584,14 @@ class PrepareManager:
             log.info("cancel of job %s came after it ended", job_id)
         current = self.get(job_id)
         assert current
-        return (200 if current.status == "succeeded" else 202), self.status_json(current)
+        ended = current.status == "succeeded"
+        return (HTTPStatus.OK if ended else HTTPStatus.ACCEPTED), self.status_json(current)
 
-    def delete(self, job_id: str, force: bool, dry_run: bool) -> tuple[int, JsonDict]:
+    def delete(self, job_id: str, force: bool, dry_run: bool) -> tuple[int, DeleteResult]:
         job = self.get(job_id)
         if job is None:
             raise not_found("job not found")
-        node: JsonDict = {"kind": "job", "id": job_id}
+        node: DeleteNode = {"kind": "job", "id": job_id}
         running = any(task.status == "running" for _j, task in self.jobs.list_tasks(job_id))
         if (running or not job.terminal) and not force:
             node["blocked"] = "active_tasks"
@@ -4352,7 +4625,7 @@ class PrepareManager:
             for job_id in self.jobs.expired_history(current_job, kept, cutoff):
                 self._delete_job(job_id)
 
-    def _fail_stored(self, job_id: str, error: JsonDict) -> bool:
+    def _fail_stored(self, job_id: str, error: ErrorBody) -> bool:
         """Fail a job that has no runner (status, then error event, in one transaction);
         False when it had ended already."""
         return self.jobs.update_job(job_id, {"type": "status", "status": "failed"},
@@ -4367,7 +4640,8 @@ class PrepareManager:
         for job in self.jobs.jobs_in(("queued", "running")):
             if job.attempts >= MAX_CRASH_ATTEMPTS:
                 self._fail_stored(job.job_id, ApiError(
-                    500, "internal_error", "job aborted after repeated engine crashes",
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error",
+                    "job aborted after repeated engine crashes",
                     f"the engine stopped {job.attempts} times while running this job").body())
                 continue
             try:
@@ -4375,7 +4649,8 @@ class PrepareManager:
             except (ApiError, ValueError) as exc:
                 detail = exc.message if isinstance(exc, ApiError) else str(exc)
                 self._fail_stored(job.job_id, ApiError(
-                    500, "internal_error", "cannot restore job request", detail).body())
+                    HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error",
+                    "cannot restore job request", detail).body())
                 continue
             self.jobs.append_event(job.job_id, {"type": "log",
                                                 "message": "engine restarted: resuming job"})
@@ -4386,7 +4661,7 @@ class PrepareManager:
 
 
 ###############################################################################
-# runs: psql and pgbench against an instance, output streamed live as NDJSON (§3.7, §14.9).
+# runs: psql and pgbench against an instance, output streamed live as NDJSON.
 # Owns the client processes of a run; may call stream, registry, instances, runtime, planner.
 ###############################################################################
 
@@ -4400,6 +4675,31 @@ PGBENCH_CONNECTION_FLAGS = (("-h", "-p", "-U", "-d"), ("--host", "--port", "--us
 class RunStep:
     args: list[str]
     stdin: str | None
+
+
+class RunStepBody(TypedDict):
+    args: NotRequired[list[str] | None]
+    stdin: NotRequired[str | None]
+
+
+class RunBody(TypedDict):
+    """``POST /v1/runs``: what to run on which instance (unknown fields are ignored)."""
+    instance_ref: Annotated[str, Doc("Instance id or name.", minLength=1)]
+    kind: Annotated[str, Doc("psql | pgbench (any case).")]
+    command: NotRequired[Annotated[str | None, Doc("The kind again, or omitted.")]]
+    args: NotRequired[list[str] | None]
+    stdin: NotRequired[str | None]
+    steps: NotRequired[Annotated[list[RunStepBody] | None, Doc("psql only: one run per step.")]]
+
+
+class RunEvent(TypedDict):
+    """One line of a run's NDJSON stream: start, stdout/stderr lines as they come, exit."""
+    type: Annotated[str, Doc(enum=["start", "stdout", "stderr", "exit", "log", "error"])]
+    ts: Timestamp
+    instance_id: NotRequired[Hex32]
+    data: NotRequired[str]
+    exit_code: NotRequired[Annotated[int, Doc("The client's real exit code.")]]
+    error: NotRequired[ErrorBody]
 
 
 @dataclass
@@ -4448,7 +4748,9 @@ class RunRequest:
     def check_connection_args(self) -> None:
         short, long = PSQL_CONNECTION_FLAGS if self.kind == "psql" else PGBENCH_CONNECTION_FLAGS
         for step in self.steps:
-            for arg in step.args:
+            args = ([option for arg in step.args for option in expand_psql_option(arg)]
+                    if self.kind == "psql" else step.args)
+            for arg in args:
                 is_flag = bool(split_flag(arg, short, long)[0])
                 if is_flag or (self.kind == "psql" and not arg.startswith("-") and "://" in arg):
                     raise conflict(f"conflicting {self.kind} connection arguments", arg)
@@ -4483,14 +4785,14 @@ class RunManager:
     def _stream(self, request: RunRequest, instance_id: str, handle: RuntimeHandle,
                 notes: list[str]) -> Iterator[bytes]:
         for note in notes:
-            yield json_line({"type": "log", "ts": format_ts(), "data": note})
-        yield json_line({"type": "start", "ts": format_ts(), "instance_id": instance_id})
+            yield json_line(RunEvent(type="log", ts=format_ts(), data=note))
+        yield json_line(RunEvent(type="start", ts=format_ts(), instance_id=instance_id))
         exit_code = 0
         for step in request.steps:
             exit_code = yield from self._run_step(request.kind, step, handle)
             if exit_code != 0:
                 break
-        yield json_line({"type": "exit", "ts": format_ts(), "exit_code": exit_code})
+        yield json_line(RunEvent(type="exit", ts=format_ts(), exit_code=exit_code))
 
     def _run_step(self, kind: str, step: RunStep,
                   handle: RuntimeHandle) -> Generator[bytes, None, int]:
@@ -4499,15 +4801,14 @@ class RunManager:
             stdin = step.stdin.encode() if step.stdin is not None else None
             proc = runtime.client(handle, kind, step.args, stdin, "/")
         except (OSError, ApiError) as exc:
-            yield json_line({"type": "error", "ts": format_ts(),
-                             "error": {"code": "internal_error", "message": "run failed",
-                                       "details": str(exc)}})
+            yield json_line(RunEvent(type="error", ts=format_ts(), error=ApiError(
+                HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "run failed", str(exc)).body()))
             return 127
         finished = False
         try:
             for stream, line in proc.lines():
-                yield json_line({"type": stream, "ts": format_ts(),
-                                 "data": line.decode("utf-8", "replace")})
+                yield json_line(RunEvent(type=stream, ts=format_ts(),
+                                         data=line.decode("utf-8", "replace")))
             finished = True
         finally:
             if not finished:
@@ -4516,7 +4817,7 @@ class RunManager:
 
 
 ###############################################################################
-# httpapi: routing, request parsing, responses and the OpenAPI self-description (§2, §3).
+# httpapi: routing, request parsing, responses and the OpenAPI self-description.
 # Owns the HTTP server and per-request state; may call every section above.
 ###############################################################################
 
@@ -4544,7 +4845,7 @@ def json_response(status: int, value: Any, headers: dict[str, str] | None = None
 
 
 def text_not_found() -> Response:
-    return Response(404, NOT_FOUND_TEXT, "text/plain; charset=utf-8")
+    return Response(HTTPStatus.NOT_FOUND, NOT_FOUND_TEXT, "text/plain; charset=utf-8")
 
 
 @dataclass
@@ -4591,10 +4892,11 @@ def id_prefix_arg(req: Request) -> str | None:
     return prefix.lower()
 
 
-def list_response(req: Request, items: Sequence[JsonDict]) -> Response:
+def list_response(req: Request, items: Sequence[Mapping[str, Any]]) -> Response:
     if wants_ndjson(req.header("Accept")):
-        return Response(200, b"".join(json_line(item) for item in items), "application/x-ndjson")
-    return json_response(200, list(items))
+        return Response(HTTPStatus.OK, b"".join(json_line(item) for item in items),
+                        "application/x-ndjson")
+    return json_response(HTTPStatus.OK, list(items))
 
 
 def parse_json_body(raw: bytes) -> Any:
@@ -4602,7 +4904,7 @@ def parse_json_body(raw: bytes) -> Any:
     MAX_JSON_DEPTH levels (no NaN or Infinity, integers of at most 4300 digits)."""
     try:
         value = json.loads(raw.decode("utf-8") if raw else "",
-                           parse_constant=_reject_json_constant)
+                           parse_constant=_reject_json_constant, parse_float=_finite_float)
         too_deep = _nested_deeper(value, MAX_JSON_DEPTH)
         if not too_deep:  # a lone surrogate ("\ud800") is no text: nothing could store it
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -4618,6 +4920,13 @@ def parse_json_body(raw: bytes) -> Any:
 
 def _reject_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
 
 
 def _nested_deeper(value: Any, limit: int) -> bool:
@@ -4653,17 +4962,11 @@ def body_length(headers: Any) -> int:
 Handler = Callable[..., Response]
 
 
-@dataclass
-class Route:
-    pattern: re.Pattern[str]
-    methods: dict[str, Handler]
-    auth: bool = True
-
-
 class Activity:
     """Counts requests in flight and remembers when the last one finished (idle shutdown)."""
 
     def __init__(self) -> None:
+        #: guards ``in_flight`` and ``last_finished``
         self._lock = threading.Lock()
         self.in_flight = 0
         self.last_finished = time.monotonic()
@@ -4683,1042 +4986,210 @@ class Activity:
         with self._lock:
             return 0.0 if self.in_flight else time.monotonic() - self.last_finished
 
-_OaJson = dict[str, Any]
 
-_OA_HEX32 = "^[0-9a-f]{32}$"
-_OA_HEX64 = "^[0-9a-f]{64}$"
-_OA_NAME = "^[A-Za-z0-9._-]{1,63}$"
-_OA_GO_DURATION = r"^(0s|[0-9.]+(ns|us|µs|ms)|([0-9]+h)?([0-9]+m)?[0-9.]+s)$"
-_OA_JOB_STATUS = ["queued", "running", "succeeded", "failed"]
-_OA_TASK_STATUS = ["queued", "running", "succeeded", "failed"]
-_OA_BOOL_HELP = (
-    "Boolean (Go strconv.ParseBool spellings: 1,t,T,TRUE,true,True,0,f,F,FALSE,false,False; "
-    "empty = false). Anything else is 400 invalid_argument `invalid <name>`."
-)
+class HealthResponse(TypedDict):
+    """``GET /v1/health`` (no token needed)."""
+    ok: bool
+    version: str
+    instanceId: Hex32
+    pid: Annotated[int, Doc(minimum=1)]
 
 
-# --------------------------------------------------------------------------- schema helpers
+class JobAccepted(TypedDict):
+    """A prepare job was queued."""
+    job_id: Hex32
+    status_url: Annotated[str, Doc(pattern="^/v1/prepare-jobs/[0-9a-f]{32}$")]
+    events_url: Annotated[str, Doc(pattern="^/v1/prepare-jobs/[0-9a-f]{32}/events$")]
+    status: JobStatus
 
 
-def _oa_ref(name: str) -> _OaJson:
+class ConfigValue(TypedDict):
+    """One setting: its path and value (``null`` after removing a key without default)."""
+    path: Annotated[str, Doc("Dot-separated keys with [n] indices.", minLength=1)]
+    value: Any
+
+
+class CreateInstanceBody(TypedDict):
+    """``POST /v1/instances``: a new instance of a state."""
+    state_id: Annotated[str, Doc("A state id or a unique prefix of 8+ hex digits.",
+                                 pattern="^[0-9a-fA-F]{8,64}$")]
+    name: NotRequired[Annotated[str | None, Doc(pattern=NAME_RE.pattern)]]
+    ttl_seconds: NotRequired[Annotated[int | None, Doc(minimum=1, maximum=MAX_TTL_SECONDS)]]
+
+
+class PutNameBody(TypedDict):
+    instance_id: Hex32
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A documented response: its shape (a TypedDict, ``list[...]``, None: empty body)."""
+
+    description: str
+    shape: Any = None
+    media: str = "application/json"
+
+
+def error_answer(description: str) -> Answer:  # a JSON error
+    return Answer(description, ErrorBody)
+
+
+TEXT_404 = Answer("Not found (text/plain `404 page not found`).", str, "text/plain")
+NDJSON = "application/x-ndjson"
+BOOL_QUERY = {"type": "string", "pattern": "^(|[01tTfF]|TRUE|true|True|FALSE|false|False)$"}
+#: query and header parameters: name → (schema, description)
+PARAMETERS: dict[str, tuple[JsonDict, str]] = {
+    "force": (BOOL_QUERY, "Delete despite active connections or tasks."),
+    "dry_run": (BOOL_QUERY, "Only say what would be deleted."),
+    "recurse": (BOOL_QUERY, "Delete the state's instances and child states too."),
+    "effective": (BOOL_QUERY, "Defaults merged with overrides."),
+    "path": ({"type": "string"}, "Config path: dot-separated keys with [n] indices."),
+    "state": ({"type": "string"}, "Exact state id."),
+    "image": ({"type": "string"}, "Exact image id."),
+    "instance": ({"type": "string"}, "Exact instance id."),
+    "kind": ({"type": "string"}, "Exact prepare kind."),
+    "job": ({"type": "string"}, "Job id (a prefix on /v1/prepare-jobs)."),
+    "id_prefix": ({"type": "string"}, "At least 8 hex digits; empty means no filter."),
+    "Range": ({"type": "string", "pattern": "^events=[0-9]+-$"},
+              "Resume at the 0-based event index N (others: 416)."),
+}
+PATH_PARAMETERS = {"name": "A name bound to an instance.", "stateId": "A state id (64 hex).",
+                   "jobId": "A prepare job id (32 hex).",
+                   "idOrName": "GET: an instance id or name (a name redirects); DELETE: an id."}
+
+
+@dataclass
+class Operation:
+    """One method of a route: its handler and what the OpenAPI document says of it."""
+
+    handler: Handler
+    summary: str
+    answers: dict[int, Answer]
+    params: tuple[str, ...] = ()
+    body: Any = None
+
+
+@dataclass
+class Route:
+    """A path template (``/v1/names/{name}``) and the operations served on it."""
+
+    template: str
+    operations: dict[str, Operation]
+    auth: bool = True
+    pattern: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pattern = re.compile(re.sub(r"\\\{\w+\\\}", "([^/]*)", re.escape(self.template)))
+
+
+def json_schema(shape: Any, schemas: JsonDict, request: bool = False,
+                optional: bool = False) -> JsonDict:
+    """The JSON Schema of a type annotation; a TypedDict becomes a named component (closed
+    for responses). An optional field's None means "omitted" in a response and ``null`` in a
+    request."""
+    origin, args = typing.get_origin(shape), typing.get_args(shape)
+    if origin is Annotated:
+        schema = json_schema(args[0], schemas, request, optional)
+        for meta in args[1:]:
+            schema = {**schema, **meta.keywords} if isinstance(meta, Doc) else schema
+        return schema
+    if origin in (typing.Union, types.UnionType):
+        options = [json_schema(a, schemas, request) for a in args if a is not type(None)]
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        nullable = len(options) < len(args) and (request or not optional)
+        return {"anyOf": [schema, {"type": "null"}]} if nullable else schema
+    if origin is list:
+        return {"type": "array", "items": json_schema(args[0], schemas, request)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": json_schema(args[1], schemas, request)}
+    if typing.is_typeddict(shape):
+        return _component(shape, schemas, request)
+    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return {"type": names[shape]} if shape in names else {}  # Any: every JSON value
+
+
+def _component(shape: Any, schemas: JsonDict, request: bool) -> JsonDict:
+    name = shape.__name__
+    if name not in schemas:
+        schemas[name] = {}  # a placeholder, so recursive shapes refer to themselves
+        hints = typing.get_type_hints(shape, include_extras=True)
+        # from the hints: 3.11's __optional_keys__ misses NotRequired in postponed annotations
+        optional = {key for key, hint in hints.items() if typing.get_origin(hint) is NotRequired}
+        properties = {key: json_schema(typing.get_args(hint)[0] if key in optional else hint,
+                                       schemas, request, key in optional)
+                      for key, hint in hints.items()}
+        schemas[name] = {"type": "object", "properties": properties,
+                         "required": [key for key in hints if key not in optional],
+                         "additionalProperties": False}
+        if shape.__doc__:
+            schemas[name]["description"] = " ".join(shape.__doc__.split())
+    if request:  # request bodies may carry fields we ignore
+        schemas[name].pop("additionalProperties", None)
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _oa_str(pattern: str | None = None, **extra: Any) -> _OaJson:
-    schema: _OaJson = {"type": "string", **extra}
-    if pattern is not None:
-        schema["pattern"] = pattern
-    return schema
+def _content(answer: Answer, schemas: JsonDict) -> JsonDict:
+    if answer.shape is None:
+        return {}
+    schema = json_schema(answer.shape, schemas)
+    if typing.get_origin(answer.shape) is list:  # negotiated: a JSON array or NDJSON lines
+        return {"application/json": {"schema": schema}, NDJSON: {"schema": schema["items"]}}
+    return {answer.media: {"schema": schema}}
 
 
-def _oa_int(minimum: int | None = 0, **extra: Any) -> _OaJson:
-    schema: _OaJson = {"type": "integer", "format": "int64", **extra}
-    if minimum is not None:
-        schema["minimum"] = minimum
-    return schema
-
-
-def _oa_ts() -> _OaJson:
-    return {"type": "string", "format": "date-time"}
-
-
-def _oa_enum(*values: str) -> _OaJson:
-    return {"type": "string", "enum": list(values)}
-
-
-def _oa_array(items: _OaJson, **extra: Any) -> _OaJson:
-    return {"type": "array", "items": items, **extra}
-
-
-def _oa_nullable(schema: _OaJson) -> _OaJson:
-    """3.1 style: {"type": "string"} -> {"type": ["string", "null"]}."""
-    out = copy.deepcopy(schema)
-    out["type"] = [out["type"], "null"]
+def _operation(route: Route, method: str, op: Operation, schemas: JsonDict) -> JsonDict:
+    answers = dict(op.answers)
+    common = {403: error_answer("Host header is not a loopback name."),
+              405: Answer("Method not served on this path (empty body).")}
+    if route.auth:
+        common |= {401: Answer("Missing or wrong bearer token (empty body)."),
+                   500: error_answer("Internal error.")}
+    if op.body is not None:
+        common |= {400: error_answer("Invalid JSON or argument."),
+                   411: error_answer("A body without Content-Length."),
+                   413: error_answer("Body over the limit.")}
+    elif op.params:
+        common[400] = error_answer("Invalid parameter.")
+    answers = {**common, **answers}
+    parameters = [{"name": name, "in": "path", "required": True, "description": text,
+                   "schema": {"type": "string"}}
+                  for name, text in PATH_PARAMETERS.items() if f"{{{name}}}" in route.template]
+    parameters += [{"name": name, "in": "header" if name[0].isupper() else "query",
+                    "required": name == "path" and method == "DELETE",
+                    "schema": PARAMETERS[name][0], "description": PARAMETERS[name][1]}
+                   for name in op.params]
+    out: JsonDict = {"operationId": op.handler.__name__, "summary": op.summary,
+                     "tags": [route.template.split("/")[2] if route.auth else "meta"],
+                     "parameters": parameters,
+                     "responses": {str(status): {"description": answer.description,
+                                                 "content": _content(answer, schemas)}
+                                   for status, answer in sorted(answers.items())}}
+    if op.body is not None:
+        out["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": json_schema(op.body, schemas, request=True)}}}
+    if not route.auth:
+        out["security"] = []
     return out
 
 
-def _oa_obj(
-    props: _OaJson, required: list[str] | None = None, *, closed: bool = True, **extra: Any
-) -> _OaJson:
-    """Object schema; closed=True adds additionalProperties: false (response objects)."""
-    schema: _OaJson = {"type": "object", "properties": props}
-    if required:
-        missing = [r for r in required if r not in props]
-        assert not missing, missing
-        schema["required"] = list(required)
-    if closed:
-        schema["additionalProperties"] = False
-    schema.update(extra)
-    return schema
-
-
-def _oa_when(prop: str, value: str, then: _OaJson) -> _OaJson:
-    """if/then rule keyed on a discriminating string property (e.g. event `type`)."""
-    return {"if": {"properties": {prop: {"const": value}}, "required": [prop]}, "then": then}
-
-
-# ------------------------------------------------------------------------- content helpers
-
-
-def _oa_json(schema: _OaJson) -> _OaJson:
-    return {"application/json": {"schema": schema}}
-
-
-def _oa_ndjson(item: _OaJson) -> _OaJson:
-    return {"application/x-ndjson": {"schema": item}}
-
-
-def _oa_list_content(name: str) -> _OaJson:
-    """JSON array by default; NDJSON (one item per line) when Accept contains x-ndjson."""
-    return {**_oa_json(_oa_array(_oa_ref(name))), **_oa_ndjson(_oa_ref(name))}
-
-
-def _oa_resp(
-    description: str, content: _OaJson | None = None, headers: _OaJson | None = None
-) -> _OaJson:
-    out: _OaJson = {"description": description}
-    if headers:
-        out["headers"] = headers
-    if content:
-        out["content"] = content
-    return out
-
-
-def _oa_err(description: str) -> _OaJson:
-    return _oa_resp(description, _oa_json(_oa_ref("ErrorResponse")))
-
-
-def _oa_empty(description: str) -> _OaJson:
-    return _oa_resp(description)
-
-
-def _oa_not_found_text(what: str) -> _OaJson:
-    return _oa_resp(
-        f"Unknown or empty {what} (Go mux style; not JSON).",
-        {"text/plain": {"schema": {"type": "string"}, "example": "404 page not found\n"}},
-    )
-
-
-def _oa_header(description: str, schema: _OaJson | None = None, required: bool = True) -> _OaJson:
-    return {"description": description, "required": required, "schema": schema or _oa_str()}
-
-
-def _oa_location(pattern: str) -> _OaJson:
+def openapi_document(version: str, routes: Sequence[Route]) -> JsonDict:
+    """The engine's OpenAPI 3.1 document, generated from the route table and the shapes."""
+    schemas: JsonDict = {}
+    paths = {route.template: {method.lower(): _operation(route, method, op, schemas)
+                              for method, op in route.operations.items()}
+             for route in routes}
     return {
-        "Location": _oa_header("Relative URL of the created/target resource.", _oa_str(pattern))
+        "openapi": "3.1.0", "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
+        "info": {"title": "sqlrs engine", "version": version, "description": (
+            "The local sqlrs engine. Errors are {code, message[, details]}; 401 and 405 have "
+            "empty bodies; unknown paths are a text/plain 404. Lists are JSON arrays ([] when "
+            "empty), or NDJSON when Accept names application/x-ndjson. HEAD is GET without a "
+            "body; OPTIONS answers 204 with Allow.")},
+        "security": [{"bearerAuth": []}], "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {"bearerAuth": {
+            "type": "http", "scheme": "bearer",
+            "description": "Authorization: Bearer <authToken from engine.json>."}}},
     }
-
-
-# ----------------------------------------------------------------------- parameter helpers
-
-
-def _oa_param(where: str, name: str, description: str, schema: _OaJson, required: bool) -> _OaJson:
-    return {
-        "name": name,
-        "in": where,
-        "required": required,
-        "description": description,
-        "schema": schema,
-    }
-
-
-def _oa_path_param(name: str, description: str, schema: _OaJson | None = None) -> _OaJson:
-    return _oa_param("path", name, description, schema or _oa_str(minLength=1), True)
-
-
-def _oa_str_query(name: str, description: str, schema: _OaJson | None = None) -> _OaJson:
-    return _oa_param("query", name, description, schema or _oa_str(), False)
-
-
-def _oa_bool_query(name: str, description: str) -> _OaJson:
-    text = f"{description} {_OA_BOOL_HELP.replace('<name>', name)}"
-    return _oa_param("query", name, text, {"type": "boolean", "default": False}, False)
-
-
-def _oa_body(schema: _OaJson, description: str) -> _OaJson:
-    return {"required": True, "description": description, "content": _oa_json(schema)}
-
-
-def _oa_op(
-    op_id: str,
-    summary: str,
-    tag: str,
-    responses: _OaJson,
-    *,
-    params: list[_OaJson] | None = None,
-    body: _OaJson | None = None,
-    auth: bool = True,
-    description: str | None = None,
-) -> _OaJson:
-    """One operation plus the responses every handler shares (401/403/405/413/500)."""
-    all_resp: _OaJson = dict(responses)
-    if auth:
-        all_resp.setdefault("401", _oa_empty("Missing or wrong bearer token (empty body)."))
-    all_resp.setdefault("403", _oa_err("Host header is not a loopback name or the listen address."))
-    all_resp.setdefault(
-        "405", _oa_empty("Method not served on this path (empty body, no Allow header).")
-    )
-    if body is not None:
-        all_resp.setdefault("413", _oa_err("Request body larger than the engine's limit."))
-    if auth:
-        all_resp.setdefault("500", _oa_err("Internal error (`internal_error`)."))
-    op: _OaJson = {"operationId": op_id, "summary": summary, "tags": [tag]}
-    if description:
-        op["description"] = description
-    if params:
-        op["parameters"] = params
-    if body is not None:
-        op["requestBody"] = body
-    op["responses"] = dict(sorted(all_resp.items()))
-    if not auth:
-        op["security"] = []
-    return op
-
-
-# ------------------------------------------------------------------------------ schemas
-
-
-def _oa_task_props() -> _OaJson:
-    """Fields shared by PlanTask (in PrepareJobStatus.tasks) and TaskEntry (GET /v1/tasks)."""
-    return {
-        "task_id": _oa_str(
-            "^(plan|resolve-image|execute-[0-9]+|prepare-instance)$",
-            description="plan | resolve-image | execute-<n> | prepare-instance",
-        ),
-        "type": _oa_enum("plan", "resolve_image", "state_execute", "prepare_instance"),
-        "planner_kind": _oa_enum("psql", "lb"),
-        "input": _oa_obj(
-            {"kind": _oa_enum("image", "state"), "id": _oa_str(minLength=1)}, ["kind", "id"]
-        ),
-        "image_id": _oa_str(),
-        "resolved_image_id": _oa_str(),
-        "task_hash": _oa_str(_OA_HEX64),
-        "output_state_id": _oa_str(_OA_HEX64),
-        "cached": {"type": "boolean"},
-        "instance_mode": _oa_enum("ephemeral"),
-        "changeset_id": _oa_str(),
-        "changeset_author": _oa_str(),
-        "changeset_path": _oa_str(),
-    }
-
-
-def _oa_delete_node() -> _OaJson:
-    return _oa_obj(
-        {
-            "kind": _oa_enum("state", "instance", "job"),
-            "id": _oa_str("^([0-9a-f]{32}|[0-9a-f]{64})$"),
-            "connections": _oa_int(description="Active client connections (instances only)."),
-            "blocked": _oa_enum(
-                "active_connections", "connections_unknown", "active_tasks", "has_descendants",
-                "blocked_by_descendant"
-            ),
-            "runtime_id": _oa_str(description="Container id / runtime handle (instances only)."),
-            "children": _oa_array(_oa_ref("DeleteNode")),
-        },
-        ["kind", "id"],
-        allOf=[
-            {
-                "if": {"properties": {"kind": {"const": "instance"}}},
-                "then": {"required": ["connections"]},
-                "else": {
-                    "not": {"anyOf": [{"required": ["connections"]}, {"required": ["runtime_id"]}]}
-                },
-            },
-            {
-                "if": {"properties": {"kind": {"const": "state"}}},
-                "then": {"properties": {"id": _oa_str(_OA_HEX64)}},
-                "else": {"properties": {"id": _oa_str(_OA_HEX32)}},
-            },
-        ],
-    )
-
-
-def _oa_schemas() -> _OaJson:
-    job_status = {"type": "string", "enum": list(_OA_JOB_STATUS)}
-    task_props = _oa_task_props()
-    return {
-        "HealthResponse": _oa_obj(
-            {
-                "ok": {"type": "boolean"},
-                "version": _oa_str(),
-                "instanceId": _oa_str(_OA_HEX32),
-                "pid": _oa_int(1),
-            },
-            ["ok", "version", "instanceId", "pid"],
-        ),
-        "ErrorResponse": _oa_obj(
-            {
-                "code": _oa_str(
-                    minLength=1,
-                    description="invalid_argument, not_found, conflict, internal_error, "
-                    "cancelled, cache_* ...",
-                ),
-                "message": _oa_str(),
-                "details": _oa_str(description="Omitted when empty."),
-            },
-            ["code", "message"],
-        ),
-        "NameEntry": _oa_obj(
-            {
-                "name": _oa_str(minLength=1),
-                "instance_id": _oa_str(_OA_HEX32),
-                "image_id": _oa_str(),
-                "state_id": _oa_str(_OA_HEX64),
-                "state_fingerprint": _oa_str(_OA_HEX64),
-                "status": _oa_enum("active", "missing", "expired"),
-                "last_used_at": _oa_ts(),
-            },
-            ["name", "image_id", "state_id", "status"],
-        ),
-        "InstanceEntry": _oa_obj(
-            {
-                "instance_id": _oa_str(_OA_HEX32),
-                "image_id": _oa_str(),
-                "state_id": _oa_str(_OA_HEX64),
-                "name": _oa_str(minLength=1, description="Primary name, if bound."),
-                "created_at": _oa_ts(),
-                "expires_at": _oa_ts(),
-                "runtime_id": _oa_str(description="Container id or host-runtime handle."),
-                "dsn": _oa_str(
-                    description="libpq URL with the instance's own password, e.g."
-                    " postgres://sqlrs:<password>@127.0.0.1:5433/postgres"
-                ),
-                "status": _oa_enum("active", "expired", "orphaned"),
-            },
-            ["instance_id", "image_id", "state_id", "created_at", "status"],
-        ),
-        "StateEntry": _oa_obj(
-            {
-                "state_id": _oa_str(_OA_HEX64),
-                "parent_state_id": _oa_str(_OA_HEX64, description="Absent for root states."),
-                "image_id": _oa_str(),
-                "prepare_kind": _oa_enum("psql", "lb"),
-                "prepare_args_normalized": _oa_str(),
-                "created_at": _oa_ts(),
-                "size_bytes": _oa_int(),
-                "last_used_at": _oa_ts(),
-                "use_count": _oa_int(),
-                "min_retention_until": _oa_ts(),
-                "refcount": _oa_int(),
-            },
-            [
-                "state_id",
-                "image_id",
-                "prepare_kind",
-                "prepare_args_normalized",
-                "created_at",
-                "refcount",
-            ],
-        ),
-        "PrepareJobRequest": _oa_obj(
-            {
-                "prepare_kind": _oa_str(
-                    description="psql | lb (trimmed; lb is not supported yet)."
-                ),
-                "image_id": _oa_str(
-                    description="Container image, or host:<major> / host:<bindir>."
-                ),
-                "psql_args": _oa_nullable(_oa_array(_oa_str())),
-                "liquibase_args": _oa_nullable(_oa_array(_oa_str())),
-                "liquibase_exec": _oa_str(),
-                "liquibase_exec_mode": _oa_str(description="native | windows-bat"),
-                "liquibase_env": {"type": "object", "additionalProperties": _oa_str()},
-                "work_dir": _oa_str(),
-                "stdin": _oa_nullable(_oa_str()),
-                "plan_only": {"type": "boolean", "default": False},
-                "ttl_seconds": _oa_int(1, description="Sets expires_at of the created instance."),
-            },
-            ["prepare_kind", "image_id"],
-            closed=False,
-            description="Unknown fields (e.g. source_manifest) are ignored.",
-        ),
-        "PrepareJobAccepted": _oa_obj(
-            {
-                "job_id": _oa_str(_OA_HEX32),
-                "status_url": _oa_str("^/v1/prepare-jobs/[0-9a-f]{32}$"),
-                "events_url": _oa_str("^/v1/prepare-jobs/[0-9a-f]{32}/events$"),
-                "status": job_status,
-            },
-            ["job_id", "status_url", "events_url", "status"],
-        ),
-        "PrepareJobEntry": _oa_obj(
-            {
-                "job_id": _oa_str(_OA_HEX32),
-                "status": job_status,
-                "prepare_kind": _oa_enum("psql", "lb"),
-                "image_id": _oa_str(description="As requested."),
-                "resolved_image_id": _oa_str(),
-                "prepare_args_normalized": _oa_str(),
-                "signature": _oa_str(_OA_HEX64),
-                "plan_only": {"type": "boolean"},
-                "created_at": _oa_ts(),
-                "started_at": _oa_ts(),
-                "finished_at": _oa_ts(),
-            },
-            ["job_id", "status", "prepare_kind", "image_id"],
-        ),
-        "PrepareJobStatus": _oa_obj(
-            {
-                "job_id": _oa_str(_OA_HEX32),
-                "status": job_status,
-                "prepare_kind": _oa_enum("psql", "lb"),
-                "image_id": _oa_str(),
-                "plan_only": {"type": "boolean", "description": "Omitted when false."},
-                "prepare_args_normalized": _oa_str(minLength=1),
-                "created_at": _oa_ts(),
-                "started_at": _oa_ts(),
-                "finished_at": _oa_ts(),
-                "tasks": _oa_array(_oa_ref("PlanTask"), minItems=1),
-                "result": _oa_ref("PrepareJobResult"),
-                "error": _oa_ref("ErrorResponse"),
-            },
-            ["job_id", "status", "prepare_kind", "image_id"],
-        ),
-        "PlanTask": _oa_obj(task_props, ["task_id", "type"]),
-        "PrepareJobResult": _oa_obj(
-            {
-                "dsn": _oa_str(minLength=1),
-                "instance_id": _oa_str(_OA_HEX32),
-                "state_id": _oa_str(_OA_HEX64),
-                "image_id": _oa_str(description="Resolved image id."),
-                "prepare_kind": _oa_enum("psql", "lb"),
-                "prepare_args_normalized": _oa_str(),
-            },
-            [
-                "dsn",
-                "instance_id",
-                "state_id",
-                "image_id",
-                "prepare_kind",
-                "prepare_args_normalized",
-            ],
-        ),
-        "PrepareJobEvent": _oa_obj(
-            {
-                "type": _oa_enum("status", "task", "log", "result", "error"),
-                "ts": _oa_ts(),
-                "status": job_status,
-                "task_id": task_props["task_id"],
-                "message": _oa_str(),
-                "result": _oa_ref("PrepareJobResult"),
-                "error": _oa_ref("ErrorResponse"),
-            },
-            ["type", "ts"],
-            allOf=[
-                _oa_when("type", "status", {"required": ["status"]}),
-                _oa_when("type", "task", {"required": ["task_id", "status"]}),
-                _oa_when("type", "log", {"required": ["message"]}),
-                _oa_when("type", "result", {"required": ["result"]}),
-                _oa_when("type", "error", {"required": ["error"]}),
-            ],
-        ),
-        "TaskEntry": _oa_obj(
-            {
-                **task_props,
-                "job_id": _oa_str(_OA_HEX32),
-                "status": {"type": "string", "enum": list(_OA_TASK_STATUS)},
-                "args_summary": _oa_str(description="state_execute only, e.g. `-f /abs/x.sql`."),
-            },
-            ["task_id", "job_id", "type", "status"],
-        ),
-        "RunRequest": _oa_obj(
-            {
-                "instance_ref": _oa_str(minLength=1, description="Instance id or name."),
-                "kind": _oa_str(description="psql | pgbench (case-insensitive)."),
-                "command": _oa_nullable(_oa_str()),
-                "args": _oa_nullable(_oa_array(_oa_str())),
-                "stdin": _oa_nullable(_oa_str()),
-                "steps": _oa_nullable(
-                    _oa_array(
-                        _oa_obj(
-                            {
-                                "args": _oa_nullable(_oa_array(_oa_str())),
-                                "stdin": _oa_nullable(_oa_str()),
-                            },
-                            closed=False,
-                        )
-                    )
-                ),
-            },
-            ["instance_ref", "kind"],
-            closed=False,
-            description="Unknown fields are ignored.",
-        ),
-        "RunEvent": _oa_obj(
-            {
-                "type": _oa_enum("start", "stdout", "stderr", "exit", "log", "error"),
-                "ts": _oa_ts(),
-                "instance_id": _oa_str(_OA_HEX32),
-                "data": _oa_str(),
-                "exit_code": {"type": "integer"},
-                "error": _oa_ref("ErrorResponse"),
-            },
-            ["type", "ts"],
-            allOf=[
-                _oa_when("type", "start", {"required": ["instance_id"]}),
-                _oa_when("type", "stdout", {"required": ["data"]}),
-                _oa_when("type", "stderr", {"required": ["data"]}),
-                _oa_when("type", "log", {"required": ["data"]}),
-                _oa_when("type", "exit", {"required": ["exit_code"]}),
-                _oa_when("type", "error", {"required": ["error"]}),
-            ],
-        ),
-        "DeleteResult": _oa_obj(
-            {
-                "dry_run": {"type": "boolean"},
-                "outcome": _oa_enum("deleted", "would_delete", "blocked"),
-                "root": _oa_ref("DeleteNode"),
-            },
-            ["dry_run", "outcome", "root"],
-        ),
-        "DeleteNode": _oa_delete_node(),
-        "ConfigValue": _oa_obj(
-            {
-                "path": _oa_str(minLength=1, description="Dot path with [n] indices."),
-                "value": {
-                    "description": "Any JSON value (null after removal of a default-less key)."
-                },
-            },
-            ["path", "value"],
-            closed=False,
-        ),
-        "CacheStatus": _oa_obj(
-            {
-                "usage_bytes": _oa_int(),
-                "configured_max_bytes": _oa_int(description="Omitted when maxBytes = 0."),
-                "effective_max_bytes": _oa_int(None),
-                "reserve_bytes": _oa_int(),
-                "high_watermark": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "low_watermark": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                "min_state_age": _oa_str(_OA_GO_DURATION, description="Go duration, e.g. 10m0s."),
-                "store_total_bytes": _oa_int(),
-                "store_free_bytes": _oa_int(),
-                "state_count": _oa_int(),
-                "reclaimable_bytes": _oa_int(),
-                "blocked_count": _oa_int(),
-                "pressure_reasons": _oa_array(
-                    _oa_enum("usage_above_high_watermark", "physical_free_below_reserve"),
-                    uniqueItems=True,
-                ),
-                "last_eviction": _oa_ref("CacheEvictionSummary"),
-            },
-            [
-                "usage_bytes",
-                "effective_max_bytes",
-                "reserve_bytes",
-                "high_watermark",
-                "low_watermark",
-                "min_state_age",
-                "store_total_bytes",
-                "store_free_bytes",
-                "state_count",
-                "reclaimable_bytes",
-                "blocked_count",
-                "pressure_reasons",
-            ],
-        ),
-        "CacheEvictionSummary": _oa_obj(
-            {
-                "completed_at": _oa_ts(),
-                "trigger": _oa_str(),
-                "evicted_count": _oa_int(),
-                "freed_bytes": _oa_int(),
-                "blocked_count": _oa_int(),
-                "reclaimable_bytes": _oa_int(),
-                "usage_bytes_before": _oa_int(),
-                "usage_bytes_after": _oa_int(),
-                "free_bytes_before": _oa_int(),
-                "free_bytes_after": _oa_int(),
-            },
-            [
-                "completed_at",
-                "trigger",
-                "evicted_count",
-                "freed_bytes",
-                "blocked_count",
-                "reclaimable_bytes",
-                "usage_bytes_before",
-                "usage_bytes_after",
-                "free_bytes_before",
-                "free_bytes_after",
-            ],
-        ),
-        "CacheExplainResponse": _oa_obj(
-            {
-                "decision": _oa_enum("hit", "miss"),
-                "reason_code": _oa_enum("exact_state_match", "no_matching_state"),
-                "signature": _oa_str(_OA_HEX64),
-                "matched_state_id": _oa_str(_OA_HEX64, description="Only on a hit."),
-                "resolved_image_id": _oa_str(),
-                "reason": _oa_str(description="On a miss: what differs."),
-                "first_missing_step": _oa_int(description="On a miss: first uncached step."),
-                "steps": _oa_array(_oa_obj(
-                    {"index": _oa_int(), "state_id": _oa_str(_OA_HEX64),
-                     "cached": {"type": "boolean"}},
-                    ["index", "state_id", "cached"])),
-            },
-            ["decision", "reason_code", "signature", "resolved_image_id"],
-            allOf=[
-                _oa_when("decision", "hit", {"required": ["matched_state_id"]}),
-                _oa_when("decision", "miss", {"not": {"required": ["matched_state_id"]}}),
-            ],
-        ),
-        "CreateInstanceRequest": _oa_obj(
-            {
-                "state_id": _oa_str(
-                    "^[0-9a-fA-F]{8,64}$", description="Full state id or a unique 8+ hex prefix."
-                ),
-                "name": _oa_str(_OA_NAME, **{"not": {"pattern": "^[0-9a-fA-F]{32}$"}}),
-                "ttl_seconds": _oa_int(1),
-            },
-            ["state_id"],
-            closed=False,
-        ),
-        "PutNameRequest": _oa_obj(
-            {"instance_id": _oa_str(_OA_HEX32)}, ["instance_id"], closed=False
-        ),
-    }
-
-
-# -------------------------------------------------------------------------------- paths
-
-
-def _oa_paths() -> _OaJson:
-    bad = _oa_err("Invalid argument (`invalid_argument`): bad query value, body or id.")
-    bad_json = _oa_err("Invalid JSON or validation error (`invalid_argument`).")
-    delete_responses: _OaJson = {
-        "200": _oa_resp(
-            "Deleted, or dry-run result (may be blocked).", _oa_json(_oa_ref("DeleteResult"))
-        ),
-        "409": _oa_resp(
-            "Blocked and not a dry run (nothing deleted).", _oa_json(_oa_ref("DeleteResult"))
-        ),
-        "400": bad,
-    }
-    force = _oa_bool_query("force", "Delete despite active connections/tasks.")
-    dry_run = _oa_bool_query("dry_run", "Only compute what would be deleted.")
-    name_param = _oa_path_param("name", "Name bound to an instance.")
-    job_param = _oa_path_param("jobId", "Prepare job id (32 hex).")
-    job_status = _oa_resp("Job status.", _oa_json(_oa_ref("PrepareJobStatus")))
-    prepare_body = _oa_body(
-        _oa_ref("PrepareJobRequest"), "Prepare request (unknown fields ignored)."
-    )
-    config_path = _oa_str_query("path", "Config path (dot-separated keys, [n] indices).")
-
-    return {
-        "/v1/health": {
-            "get": _oa_op(
-                "getHealth",
-                "Engine liveness and identity",
-                "meta",
-                {"200": _oa_resp("Engine is up.", _oa_json(_oa_ref("HealthResponse")))},
-                auth=False,
-            )
-        },
-        "/v1/openapi.json": {
-            "get": _oa_op(
-                "getOpenApiDocument",
-                "This OpenAPI 3.1 document",
-                "meta",
-                {
-                    "200": _oa_resp(
-                        "OpenAPI document.",
-                        _oa_json({"type": "object", "required": ["openapi", "info", "paths"]}),
-                    )
-                },
-                auth=False,
-            )
-        },
-        "/v1/names": {
-            "get": _oa_op(
-                "listNames",
-                "List name bindings",
-                "names",
-                {
-                    "200": _oa_resp(
-                        "All matching names ([] when none).", _oa_list_content("NameEntry")
-                    )
-                },
-                params=[
-                    _oa_str_query("instance", "Exact instance id."),
-                    _oa_str_query("state", "Exact state id."),
-                    _oa_str_query("image", "Exact image id."),
-                ],
-            )
-        },
-        "/v1/names/{name}": {
-            "parameters": [name_param],
-            "get": _oa_op(
-                "getName",
-                "Get one name binding",
-                "names",
-                {
-                    "200": _oa_resp("The binding.", _oa_json(_oa_ref("NameEntry"))),
-                    "404": _oa_not_found_text("name"),
-                },
-            ),
-            "put": _oa_op(
-                "putName",
-                "Bind a name to an instance",
-                "names",
-                {
-                    "201": _oa_resp("New binding.", _oa_json(_oa_ref("NameEntry"))),
-                    "200": _oa_resp("Existing name re-bound.", _oa_json(_oa_ref("NameEntry"))),
-                    "400": _oa_err(
-                        "Invalid name (32-hex, empty, not [A-Za-z0-9._-]{1,63}) or invalid body."
-                    ),
-                    "404": _oa_err("Instance not found (`not_found`)."),
-                },
-                body=_oa_body(_oa_ref("PutNameRequest"), "Instance to bind the name to."),
-            ),
-            "delete": _oa_op(
-                "deleteName",
-                "Unbind a name",
-                "names",
-                {
-                    "200": _oa_resp("The removed binding.", _oa_json(_oa_ref("NameEntry"))),
-                    "400": _oa_err("Invalid name."),
-                    "404": _oa_err("Name not found (`not_found`)."),
-                },
-            ),
-        },
-        "/v1/instances": {
-            "get": _oa_op(
-                "listInstances",
-                "List instances",
-                "instances",
-                {
-                    "200": _oa_resp("All matching instances.", _oa_list_content("InstanceEntry")),
-                    "400": _oa_err("Invalid id_prefix."),
-                },
-                params=[
-                    _oa_str_query("state", "Exact state id."),
-                    _oa_str_query("image", "Exact image id."),
-                    _oa_str_query("id_prefix", "Instance id prefix (trimmed, >= 8 hex chars)."),
-                ],
-            ),
-            "post": _oa_op(
-                "createInstance",
-                "Create an instance from a state",
-                "instances",
-                {
-                    "201": _oa_resp(
-                        "Instance created and running.",
-                        _oa_json(_oa_ref("InstanceEntry")),
-                        _oa_location("^/v1/instances/[0-9a-f]{32}$"),
-                    ),
-                    "400": bad_json,
-                    "404": _oa_err("State not found (`not_found`)."),
-                    "409": _oa_err("Conflict (`conflict`), e.g. name already taken."),
-                },
-                body=_oa_body(_oa_ref("CreateInstanceRequest"), "State (id or prefix), name, TTL."),
-            ),
-        },
-        "/v1/instances/{idOrName}": {
-            "parameters": [
-                _oa_path_param(
-                    "idOrName",
-                    "GET: instance id (32 hex, any case) or name. DELETE: instance id only "
-                    "(a name gives 404).",
-                )
-            ],
-            "get": _oa_op(
-                "getInstance",
-                "Get an instance by id, or redirect from a name",
-                "instances",
-                {
-                    "200": _oa_resp(
-                        "Instance (looked up by id).", _oa_json(_oa_ref("InstanceEntry"))
-                    ),
-                    "307": _oa_resp(
-                        "Resolved by name; follow Location (empty body).",
-                        headers=_oa_location("^/v1/instances/[0-9a-f]{32}$"),
-                    ),
-                    "404": _oa_not_found_text("instance"),
-                },
-            ),
-            "delete": _oa_op(
-                "deleteInstance",
-                "Delete an instance",
-                "instances",
-                {**delete_responses, "404": _oa_err("Instance not found (`not_found`).")},
-                params=[force, dry_run],
-            ),
-        },
-        "/v1/states": {
-            "get": _oa_op(
-                "listStates",
-                "List states",
-                "states",
-                {
-                    "200": _oa_resp("All matching states.", _oa_list_content("StateEntry")),
-                    "400": _oa_err("Invalid id_prefix."),
-                },
-                params=[
-                    _oa_str_query("kind", "Exact prepare kind."),
-                    _oa_str_query("image", "Exact image id."),
-                    _oa_str_query("id_prefix", "State id prefix (trimmed, >= 8 hex chars)."),
-                ],
-            )
-        },
-        "/v1/states/{stateId}": {
-            "parameters": [_oa_path_param("stateId", "State id (64 hex).")],
-            "get": _oa_op(
-                "getState",
-                "Get a state",
-                "states",
-                {
-                    "200": _oa_resp("The state.", _oa_json(_oa_ref("StateEntry"))),
-                    "404": _oa_not_found_text("state"),
-                },
-            ),
-            "delete": _oa_op(
-                "deleteState",
-                "Delete a state (optionally its whole subtree)",
-                "states",
-                {**delete_responses, "404": _oa_err("State not found (`not_found`).")},
-                params=[
-                    _oa_bool_query("recurse", "Delete instances and child states too."),
-                    force,
-                    dry_run,
-                ],
-            ),
-        },
-        "/v1/prepare-jobs": {
-            "get": _oa_op(
-                "listPrepareJobs",
-                "List prepare jobs",
-                "prepare-jobs",
-                {
-                    "200": _oa_resp(
-                        "Jobs ordered by created_at.", _oa_list_content("PrepareJobEntry")
-                    )
-                },
-                params=[_oa_str_query("job", "Job id prefix filter.")],
-            ),
-            "post": _oa_op(
-                "createPrepareJob",
-                "Submit a prepare job",
-                "prepare-jobs",
-                {
-                    "201": _oa_resp(
-                        "Job queued.",
-                        _oa_json(_oa_ref("PrepareJobAccepted")),
-                        _oa_location("^/v1/prepare-jobs/[0-9a-f]{32}$"),
-                    ),
-                    "400": bad_json,
-                },
-                body=prepare_body,
-            ),
-        },
-        "/v1/prepare-jobs/{jobId}": {
-            "parameters": [job_param],
-            "get": _oa_op(
-                "getPrepareJob",
-                "Get prepare job status",
-                "prepare-jobs",
-                {"200": job_status, "404": _oa_not_found_text("job")},
-            ),
-            "delete": _oa_op(
-                "deletePrepareJob",
-                "Delete a prepare job",
-                "prepare-jobs",
-                {**delete_responses, "404": _oa_err("Job not found (`not_found`).")},
-                params=[force, dry_run],
-            ),
-        },
-        "/v1/prepare-jobs/{jobId}/cancel": {
-            "parameters": [job_param],
-            "post": _oa_op(
-                "cancelPrepareJob",
-                "Cancel a prepare job",
-                "prepare-jobs",
-                {
-                    "200": _oa_resp("Job already terminal.", _oa_json(_oa_ref("PrepareJobStatus"))),
-                    "202": _oa_resp(
-                        "Cancellation requested.", _oa_json(_oa_ref("PrepareJobStatus"))
-                    ),
-                    "404": _oa_err("Job not found (`not_found`)."),
-                },
-            ),
-        },
-        "/v1/prepare-jobs/{jobId}/events": {
-            "parameters": [job_param],
-            "get": _oa_op(
-                "streamPrepareJobEvents",
-                "Stream prepare job events (NDJSON)",
-                "prepare-jobs",
-                {
-                    "200": _oa_resp(
-                        "All events from index 0; ends after the terminal events.",
-                        _oa_ndjson(_oa_ref("PrepareJobEvent")),
-                    ),
-                    "206": _oa_resp(
-                        "Events from index N on (Range: events=N-).",
-                        _oa_ndjson(_oa_ref("PrepareJobEvent")),
-                        {"Content-Range": _oa_header("`events N-`", _oa_str("^events [0-9]+-"))},
-                    ),
-                    "400": _oa_err("Malformed Range header."),
-                    "404": _oa_not_found_text("job"),
-                },
-                params=[
-                    _oa_param(
-                        "header",
-                        "Range",
-                        "Resume from 0-based event index N.",
-                        _oa_str("^events=[0-9]+-$"),
-                        False,
-                    )
-                ],
-            ),
-        },
-        "/v1/tasks": {
-            "get": _oa_op(
-                "listTasks",
-                "List prepare tasks",
-                "tasks",
-                {
-                    "200": _oa_resp(
-                        "Tasks ordered by job_id, position.", _oa_list_content("TaskEntry")
-                    )
-                },
-                params=[_oa_str_query("job", "Exact job id.")],
-            )
-        },
-        "/v1/runs": {
-            "post": _oa_op(
-                "createRun",
-                "Run psql/pgbench against an instance (NDJSON)",
-                "runs",
-                {
-                    "200": _oa_resp(
-                        "Live stream: start, stdout/stderr..., exit (real exit code).",
-                        _oa_ndjson(_oa_ref("RunEvent")),
-                    ),
-                    "400": bad_json,
-                    "404": _oa_err("Instance not found (`not_found`)."),
-                    "409": _oa_err("Conflict (`conflict`): connection args, missing runtime."),
-                },
-                body=_oa_body(_oa_ref("RunRequest"), "What to run, on which instance."),
-            )
-        },
-        "/v1/config": {
-            "get": _oa_op(
-                "getConfig",
-                "Read engine config",
-                "config",
-                {
-                    "200": _oa_resp(
-                        "Without path: the override map (or effective config); with path: "
-                        "ConfigValue.",
-                        _oa_json({"anyOf": [_oa_ref("ConfigValue"), {"type": "object"}]}),
-                    ),
-                    "400": _oa_err("Invalid path or effective."),
-                    "404": _oa_err("Path not found (`not_found`)."),
-                },
-                params=[
-                    config_path,
-                    _oa_bool_query("effective", "Merge defaults with overrides."),
-                ],
-            ),
-            "patch": _oa_op(
-                "patchConfig",
-                "Set one config value",
-                "config",
-                {
-                    "200": _oa_resp("Value set.", _oa_json(_oa_ref("ConfigValue"))),
-                    "400": _oa_err("path is required / invalid config value / invalid json."),
-                },
-                body=_oa_body(_oa_ref("ConfigValue"), "Path and new value."),
-            ),
-            "delete": _oa_op(
-                "deleteConfig",
-                "Remove one config override",
-                "config",
-                {
-                    "200": _oa_resp(
-                        "Effective value after removal.", _oa_json(_oa_ref("ConfigValue"))
-                    ),
-                    "400": _oa_err("path is required / invalid path."),
-                    "404": _oa_err("Path not found (`not_found`)."),
-                },
-                params=[{**config_path, "required": True}],
-            ),
-        },
-        "/v1/config/schema": {
-            "get": _oa_op(
-                "getConfigSchema",
-                "JSON Schema (2020-12) of the engine config",
-                "config",
-                {"200": _oa_resp("Config schema.", _oa_json({"type": "object"}))},
-            )
-        },
-        "/v1/cache/status": {
-            "get": _oa_op(
-                "getCacheStatus",
-                "Cache usage, limits and pressure",
-                "cache",
-                {"200": _oa_resp("Cache status.", _oa_json(_oa_ref("CacheStatus")))},
-            )
-        },
-        "/v1/cache/explain/prepare": {
-            "post": _oa_op(
-                "explainPrepareCache",
-                "Would this prepare request hit the cache?",
-                "cache",
-                {
-                    "200": _oa_resp("Decision.", _oa_json(_oa_ref("CacheExplainResponse"))),
-                    "400": bad_json,
-                },
-                body=prepare_body,
-            )
-        },
-    }
-
-
-
-
-def openapi_document(version: str) -> dict[str, Any]:
-    """The engine's OpenAPI 3.1.0 document (plain JSON-serialisable dict)."""
-    doc: _OaJson = {
-        "openapi": "3.1.0",
-        "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
-        "info": {
-            "title": "sqlrs engine",
-            "version": version,
-            "description": "Local sqlrs engine API. JSON bodies are snake_case; errors are "
-            "{code, message[, details]}; 401/405 have empty bodies; unknown paths are a "
-            "text/plain 404. Lists are JSON arrays ([] when empty), or NDJSON when Accept "
-            "contains application/x-ndjson.",
-        },
-        "tags": [
-            {"name": n}
-            for n in (
-                "meta",
-                "names",
-                "instances",
-                "states",
-                "prepare-jobs",
-                "tasks",
-                "runs",
-                "config",
-                "cache",
-            )
-        ],
-        "security": [{"bearerAuth": []}],
-        "paths": _oa_paths(),
-        "components": {
-            "securitySchemes": {
-                "bearerAuth": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "Authorization: Bearer <authToken from engine.json>.",
-                }
-            },
-            "schemas": _oa_schemas(),
-        },
-    }
-    return doc
 
 
 @dataclass
@@ -5738,36 +5209,100 @@ class Api:
     prepare: PrepareManager
     runs: RunManager
     routes: list[Route] = field(init=False)
+    document: JsonDict = field(init=False)  #: the OpenAPI document, built once
 
     def __post_init__(self) -> None:
         self.routes = self._routes()
+        self.document = openapi_document(self.version, self.routes)
 
     def _routes(self) -> list[Route]:
-        def route(pattern: str, auth: bool = True, **methods: Handler) -> Route:
-            return Route(re.compile(pattern), methods, auth)
-
-        seg = r"([^/]*)"
+        op, err = Operation, error_answer
+        deleted = {200: Answer("Deleted, or what a dry run would do.", DeleteResult),
+                   409: Answer("Blocked (nothing deleted).", DeleteResult)}
+        missing = {404: TEXT_404}
+        filters = ("state", "image", "id_prefix")
         return [
-            route(r"/v1/health", auth=False, GET=self.health),
-            route(r"/v1/openapi\.json", auth=False, GET=self.openapi),
-            route(r"/v1/config", GET=self.config_get, PATCH=self.config_patch,
-                  DELETE=self.config_delete),
-            route(r"/v1/config/schema", GET=self.config_schema),
-            route(r"/v1/names", GET=self.names_list),
-            route(rf"/v1/names/{seg}", GET=self.name_get, PUT=self.name_put,
-                  DELETE=self.name_delete),
-            route(r"/v1/instances", GET=self.instances_list, POST=self.instances_create),
-            route(rf"/v1/instances/{seg}", GET=self.instance_get, DELETE=self.instance_delete),
-            route(r"/v1/states", GET=self.states_list),
-            route(rf"/v1/states/{seg}", GET=self.state_get, DELETE=self.state_delete),
-            route(r"/v1/prepare-jobs", GET=self.jobs_list, POST=self.jobs_submit),
-            route(rf"/v1/prepare-jobs/{seg}", GET=self.job_get, DELETE=self.job_delete),
-            route(rf"/v1/prepare-jobs/{seg}/cancel", POST=self.job_cancel),
-            route(rf"/v1/prepare-jobs/{seg}/events", GET=self.job_events),
-            route(r"/v1/tasks", GET=self.tasks_list),
-            route(r"/v1/runs", POST=self.runs_create),
-            route(r"/v1/cache/status", GET=self.cache_status),
-            route(r"/v1/cache/explain/prepare", POST=self.cache_explain),
+            Route("/v1/health", {"GET": op(self.health, "Engine liveness and identity", {
+                200: Answer("Up.", HealthResponse)})}, auth=False),
+            Route("/v1/openapi.json", {"GET": op(self.openapi, "This OpenAPI document", {
+                200: Answer("The document.", dict[str, Any])})}, auth=False),
+            Route("/v1/config", {
+                "GET": op(self.config_get, "Read the config", {
+                    200: Answer("Without path: the overrides (or the effective config); with "
+                                "path: that value.", ConfigValue | dict[str, Any]),
+                    404: err("No such path.")}, ("path", "effective")),
+                "PATCH": op(self.config_patch, "Set one setting", {
+                    200: Answer("Set.", ConfigValue)}, body=ConfigValue),
+                "DELETE": op(self.config_delete, "Remove one override", {
+                    200: Answer("The effective value after removal.", ConfigValue),
+                    404: err("No such path.")}, ("path",))}),
+            Route("/v1/config/schema", {"GET": op(self.config_schema, "The config's JSON Schema",
+                                                  {200: Answer("Schema.", dict[str, Any])})}),
+            Route("/v1/names", {"GET": op(self.names_list, "List names", {
+                200: Answer("Matching names.", list[NameEntry])}, ("instance", "state",
+                                                                      "image"))}),
+            Route("/v1/names/{name}", {
+                "GET": op(self.name_get, "Get a name", {200: Answer("The binding.", NameEntry),
+                                                        **missing}),
+                "PUT": op(self.name_put, "Bind a name to an instance", {
+                    200: Answer("Re-bound.", NameEntry), 201: Answer("Bound.", NameEntry),
+                    404: err("No such instance.")}, body=PutNameBody),
+                "DELETE": op(self.name_delete, "Unbind a name", {
+                    200: Answer("The removed binding.", NameEntry),
+                    404: err("No such name.")})}),
+            Route("/v1/instances", {
+                "GET": op(self.instances_list, "List instances", {
+                    200: Answer("Matching instances.", list[InstanceEntry])}, filters),
+                "POST": op(self.instances_create, "Start an instance of a state", {
+                    201: Answer("Running.", InstanceEntry), 404: err("No such state."),
+                    409: err("Name in use, or an ambiguous prefix.")},
+                    body=CreateInstanceBody)}),
+            Route("/v1/instances/{idOrName}", {
+                "GET": op(self.instance_get, "Get an instance (a name redirects)", {
+                    200: Answer("The instance.", InstanceEntry),
+                    307: Answer("Found by name: see Location."), **missing}),
+                "DELETE": op(self.instance_delete, "Delete an instance", {
+                    **deleted, 404: err("No such instance.")}, ("force", "dry_run"))}),
+            Route("/v1/states", {"GET": op(self.states_list, "List states", {
+                200: Answer("Matching states.", list[StateEntry])}, ("kind", "image",
+                                                                        "id_prefix"))}),
+            Route("/v1/states/{stateId}", {
+                "GET": op(self.state_get, "Get a state", {200: Answer("The state.", StateEntry),
+                                                          **missing}),
+                "DELETE": op(self.state_delete, "Delete a state (and, with recurse, its "
+                             "subtree)", {**deleted, 404: err("No such state.")},
+                             ("recurse", "force", "dry_run"))}),
+            Route("/v1/prepare-jobs", {
+                "GET": op(self.jobs_list, "List prepare jobs", {
+                    200: Answer("Jobs, oldest first.", list[PrepareJobEntry])}, ("job",)),
+                "POST": op(self.jobs_submit, "Submit a prepare job", {
+                    201: Answer("Queued.", JobAccepted)}, body=PrepareBody)}),
+            Route("/v1/prepare-jobs/{jobId}", {
+                "GET": op(self.job_get, "A job's status, plan and outcome", {
+                    200: Answer("The job.", PrepareJobStatus), **missing}),
+                "DELETE": op(self.job_delete, "Delete a prepare job", {
+                    **deleted, 404: err("No such job.")}, ("force", "dry_run"))}),
+            Route("/v1/prepare-jobs/{jobId}/cancel", {"POST": op(self.job_cancel, "Cancel a job", {
+                200: Answer("It had ended.", PrepareJobStatus),
+                202: Answer("Cancelling.", PrepareJobStatus), 404: err("No such job.")})}),
+            Route("/v1/prepare-jobs/{jobId}/events", {"GET": op(
+                self.job_events, "A job's events, live (NDJSON)", {
+                    200: Answer("From the first event to the job's end.", PrepareJobEvent,
+                                NDJSON),
+                    206: Answer("From event N on (Content-Range: events N-).",
+                                PrepareJobEvent, NDJSON),
+                    416: err("A Range other than events=N-."), **missing}, ("Range",))}),
+            Route("/v1/tasks", {"GET": op(self.tasks_list, "List tasks of all jobs", {
+                200: Answer("Tasks by job, in plan order.", list[TaskEntry])}, ("job",))}),
+            Route("/v1/runs", {"POST": op(self.runs_create, "Run psql or pgbench (NDJSON)", {
+                200: Answer("Live output, then the real exit code.", RunEvent, NDJSON),
+                404: err("No such instance."), 409: err("Connection arguments given.")},
+                body=RunBody)}),
+            Route("/v1/cache/status", {"GET": op(self.cache_status, "Cache usage and limits", {
+                200: Answer("Status.", CacheStatus)})}),
+            Route("/v1/cache/explain/prepare", {"POST": op(
+                self.cache_explain, "Would this prepare hit the cache?", {
+                    200: Answer("Decision.", CacheExplain)}, body=PrepareBody)}),
         ]
 
     def match(self, path: str) -> tuple[Route, tuple[str, ...]] | None:
@@ -5776,16 +5311,16 @@ class Api:
             if found:
                 return candidate, found.groups()
         if re.fullmatch(r"/v1/(names|instances|states|prepare-jobs)/.*", path):
-            return Route(re.compile(""), {}), ()
+            return Route("", {}), ()
         return None
 
     # meta ---------------------------------------------------------------------------------
     def health(self, req: Request) -> Response:
-        return json_response(200, {"ok": True, "version": self.version,
+        return json_response(HTTPStatus.OK, {"ok": True, "version": self.version,
                                    "instanceId": self.instance_id, "pid": os.getpid()})
 
     def openapi(self, req: Request) -> Response:
-        return json_response(200, openapi_document(self.version))
+        return json_response(HTTPStatus.OK, self.document)
 
     # config -------------------------------------------------------------------------------
     def _config_path(self, req: Request, required: bool) -> str | None:
@@ -5805,11 +5340,13 @@ class Api:
         path = self._config_path(req, required=False)
         config = self.config
         if path is None:
-            return json_response(200, config.effective() if effective else config.overrides())
+            tree = config.effective() if effective else config.overrides()
+            return json_response(HTTPStatus.OK, tree)
         try:
-            return json_response(200, {"path": path, "value": config.get(path, effective)})
+            value = config.get(path, effective)
+            return json_response(HTTPStatus.OK, {"path": path, "value": value})
         except KeyError:
-            raise ApiError(404, "not_found", "path not found", path) from None
+            raise ApiError(HTTPStatus.NOT_FOUND, "not_found", "path not found", path) from None
 
     def config_patch(self, req: Request) -> Response:
         body = req.json_object()
@@ -5823,7 +5360,7 @@ class Api:
         except ValueError as exc:
             raise invalid_argument("invalid path", str(exc)) from None
         value = self.config.set(path, body["value"])
-        return json_response(200, {"path": path, "value": value})
+        return json_response(HTTPStatus.OK, {"path": path, "value": value})
 
     def config_delete(self, req: Request) -> Response:
         path = self._config_path(req, required=True)
@@ -5831,11 +5368,11 @@ class Api:
         try:
             value = self.config.delete(path)
         except KeyError:
-            raise ApiError(404, "not_found", "path not found", path) from None
-        return json_response(200, {"path": path, "value": value})
+            raise ApiError(HTTPStatus.NOT_FOUND, "not_found", "path not found", path) from None
+        return json_response(HTTPStatus.OK, {"path": path, "value": value})
 
     def config_schema(self, req: Request) -> Response:
-        return json_response(200, CONFIG_SCHEMA)
+        return json_response(HTTPStatus.OK, CONFIG_SCHEMA)
 
     # names --------------------------------------------------------------------------------
     def names_list(self, req: Request) -> Response:
@@ -5845,7 +5382,7 @@ class Api:
 
     def name_get(self, req: Request, name: str) -> Response:
         row = self.store.get_name(name) if name else None
-        return json_response(200, row.to_json()) if row else text_not_found()
+        return json_response(HTTPStatus.OK, row.to_json()) if row else text_not_found()
 
     def name_put(self, req: Request, name: str) -> Response:
         validate_name(name)
@@ -5859,13 +5396,14 @@ class Api:
         created = self.store.bind_name(name, resolved.instance)
         row = self.store.get_name(name)
         assert row
-        return json_response(201 if created else 200, row.to_json())
+        status = HTTPStatus.CREATED if created else HTTPStatus.OK
+        return json_response(status, row.to_json())
 
     def name_delete(self, req: Request, name: str) -> Response:
         row = self.store.get_name(name) if name else None
         if row is None or not self.store.unbind_name(name):
             raise not_found("name not found")
-        return json_response(200, row.to_json())
+        return json_response(HTTPStatus.OK, row.to_json())
 
     # instances ----------------------------------------------------------------------------
     def instances_list(self, req: Request) -> Response:
@@ -5879,8 +5417,8 @@ class Api:
             return text_not_found()
         if found.by_name:
             location = f"/v1/instances/{found.instance.instance_id}"
-            return Response(307, headers={"Location": location})
-        return json_response(200, self.instances.entry(found.instance))
+            return Response(HTTPStatus.TEMPORARY_REDIRECT, headers={"Location": location})
+        return json_response(HTTPStatus.OK, self.instances.entry(found.instance))
 
     def instances_create(self, req: Request) -> Response:
         body = req.json_object()
@@ -5903,7 +5441,7 @@ class Api:
             raise conflict("name already in use", name)
         created = self.store.get_instance(row.instance_id)
         assert created
-        return json_response(201, self.instances.entry(created),
+        return json_response(HTTPStatus.CREATED, self.instances.entry(created),
                              {"Location": f"/v1/instances/{row.instance_id}"})
 
     def instance_delete(self, req: Request, instance_id: str) -> Response:
@@ -5919,7 +5457,7 @@ class Api:
 
     def state_get(self, req: Request, state_id: str) -> Response:
         row = self.store.get_state(state_id) if is_state_id(state_id) else None
-        return json_response(200, row.to_json()) if row else text_not_found()
+        return json_response(HTTPStatus.OK, row.to_json()) if row else text_not_found()
 
     def state_delete(self, req: Request, state_id: str) -> Response:
         recurse, force, dry_run = req.flag("recurse"), req.flag("force"), req.flag("dry_run")
@@ -5934,13 +5472,15 @@ class Api:
     def jobs_submit(self, req: Request) -> Response:
         job = self.prepare.submit(req.json())
         url = f"/v1/prepare-jobs/{job.job_id}"
-        return json_response(201, {"job_id": job.job_id, "status_url": url,
+        return json_response(HTTPStatus.CREATED, {"job_id": job.job_id, "status_url": url,
                                    "events_url": f"{url}/events", "status": job.status},
                              {"Location": url})
 
     def job_get(self, req: Request, job_id: str) -> Response:
         job = self.prepare.get(job_id)
-        return json_response(200, self.prepare.status_json(job)) if job else text_not_found()
+        if job is None:
+            return text_not_found()
+        return json_response(HTTPStatus.OK, self.prepare.status_json(job))
 
     def job_delete(self, req: Request, job_id: str) -> Response:
         force, dry_run = req.flag("force"), req.flag("dry_run")
@@ -5960,7 +5500,8 @@ class Api:
         headers = {"Accept-Ranges": "events"}
         if start is not None:
             headers["Content-Range"] = f"events {start}-"
-        return Response(206 if start is not None else 200, content_type="application/x-ndjson",
+        status = HTTPStatus.OK if start is None else HTTPStatus.PARTIAL_CONTENT
+        return Response(status, content_type="application/x-ndjson",
                         headers=headers,
                         stream=self._event_stream(job_id, event_index(start or "0")))
 
@@ -5983,23 +5524,23 @@ class Api:
 
     # cache --------------------------------------------------------------------------------
     def cache_status(self, req: Request) -> Response:
-        return json_response(200, self.cache.status())
+        return json_response(HTTPStatus.OK, self.cache.status())
 
     def cache_explain(self, req: Request) -> Response:
         try:
-            return json_response(200, self.prepare.explain(req.json()))
+            return json_response(HTTPStatus.OK, self.prepare.explain(req.json()))
         except JobFailure as exc:
-            raise ApiError(500, exc.error["code"], exc.error["message"],
-                           exc.error.get("details")) from None
+            raise internal_error(exc.error.get("details"), exc.error["message"],
+                                 exc.error["code"]) from None
 
     # runs ---------------------------------------------------------------------------------
     def runs_create(self, req: Request) -> Response:
         stream = self.runs.start(req.json_object())
-        return Response(200, content_type="application/x-ndjson", stream=stream)
+        return Response(HTTPStatus.OK, content_type="application/x-ndjson", stream=stream)
 
 
 class HttpHandler(http.server.BaseHTTPRequestHandler):
-    """Applies the conventions of §2 around every route: Host check, auth, 404/405, logging."""
+    """Applies the HTTP conventions around every route: Host check, auth, 404/405, logging."""
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
@@ -6012,8 +5553,11 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Nothing: ``_serve`` logs each request once, with its duration."""
+
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
+        log.info("http: " + format, *args)
 
     def setup(self) -> None:
         super().setup()
@@ -6052,29 +5596,34 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             return json_response(exc.status, exc.body())
         except Exception as exc:
             log.exception("request %s %s failed", self.command, self.path)
-            return json_response(500, ApiError(500, "internal_error", "internal error",
-                                               str(exc)).body())
+            return json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                 internal_error(str(exc)).body())
 
     def _dispatch(self, body: bytes) -> Response:
         if not self.server.guard.host_allowed(self.headers.get("Host")):
-            return json_response(403, {"code": "forbidden", "message": "host not allowed"})
+            return json_response(HTTPStatus.FORBIDDEN,
+                                 {"code": "forbidden", "message": "host not allowed"})
         parts = urllib.parse.urlsplit(self.path)
         found = self.server.api.match(parts.path)
         if found is None:
             return text_not_found()
         route, groups = found
         if route.auth and not self.server.guard.authorized(self.headers.get("Authorization")):
-            return Response(401)
-        if not route.methods:
+            return Response(HTTPStatus.UNAUTHORIZED)
+        if not route.operations:
             return text_not_found()
-        handler = route.methods.get(self.command)
-        if handler is None:
-            return Response(405)
+        if self.command == "OPTIONS":
+            allowed = sorted({*route.operations, "OPTIONS"} | (
+                {"HEAD"} if "GET" in route.operations else set()))
+            return Response(HTTPStatus.NO_CONTENT, headers={"Allow": ", ".join(allowed)})
+        operation = route.operations.get("GET" if self.command == "HEAD" else self.command)
+        if operation is None:
+            return Response(HTTPStatus.METHOD_NOT_ALLOWED)
         decoded = tuple(urllib.parse.unquote(group) for group in groups)
         request = Request(self.command, parts.path,
                           urllib.parse.parse_qs(parts.query, keep_blank_values=True),
                           self.headers.get, body)
-        return handler(request, *decoded)
+        return operation.handler(request, *decoded)
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
@@ -6112,6 +5661,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
+        if self.command == "HEAD":
+            getattr(response.stream, "close", lambda: None)()
+            return 0
         return self._send_chunks(response.stream)
 
     def _send_chunks(self, chunks: Iterator[bytes]) -> int:
@@ -6164,7 +5716,7 @@ class EngineHttpServer6(EngineHttpServer):
 
 
 ###############################################################################
-# cli/main: flags, start-up order (§1.2), engine.json, signals and idle shutdown.
+# cli/main: flags, start-up order, engine.json, signals and idle shutdown.
 # Owns the process; wires every section together.
 ###############################################################################
 
@@ -6254,7 +5806,7 @@ def setup_logging(state_dir: str) -> None:
     log.addHandler(handler)
     if sys.stderr.isatty():
         log.addHandler(logging.StreamHandler())
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO)  # until the config's log.level is read
 
 
 def expose_root_for(store_root: str) -> str | None:
@@ -6284,13 +5836,15 @@ class Engine:
         self.store = MetadataStore(self.db)
         self.jobs = JobQueue(self.db)
         self.config = ConfigManager(os.path.join(store_root, "config.json"))
+        self.config.apply_log_level()
         self.registry = Registry(self.store)
         self.layout = StoreLayout(store_root)
         user = ServerUser.detect()
         self.snapshots = SnapshotManager(self.config.value("snapshot.backend"),
                                          expose_root_for(store_root))
         dbms = PostgresDbms(user)
-        docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12])
+        docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12],
+                               self.config.value("container.runtime"))
         self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())
@@ -6318,7 +5872,7 @@ class Engine:
 
     def _sweep_containers(self, keep: set[str]) -> None:
         """Remove containers of interrupted work (found by label); Docker may be absent."""
-        if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+        if not self.runtimes.docker.configured():
             return
         try:
             removed = self.runtimes.docker.sweep(keep)

@@ -10,4 +10,7 @@ fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 ruff check .
 mypy
-python3 -m pytest -q -p no:cacheprovider "$@"
+started=$EPOCHREALTIME
+python3 -m pytest -q -p no:cacheprovider -m unit "$@"
+echo "unit tests: $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
+python3 -m pytest -q -p no:cacheprovider -m "not unit" "$@"

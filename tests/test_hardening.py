@@ -227,3 +227,18 @@ def test_rejected_config_patch_leaves_the_file_alone(engine: EngineProcess) -> N
         assert result.json()["code"] == "invalid_argument"
     assert config.read_bytes() == before
     assert json.loads(before) == {"cache": {"capacity": {"maxBytes": 12345}}}
+
+
+def test_log_level_applies_at_once(engine: EngineProcess) -> None:
+    log_file = engine.state_dir / "logs" / "engine.log"
+
+    def logged() -> int:
+        return log_file.read_text().count("path=/v1/states ")
+
+    patch_config(engine, "log.level", "error")
+    quiet = logged()
+    assert engine.get("/v1/states").status == 200
+    assert logged() == quiet
+    patch_config(engine, "log.level", "info")
+    assert engine.get("/v1/states").status == 200
+    poll(lambda: logged() == quiet + 1, 10, what="the request line at level info")
