@@ -38,6 +38,7 @@ import pwd
 import queue
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -2994,20 +2995,26 @@ class InstanceManager:
     def set_password(self, handle: RuntimeHandle) -> str:
         """Give a started runtime its own random superuser password (over the private
         socket; only the SCRAM verifier is sent) and return it. Never part of a state."""
+        password = secrets.token_urlsafe(24)
+        self._set_verifier(handle, scram_verifier(password))
+        return password
+
+    def clear_password(self, handle: RuntimeHandle) -> None:
+        """Remove a runtime's password before it becomes a state."""
+        self._set_verifier(handle, None)
+
+    def _set_verifier(self, handle: RuntimeHandle, verifier: str | None) -> None:
         import psycopg2
 
-        password = secrets.token_urlsafe(24)
         try:
             conn = admin_session(*self._admin_endpoint(handle), "sqlrs-engine")
             try:
                 with conn.cursor() as cur:
-                    cur.execute(f"ALTER ROLE {SUPERUSER} PASSWORD %s",
-                                (scram_verifier(password),))
+                    cur.execute(f"ALTER ROLE {SUPERUSER} PASSWORD %s", (verifier,))
             finally:
                 conn.close()
         except psycopg2.Error as exc:
-            raise DbmsError(f"cannot set the instance password: {str(exc).strip()}") from exc
-        return password
+            raise DbmsError(f"cannot set the password: {str(exc).strip()}") from exc
 
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)
@@ -3581,8 +3588,9 @@ class CacheManager:
 
 
 ###############################################################################
-# planner: psql argument validation and normalisation, content hashing and
-# task lists. Pure logic apart from reading script files; may call queue (PlanTask).
+# planner: psql and Liquibase argument validation and normalisation, content hashing,
+# update-sql parsing and task lists. Pure logic apart from reading script files; may call
+# queue (PlanTask).
 ###############################################################################
 
 PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
@@ -3877,15 +3885,15 @@ class PrepareBody(TypedDict):
 
 @dataclass
 class PrepareRequest:
-    """A validated ``POST /v1/prepare-jobs`` body."""
+    """A validated ``POST /v1/prepare-jobs`` body: a psql plan or a Liquibase plan."""
 
     prepare_kind: str
     image_id: str
-    psql_args: list[str]
-    stdin: str | None
     plan_only: bool
     ttl_seconds: int | None
-    plan: PsqlPlan
+    body: JsonDict  #: the fields that were validated, kept to restore the job after a restart
+    plan: PsqlPlan | None = None
+    lb: LiquibasePlan | None = None
 
     @classmethod
     def parse(cls, body: Any, cwd: str) -> PrepareRequest:
@@ -3894,31 +3902,37 @@ class PrepareRequest:
         kind = _opt_str(body, "prepare_kind").strip()
         if not kind:
             raise invalid_argument("prepare_kind is required")
-        if kind == "lb":
-            raise invalid_argument("unsupported prepare_kind",
-                                   "lb (Liquibase) prepares are not supported yet")
-        if kind != "psql":
+        if kind not in ("psql", "lb"):
             raise invalid_argument("unsupported prepare_kind", kind)
         image = _opt_str(body, "image_id").strip()
         if not image:
             raise invalid_argument("image_id is required")
+        plan_only = body.get("plan_only", False)
+        if not isinstance(plan_only, bool):
+            raise invalid_argument("invalid plan_only", "plan_only must be a boolean")
+        ttl = parse_ttl(body.get("ttl_seconds"))
+        kept = {key: body.get(key) for key in PrepareBody.__annotations__ if key in body}
+        request = cls(kind, image, plan_only, ttl, kept)
+        if kind == "lb":
+            request.lb = plan_liquibase(body, cwd)
+            return request
         args = body.get("psql_args") or []
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise invalid_argument("invalid psql_args", "psql_args must be an array of strings")
         stdin = body.get("stdin")
         if stdin is not None and not isinstance(stdin, str):
             raise invalid_argument("invalid stdin", "stdin must be a string or null")
-        plan_only = body.get("plan_only", False)
-        if not isinstance(plan_only, bool):
-            raise invalid_argument("invalid plan_only", "plan_only must be a boolean")
-        ttl = parse_ttl(body.get("ttl_seconds"))
-        plan = plan_psql(args, stdin, cwd)
-        return cls(kind, image, args, stdin, plan_only, ttl, plan)
+        request.plan = plan_psql(args, stdin, cwd)
+        return request
+
+    @property
+    def normalized(self) -> str:
+        plan = self.lb or self.plan
+        assert plan is not None
+        return " ".join(plan.normalized)
 
     def to_json(self) -> JsonDict:
-        return {"prepare_kind": self.prepare_kind, "image_id": self.image_id,
-                "psql_args": self.psql_args, "stdin": self.stdin, "plan_only": self.plan_only,
-                "ttl_seconds": self.ttl_seconds}
+        return self.body
 
 
 def _opt_str(body: Mapping[str, Any], key: str) -> str:
@@ -3955,12 +3969,14 @@ class StepPlan:
     #: for a file or stdin input: the expanded text the step was hashed from, which psql is
     #: fed on stdin (so it runs exactly what was hashed and needs no access to the files)
     script: bytes | None = field(default=None, repr=False)
+    changeset: Changeset | None = None  #: for lb: the changeset the step applies
 
 
 def plan_steps(request: PrepareRequest, resolved_image: str,
                engine_version: str) -> tuple[list[StepPlan], str]:
     """The chain of states of a psql request and its job signature."""
     plan = request.plan
+    assert plan is not None
     hasher = ContentHasher(plan.work_dir, plan.stdin)
     steps: list[StepPlan] = []
     input_kind, input_id = "image", resolved_image
@@ -3978,9 +3994,198 @@ def plan_steps(request: PrepareRequest, resolved_image: str,
     return steps, job_signature(whole, resolved_image, request.plan_only)
 
 
+LB_CONNECTION_FLAGS = ("--url", "--username", "--password")
+LB_RUNTIME_FLAGS = ("--classpath", "--driver")
+LB_PATH_FLAGS = ("--changelog-file", "--defaults-file")
+LB_SEARCH_FLAGS = ("--searchPath", "--search-path")
+LB_COUNTING_FLAGS = ("--count", "--tag")  #: belong to update-count/update-to-tag, not to steps
+LB_INSERT_RE = re.compile(r"INSERT INTO \S*databasechangelog\s*\(.*\)\s*VALUES\s*\((.*)\);?\s*$",
+                          re.IGNORECASE)
+SQL_STRING_RE = re.compile(r"'((?:[^']|'')*)'")
+
+
+@dataclass
+class LiquibasePlan:
+    """Validated Liquibase arguments (options before the command, the command, the rest), the
+    executable, its extra environment and the directory it runs in."""
+
+    before: list[str]
+    command: str
+    after: list[str]
+    exec_path: str
+    env: dict[str, str]
+    work_dir: str
+
+    @property
+    def normalized(self) -> list[str]:
+        return [*self.before, self.command, *self.after]
+
+    def args_for(self, command: str, *extra: str) -> list[str]:
+        """The arguments with ``command`` instead of the user's: files under the work dir
+        relative to it (Liquibase keeps a changeset's path as given, and it is part of the
+        changeset's identity), options that select how many changesets to run dropped."""
+        def local(token: str) -> str:
+            name, eq, value = token.partition("=")
+            if eq and name in LB_PATH_FLAGS and value.startswith(self.work_dir.rstrip("/") + "/"):
+                return f"{name}={os.path.relpath(value, self.work_dir)}"
+            return token
+
+        after = [t for t in self.after if t.partition("=")[0] not in LB_COUNTING_FLAGS]
+        return [*map(local, self.before), command, *map(local, after), *extra]
+
+
+def plan_liquibase(body: Mapping[str, Any], cwd: str) -> LiquibasePlan:
+    """Validate ``liquibase_*`` fields as the sqlrs CLI expects (anything else: 400)."""
+    work_dir = _opt_str(body, "work_dir") or cwd
+    if not os.path.isabs(work_dir) or not os.path.isdir(work_dir):
+        raise invalid_argument("invalid work_dir", "work_dir must be an existing absolute dir")
+    args = body.get("liquibase_args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise invalid_argument("invalid liquibase_args",
+                               "liquibase_args must be an array of strings")
+    tokens = [token for token in args if token.strip() and token != "--"]
+    before: list[str] = []
+    after: list[str] = []
+    command = ""
+    while tokens:
+        token = tokens.pop(0)
+        name, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name in LB_CONNECTION_FLAGS:
+            raise invalid_argument("connection flags are not allowed", token)
+        if name in LB_RUNTIME_FLAGS:
+            raise invalid_argument("runtime flags are not allowed", token)
+        if name in LB_PATH_FLAGS + LB_SEARCH_FLAGS:
+            if not eq:
+                if not tokens:
+                    raise invalid_argument("missing value for flag", name)
+                value = tokens.pop(0)
+            token = _absolute_lb_option(name, value, work_dir)
+        elif not token.startswith("-") and not command:
+            command = token
+            continue
+        (after if command else before).append(token)
+    if not command:
+        raise invalid_argument("lb command is required")
+    if not command.lower().startswith("update"):
+        raise invalid_argument("unsupported lb command", command)
+    return LiquibasePlan(before, command, after, _liquibase_exec(body), _lb_env(body), work_dir)
+
+
+def _absolute_lb_option(name: str, value: str, work_dir: str) -> str:
+    if name in LB_SEARCH_FLAGS:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if not items:
+            raise invalid_argument("searchPath is empty", name)
+        absolute = [item if "://" in item or item.startswith("classpath:") else
+                    os.path.normpath(os.path.join(work_dir, item)) for item in items]
+        return f"--searchPath={','.join(absolute)}"
+    if not value.strip():
+        raise invalid_argument("path is empty", name)
+    return f"{name}={os.path.normpath(os.path.join(work_dir, value))}"
+
+
+def _liquibase_exec(body: Mapping[str, Any]) -> str:
+    mode = _opt_str(body, "liquibase_exec_mode").strip().lower()
+    if mode not in ("", "auto", "native"):
+        raise invalid_argument("unsupported liquibase_exec_mode",
+                               f"{mode}: this engine runs Liquibase natively")
+    wanted = _opt_str(body, "liquibase_exec").strip() or "liquibase"
+    found = wanted if os.path.isabs(wanted) else shutil.which(wanted)
+    if not found or not os.path.isfile(found):
+        raise invalid_argument("liquibase_exec not found", wanted)
+    if not os.access(found, os.X_OK):
+        raise invalid_argument("liquibase_exec is not executable", found)
+    return found
+
+
+def _lb_env(body: Mapping[str, Any]) -> dict[str, str]:
+    env = body.get("liquibase_env") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise invalid_argument("invalid liquibase_env", "liquibase_env must map strings")
+    return dict(env)
+
+
+@dataclass(frozen=True)
+class Changeset:
+    """One pending changeset, as ``update-sql`` announces it."""
+
+    id: str
+    author: str
+    path: str
+    checksum: str
+
+    @property
+    def summary(self) -> str:
+        return f"{self.id}::{self.author}::{self.path}"
+
+
+def parse_update_sql(stdout: str) -> list[Changeset]:
+    """The pending changesets of an ``update-sql`` run, in order: each starts at a
+    ``-- Changeset`` line; id, author, path and checksum come from the values it would record
+    in DATABASECHANGELOG (the header is ambiguous when an id contains ``::``)."""
+    blocks: list[tuple[str, list[str]]] = []
+    for line in stdout.splitlines():
+        if line.startswith("-- Changeset "):
+            blocks.append((line[len("-- Changeset "):].strip(), []))
+        elif blocks:
+            blocks[-1][1].append(line)
+    found = []
+    for header, lines in blocks:
+        insert = next((m for m in map(LB_INSERT_RE.match, lines) if m), None)
+        values = [v.replace("''", "'") for v in SQL_STRING_RE.findall(insert.group(1))
+                  ] if insert else []
+        if len(values) >= 4:
+            found.append(Changeset(values[0], values[1], values[2], values[3]))
+            continue
+        path, _, rest = header.partition("::")
+        ident, _, author = rest.rpartition("::")
+        stable = "\n".join(line for line in lines if "databasechangelog" not in line.lower())
+        found.append(Changeset(ident, author, path,
+                               "sha256:" + hashlib.sha256(stable.encode()).hexdigest()))
+    return found
+
+
+def lb_task_hash(prev_state_id: str, changeset: Changeset | None) -> str:
+    """A changeset's step: its checksum and identity (path::id::author, which Liquibase
+    records) on top of the state before it."""
+    if changeset is None:
+        return hash_records(("prepare_kind", "lb"), ("prev_state_id", prev_state_id),
+                            ("changeset_hash", ""))
+    return hash_records(("prepare_kind", "lb"), ("prev_state_id", prev_state_id),
+                        ("changeset_hash", changeset.checksum),
+                        ("changeset", f"{changeset.path}::{changeset.id}::{changeset.author}"))
+
+
+def plan_lb_steps(request: PrepareRequest, resolved_image: str, engine_version: str,
+                  changesets: Sequence[Changeset]) -> tuple[list[StepPlan], str]:
+    """One step per pending changeset (one, doing nothing, when none is pending) and the lb
+    job signature."""
+    assert request.lb is not None
+    steps: list[StepPlan] = []
+    records = [("image_id", resolved_image), ("plan_only", str(request.plan_only).lower()),
+               ("engine_version", engine_version)]
+    input_kind, input_id = "image", resolved_image
+    for index, changeset in enumerate(changesets or [None]):
+        task_hash = lb_task_hash(input_id, changeset)
+        state_id = state_id_for(input_kind, input_id, task_hash)
+        steps.append(StepPlan(index, input_kind, input_id, task_hash, state_id,
+                              request.lb.args_for("update-count", "--count=1"),
+                              changeset.summary if changeset else "",
+                              " ".join(request.lb.normalized), changeset=changeset))
+        records += [("task_id", f"execute-{index}"), ("task_type", "state_execute"),
+                    ("input_kind", input_kind), ("input_id", input_id),
+                    ("task_hash", task_hash)]
+        if changeset:
+            records += [("changeset_id", changeset.id), ("changeset_author", changeset.author),
+                        ("changeset_path", changeset.path)]
+        input_kind, input_id = "state", state_id
+    return steps, hash_records(*records)
+
+
 def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[StepPlan],
                 cached: Callable[[str], bool]) -> list[PlanTask]:
-    tasks = [PlanTask("plan", "plan", planner_kind="psql")]
+    tasks = [PlanTask("plan", "plan", planner_kind=request.prepare_kind)]
     if "@" not in request.image_id:
         tasks.append(PlanTask("resolve-image", "resolve_image", image_id=request.image_id,
                               resolved_image_id=resolved_image))
@@ -3989,6 +4194,9 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
             f"execute-{step.index}", "state_execute", input_kind=step.input_kind,
             input_id=step.input_id, task_hash=step.task_hash, output_state_id=step.state_id,
             cached=cached(step.state_id), args_summary=step.summary,
+            changeset_id=step.changeset.id if step.changeset else None,
+            changeset_author=step.changeset.author if step.changeset else None,
+            changeset_path=step.changeset.path if step.changeset else None,
         ))
     tasks.append(PlanTask("prepare-instance", "prepare_instance", input_kind="state",
                           input_id=steps[-1].state_id, instance_mode="ephemeral"))
@@ -3998,8 +4206,8 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 
 ###############################################################################
 # executor: runs one job's tasks in order and records every step as events.
-# Owns the job's runtime while it runs; may call queue, store, snapshot, runtime, instances,
-# cache, planner.
+# Owns the job's runtime and its Liquibase process while it runs; may call queue, store,
+# snapshot, dbms, runtime, instances, cache, planner.
 ###############################################################################
 
 HEARTBEAT_SECONDS = 0.5
@@ -4107,6 +4315,54 @@ class JobRun:
             raise JobCancelled()
 
 
+LIQUIBASE_JAVA_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"  #: ~40 % less JVM start
+
+
+class LiquibaseRunner:
+    """Runs Liquibase on this machine against a started runtime: as the server's OS user
+    when the engine is root, in the request's work dir, connected over JDBC to 127.0.0.1 with
+    a password that only its environment sees (set on the runtime for the run)."""
+
+    def __init__(self, instances: InstanceManager) -> None:
+        self.instances = instances
+        self.dbms = instances.runtimes.host.dbms
+
+    def run(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
+            note: Callable[[str], None], run: JobRun | None) -> str:
+        """Run it to the end, forwarding its output as ``liquibase:`` lines; its stdout."""
+        password = self.instances.set_password(handle)
+        env = {**os.environ, "JAVA_OPTS": LIQUIBASE_JAVA_OPTS, **lb.env,
+               "LIQUIBASE_SHOW_BANNER": "false",
+               "LIQUIBASE_COMMAND_URL": f"jdbc:postgresql://127.0.0.1:{handle.port}/postgres",
+               "LIQUIBASE_COMMAND_USERNAME": SUPERUSER, "LIQUIBASE_COMMAND_PASSWORD": password}
+        as_user = self.dbms.as_server_user()
+        if as_user:
+            env.update(HOME=tempfile.gettempdir(), USER=self.dbms.user.name)
+        argv = [lb.exec_path, *args]
+        note(f"liquibase: exec {shlex.join(argv)}")
+        note("liquibase: start")
+        proc = subprocess.Popen(argv, cwd=lb.work_dir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user)
+        client = HostClient(proc, None)
+        if run:
+            run.process = client
+        stdout: list[str] = []
+        lines: list[str] = []
+        for stream, raw in client.lines():
+            line = raw.decode("utf-8", "replace").rstrip("\n").replace(password, "*****")
+            (stdout if stream == "stdout" else lines).append(line)
+            if line.strip():
+                note(f"liquibase: {line.strip()}")
+        code = client.wait()
+        if run:
+            run.process = None
+            run.check()
+        if code != 0:
+            tail = "\n".join([*stdout, *lines])[-OUTPUT_TAIL_BYTES:]
+            raise JobFailure("internal_error", "liquibase execution failed", tail)
+        return "\n".join(stdout)
+
+
 class Executor:
     """Plans and executes prepare jobs; every change is persisted before it is announced."""
 
@@ -4121,6 +4377,7 @@ class Executor:
         self.instances = instances
         self.snapshots = snapshots
         self.engine_version = engine_version
+        self.liquibase = LiquibaseRunner(instances)
 
     # planning -----------------------------------------------------------------------------
     def state_ready(self, state_id: str) -> bool:
@@ -4139,9 +4396,35 @@ class Executor:
             emit.log(f"resolved image {image.resolved_id}")
         if emit and run and not request.plan_only:
             run.base = self._start_base(image, emit)
-        steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
+        if request.lb is None:
+            steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
+        else:
+            changesets = self._pending_changesets(request.lb, image, emit, run)
+            steps, signature = plan_lb_steps(request, image.resolved_id, self.engine_version,
+                                             changesets)
         tasks = build_tasks(request, image.resolved_id, steps, self.state_ready)
         return image, steps, signature, tasks
+
+    def _pending_changesets(self, lb: LiquibasePlan, image: ResolvedImage,
+                            emit: EventEmitter | None, run: JobRun | None) -> list[Changeset]:
+        """Every changeset the changelog would apply to a fresh cluster of ``image``, by one
+        ``update-sql`` run against a throw-away clone of its base."""
+        note = emit.log if emit else (lambda _message: None)
+        base = run.base.result() if run and run.base else self.runtimes.ensure_base(image, note)
+        handle = self.instances.new_runtime(random_hex(16), image, base, "plan")
+        try:
+            self.instances.start(handle)
+            stdout = self.liquibase.run(lb, handle, lb.args_for("update-sql"), note, run)
+        finally:
+            self.instances.discard(handle)
+        changesets = parse_update_sql(stdout)
+        note(f"liquibase: {len(changesets)} changesets in the plan")
+        return changesets
+
+    def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, step: StepPlan,
+                       run: JobRun, emit: EventEmitter) -> None:
+        self.liquibase.run(lb, handle, step.args, emit.log, run)
+        self.instances.clear_password(handle)  # the state must not keep a credential
 
     def _start_base(self, image: ResolvedImage, emit: EventEmitter) -> Future[str]:
         future: Future[str] = Future()
@@ -4161,7 +4444,7 @@ class Executor:
         emit = EventEmitter(self.jobs, job.job_id)
         emit.emit({"type": "status", "status": "running"}, status="running",
                   started_at=format_ts(), attempts=job.attempts + 1,
-                  prepare_args_normalized=" ".join(request.plan.normalized))
+                  prepare_args_normalized=request.normalized)
         emit.start_heartbeat()
         try:
             result = self._run_tasks(job, request, run, emit, retain)
@@ -4257,9 +4540,12 @@ class Executor:
             self.cache.before_build()
             handle = self._runtime_for(job, request, image, step.input_kind, step.input_id,
                                        run, emit)
-            self._run_psql(request, handle, step, run, emit)
+            if request.lb is None:
+                self._run_psql(request, handle, step, run, emit)
+            elif step.changeset is not None:
+                self._run_changeset(request.lb, handle, step, run, emit)
             run.check()
-            self._snapshot(image, handle, step, emit)
+            self._snapshot(image, handle, step, request.prepare_kind, emit)
             self.instances.pin_runtime(job.job_id, handle)
             return False
 
@@ -4302,6 +4588,7 @@ class Executor:
         if step.script is not None:  # ends with -f <path or ->
             args[-1] = "-"
         emit.log("psql: start")
+        assert request.plan is not None
         proc = runtime.client(handle, "psql", args, step.script, request.plan.work_dir)
         run.process = proc
         try:
@@ -4319,7 +4606,7 @@ class Executor:
             raise JobFailure("internal_error", "psql execution failed", output)
 
     def _snapshot(self, image: ResolvedImage, handle: RuntimeHandle, step: StepPlan,
-                  emit: EventEmitter) -> None:
+                  kind: str, emit: EventEmitter) -> None:
         emit.log("pg_ctl: stop for snapshot")
         self.instances.stop(handle)
         layer = self.snapshots.layer_size(handle.runtime_dir) if image.runtime_kind == "host" \
@@ -4337,7 +4624,7 @@ class Executor:
             self.store.insert_state(StateRow(
                 state_id=step.state_id,
                 parent_state_id=step.input_id if step.input_kind == "state" else None,
-                image_id=image.resolved_id, prepare_kind="psql",
+                image_id=image.resolved_id, prepare_kind=kind,
                 prepare_args_normalized=step.normalized, created_at=format_ts(),
                 size_bytes=size, last_used_at=None, use_count=0,
                 state_dir=final_dir,
@@ -4364,8 +4651,8 @@ class Executor:
         return {
             "dsn": handle.dsn(None),  # stored and streamed without the password
             "instance_id": row.instance_id, "state_id": last.state_id,
-            "image_id": image.resolved_id, "prepare_kind": "psql",
-            "prepare_args_normalized": " ".join(request.plan.normalized),
+            "image_id": image.resolved_id, "prepare_kind": request.prepare_kind,
+            "prepare_args_normalized": request.normalized,
         }
 
 
@@ -4467,7 +4754,7 @@ class PrepareManager:
         job = JobRow(
             job_id=random_hex(16), status="queued", prepare_kind=request.prepare_kind,
             image_id=request.image_id, plan_only=request.plan_only,
-            prepare_args_normalized=" ".join(request.plan.normalized), signature=None,
+            prepare_args_normalized=request.normalized, signature=None,
             request_json=json.dumps(request.to_json()), created_at=format_ts(),
             started_at=None, finished_at=None, result_json=None, error_json=None, attempts=0,
         )

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-runtime.sh
+bash scripts/setup-liquibase.sh  # Java 17 and Liquibase 4.28 for the lb tests
 if [ "${SQLRS_SKIP_DOCKER_TESTS:-}" != "1" ]; then
   bash scripts/setup-docker.sh
   bash scripts/setup-registry.sh

@@ -759,7 +759,7 @@ def state_row(state_id: str, parent: str | None, state_dir: str) -> se.StateRow:
     return se.StateRow(state_id=state_id, parent_state_id=parent, image_id=ZERO_IMAGE,
                        prepare_kind="psql", prepare_args_normalized="-c select",
                        created_at="2026-01-01T00:00:00.000000000Z", size_bytes=None,
-                       last_used_at=None, use_count=0, min_retention_until=None,
+                       last_used_at=None, use_count=0,
                        state_dir=state_dir)
 
 
