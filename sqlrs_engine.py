@@ -339,6 +339,7 @@ CONFIG_DEFAULTS: JsonDict = {
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
     "orchestrator": {"jobs": {"maxIdentical": 2, "maxHistory": 200, "maxHistoryAge": "168h"}},
+    "instances": {"warmPool": {"perState": 1, "maxTotal": 4, "idleTimeout": "10m"}},
 }
 
 MAX_CONFIG_INT = (1 << 63) - 1
@@ -364,6 +365,14 @@ CONFIG_SCHEMA: JsonDict = {
         )),
         container=_settings(runtime={"enum": ["auto", "docker", "podman"]}),
         snapshot=_settings(backend={"enum": ["auto", "overlay", "btrfs", "copy"]}),
+        instances=_settings(warmPool=_settings(
+            perState={"type": "integer", "minimum": 0, "maximum": 64,
+                      "description": "ready instances kept per recently used state"},
+            maxTotal={"type": "integer", "minimum": 0, "maximum": 1024,
+                      "description": "ready instances in all; 0 turns the warm pool off"},
+            idleTimeout={**_DURATION, "description": "an unclaimed instance idle this long "
+                         "is stopped; 0: never"},
+        )),
         orchestrator=_settings(jobs=_settings(
             maxIdentical=_NON_NEGATIVE_INT,
             maxHistory={**_NON_NEGATIVE_INT, "description":
@@ -2063,6 +2072,7 @@ class RuntimeHandle:
     content_id: str = ""
     container_id: str | None = None
     job_id: str | None = None
+    password: str | None = field(default=None, repr=False)  #: a pooled runtime's, set ahead
 
     @property
     def runtime_id(self) -> str | None:
@@ -2850,8 +2860,8 @@ class ConnectionTracker:
 
 ###############################################################################
 # instances: live databases cloned from states.
-# Owns <store>/instances/<id> and the runtime of each instance; may call store, snapshot,
-# dbms, runtime, conntrack.
+# Owns <store>/instances/<id>, the runtime of each instance and the warm pool; may call
+# config, store, snapshot, dbms, runtime, conntrack.
 ###############################################################################
 
 
@@ -2996,25 +3006,26 @@ class InstanceManager:
         """Give a started runtime its own random superuser password (over the private
         socket; only the SCRAM verifier is sent) and return it. Never part of a state."""
         password = secrets.token_urlsafe(24)
-        self._set_verifier(handle, scram_verifier(password))
+        self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s", scram_verifier(password))
         return password
 
     def clear_password(self, handle: RuntimeHandle) -> None:
         """Remove a runtime's password before it becomes a state."""
-        self._set_verifier(handle, None)
+        self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s", None)
 
-    def _set_verifier(self, handle: RuntimeHandle, verifier: str | None) -> None:
+    def admin_sql(self, handle: RuntimeHandle, sql: str, *params: Any) -> None:
+        """Run one statement in the engine's own session over the runtime's private socket."""
         import psycopg2
 
         try:
             conn = admin_session(*self._admin_endpoint(handle), "sqlrs-engine")
             try:
                 with conn.cursor() as cur:
-                    cur.execute(f"ALTER ROLE {SUPERUSER} PASSWORD %s", (verifier,))
+                    cur.execute(sql, params)
             finally:
                 conn.close()
         except psycopg2.Error as exc:
-            raise DbmsError(f"cannot set the password: {str(exc).strip()}") from exc
+            raise DbmsError(f"{sql.split()[0]} failed: {str(exc).strip()}") from exc
 
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)
@@ -3167,6 +3178,224 @@ class InstanceManager:
 
 
 
+class PoolEntry(TypedDict):
+    state_id: Hex64
+    ready: Count
+    starting: Count
+    rss_bytes: Annotated[Count, Doc("Resident memory of the ready servers.")]
+
+
+class PoolStatus(TypedDict):
+    """``GET /v1/pool``: started, unclaimed instances kept for recently used states."""
+    per_state: Count
+    max_total: Count
+    idle_timeout: Annotated[str, Doc("Go duration, e.g. 10m0s.")]
+    entries: list[PoolEntry]
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and its children, in bytes (0 when it is gone)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as stat_file:
+                fields = stat_file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+class WarmPool:
+    """Started, unclaimed runtimes of the most recently handed-out states, each ready to
+    become an instance in a few milliseconds (password, row, answer).
+
+    Pooled runtimes are the engine's, never the user's: they have no instance row (so a
+    restart removes them as unowned), pin their state (nothing deletes it under them) and are
+    stopped first when their state is deleted or evicted. A background thread refills them
+    after each hand-out and stops those idle past ``instances.warmPool.idleTimeout``.
+    """
+
+    def __init__(self, instances: InstanceManager, store: MetadataStore,
+                 config: ConfigManager) -> None:
+        self.instances = instances
+        self.store = store
+        self.config = config
+        #: guards the three tables below; waited on by ``drain``; never held across I/O
+        self._changed = threading.Condition()
+        #: state id → ready runtimes, each with the monotonic time it became ready
+        self._ready: dict[str, list[tuple[RuntimeHandle, float]]] = {}
+        #: state id → how many runtimes are being started for it
+        self._starting: dict[str, int] = {}
+        #: state ids by last hand-out, most recent last (the ones the pool fills)
+        self._recent: dict[str, None] = {}
+        self._wake = threading.Event()
+
+    def settings(self) -> tuple[int, int, float]:
+        pool = self.config.value("instances.warmPool")
+        return pool["perState"], pool["maxTotal"], parse_go_duration(pool["idleTimeout"])
+
+    # hand-out -------------------------------------------------------------------------------
+    def take(self, state_id: str) -> RuntimeHandle | None:
+        """A ready runtime of ``state_id`` (still pinned: unpin it once its row exists), or
+        None; either way the state counts as used and the pool refills."""
+        self.used(state_id)
+        with self._changed:
+            ready = self._ready.get(state_id) or []
+            handle = ready.pop(0)[0] if ready else None
+        if handle and not self.instances.runtimes.for_image(handle.image.requested).alive(
+                handle):
+            self._discard(handle)
+            return None
+        return handle
+
+    def used(self, state_id: str) -> None:
+        """``state_id`` was handed out: it becomes the most recent state the pool fills."""
+        per_state, max_total, _idle = self.settings()
+        if per_state and max_total:
+            with self._changed:
+                self._recent.pop(state_id, None)
+                self._recent[state_id] = None
+        self._wake.set()
+
+    def instance(self, state: StateRow, ttl_seconds: int | None) -> InstanceRow:
+        """A new instance of ``state``: a pooled runtime when one is ready, else a fresh one."""
+        handle = self.take(state.state_id)
+        if handle is None:
+            return self.instances.create(state, ttl_seconds)
+        try:
+            return self.instances.register(handle, state.state_id, None, ttl_seconds,
+                                           handle.password or self.instances.set_password(handle))
+        except BaseException:
+            self._discard(handle)
+            raise
+        finally:
+            self.instances.unpin(handle.key)
+
+    # upkeep ---------------------------------------------------------------------------------
+    def run(self, stopped: threading.Event) -> None:
+        """The refill thread: one runtime at a time, for the most recent state short of one."""
+        while not stopped.is_set():
+            self._wake.clear()
+            try:
+                self._expire()
+                state_id = self._next_to_fill()
+                if state_id:
+                    self._fill(state_id)
+                    continue
+            except Exception:
+                log.exception("warm pool upkeep failed")
+            self._wake.wait(1.0)
+
+    def _next_to_fill(self) -> str | None:
+        per_state, max_total, _idle = self.settings()
+        with self._changed:
+            pooled = sum(map(len, self._ready.values())) + sum(self._starting.values())
+            for state_id in reversed(self._recent):
+                have = len(self._ready.get(state_id, [])) + self._starting.get(state_id, 0)
+                if have < per_state and pooled < max_total:
+                    self._starting[state_id] = self._starting.get(state_id, 0) + 1
+                    return state_id
+        return None
+
+    def _fill(self, state_id: str) -> None:
+        handle, state = None, None
+        try:
+            state = self.store.get_state(state_id)
+            if state is not None:
+                key = random_hex(16)
+                self.instances.pin(key, {state.state_dir})
+                image, source = self.instances.source_of(state)
+                handle = self.instances.new_runtime(key, image, source, state_id)
+                self.instances.start(handle)
+                # a fresh server's first session loads the catalog caches: the engine's own,
+                # not the client's (no client ever connected to a pooled runtime)
+                self.instances.admin_sql(handle, "SELECT count(*) FROM pg_class")
+                handle.password = self.instances.set_password(handle)  # ahead of hand-out
+        except (ApiError, JobFailure, DbmsError, OSError) as exc:
+            log.warning("warm pool: cannot start a runtime of %s: %s", state_id, exc)
+            if handle:
+                self._discard(handle)
+            handle = None
+        with self._changed:
+            self._starting[state_id] -= 1
+            keep = handle is not None and state_id in self._recent
+            if keep and handle:
+                self._ready.setdefault(state_id, []).append((handle, time.monotonic()))
+            elif state is None or handle is None:
+                self._recent.pop(state_id, None)
+            self._changed.notify_all()
+        if handle and not keep:
+            self._discard(handle)
+
+    def _expire(self) -> None:
+        """Stop runtimes idle too long, of states no longer among the most recent, or over
+        the limits (the least recent states lose theirs first)."""
+        per_state, max_total, idle = self.settings()
+        now, surplus = time.monotonic(), []
+        with self._changed:
+            room = max_total
+            for state_id in reversed(list(self._recent)):
+                ready = self._ready.get(state_id, [])
+                fresh = [e for e in ready if not idle or now - e[1] < idle]
+                keep = fresh[:max(0, min(per_state, room - self._starting.get(state_id, 0)))]
+                surplus += [e[0] for e in ready if e not in keep]
+                self._ready[state_id] = keep
+                room -= len(keep) + self._starting.get(state_id, 0)
+            for state_id in set(self._ready) - set(self._recent):
+                surplus += [e[0] for e in self._ready.pop(state_id)]
+        for handle in surplus:
+            self._discard(handle)
+
+    def drain(self, state_ids: set[str], deadline_s: float = 60.0) -> None:
+        """Stop the pooled runtimes of ``state_ids`` (and wait for ones starting) so that the
+        states can be deleted."""
+        with self._changed:
+            for state_id in state_ids:
+                self._recent.pop(state_id, None)
+            handles = [e[0] for s in state_ids for e in self._ready.pop(s, [])]
+            self._changed.wait_for(lambda: not any(self._starting.get(s) for s in state_ids),
+                                   deadline_s)
+        for handle in handles:
+            self._discard(handle)
+
+    def close(self) -> None:
+        with self._changed:
+            everything = set(self._ready) | set(self._recent)
+        self.drain(everything)
+
+    def _discard(self, handle: RuntimeHandle) -> None:
+        try:
+            self.instances.discard(handle)
+        except Exception:
+            log.exception("warm pool: cannot stop runtime %s", handle.key)
+        finally:
+            self.instances.unpin(handle.key)
+
+    # reporting ------------------------------------------------------------------------------
+    def status(self) -> PoolStatus:
+        per_state, max_total, idle = self.settings()
+        with self._changed:
+            states = list(dict.fromkeys([*self._recent, *self._ready, *self._starting]))
+            entries = [(s, [e[0] for e in self._ready.get(s, [])], self._starting.get(s, 0))
+                       for s in reversed(states)]
+        return PoolStatus(per_state=per_state, max_total=max_total,
+                          idle_timeout=format_go_duration(idle),
+                          entries=[PoolEntry(state_id=s, ready=len(ready), starting=starting,
+                                             rss_bytes=sum(tree_rss(h.pid or 0) for h in ready))
+                                   for s, ready, starting in entries if ready or starting])
+
+    def disk_bytes(self) -> int:
+        """What the pooled runtimes' own writes take on disk (counted in the cache's usage)."""
+        with self._changed:
+            handles = [e[0] for entries in self._ready.values() for e in entries]
+        return sum(self.instances.snapshots.layer_size(h.runtime_dir) or 0 for h in handles)
+
+
+
 ###############################################################################
 # deletion: deletion trees for instances and states, and the TTL reaper;
 # nothing is deleted unless the whole tree may be. Owns nothing; may call store, snapshot,
@@ -3207,9 +3436,11 @@ class DeletionManager:
     state tree is claimed (``InstanceManager.claim``) so no clone or build can start on it.
     """
 
-    def __init__(self, store: MetadataStore, instances: InstanceManager) -> None:
+    def __init__(self, store: MetadataStore, instances: InstanceManager,
+                 pool: WarmPool) -> None:
         self.store = store
         self.instances = instances
+        self.pool = pool
 
     def _instance_node(self, row: InstanceRow, force: bool) -> DeleteNode:
         connections = self.instances.connections(row)
@@ -3265,7 +3496,9 @@ class DeletionManager:
         status, result = delete_result(dry_run, node)
         if result["outcome"] != "deleted":
             return status, result
-        dirs = {row.state_dir for row in self._states_in(node)}
+        states = self._states_in(node)
+        self.pool.drain({row.state_id for row in states})  # pooled servers go first
+        dirs = {row.state_dir for row in states}
         if not self.instances.claim(dirs):
             node["blocked"] = "active_tasks"
             return delete_result(dry_run, node)
@@ -3442,8 +3675,9 @@ class CacheManager:
     use, down to the low watermark, whenever usage or free space crosses its limits."""
 
     def __init__(self, db: Database, store: MetadataStore, config: ConfigManager,
-                 root: str, instances: InstanceManager) -> None:
+                 root: str, instances: InstanceManager, pool: WarmPool) -> None:
         self.db = db
+        self.pool = pool
         self.store = store
         self.config = config
         self.root = root
@@ -3464,6 +3698,7 @@ class CacheManager:
         if capacity["maxBytes"]:
             effective = min(effective, capacity["maxBytes"])
         usage = sum(state.size_bytes or 0 for state in self.store.list_states())
+        usage += self.pool.disk_bytes()
         return CacheUsage(usage, total, free, reserve, effective, capacity["highWatermark"],
                           capacity["lowWatermark"])
 
@@ -3538,6 +3773,7 @@ class CacheManager:
 
     def _evict(self, state: StateRow) -> bool:
         """Remove one candidate, unless something started to use it since it was chosen."""
+        self.pool.drain({state.state_id})
         if not self.instances.claim({state.state_dir}):
             return False
         try:
@@ -3869,7 +4105,7 @@ def job_signature(all_inputs_task_hash: str, resolved_image: str, plan_only: boo
 class PrepareBody(TypedDict):
     """``POST /v1/prepare-jobs`` and ``/v1/cache/explain/prepare`` (unknown fields, such as
     ``source_manifest``, are ignored)."""
-    prepare_kind: Annotated[str, Doc("psql (lb is not supported yet); trimmed.")]
+    prepare_kind: Annotated[str, Doc("psql or lb (Liquibase); trimmed.")]
     image_id: Annotated[str, Doc("Container image, or host:<major> / host:<absolute bindir>.")]
     psql_args: NotRequired[list[str] | None]
     liquibase_args: NotRequired[list[str] | None]
@@ -4368,9 +4604,10 @@ class Executor:
 
     def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
                  runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
-                 cache: CacheManager, engine_version: str) -> None:
+                 cache: CacheManager, pool: WarmPool, engine_version: str) -> None:
         self.jobs = jobs
         self.cache = cache
+        self.pool = pool
         self.store = store
         self.layout = layout
         self.runtimes = runtimes
@@ -4641,10 +4878,23 @@ class Executor:
 
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
-        handle = self._runtime_for(job, request, image, "state", last.state_id, run, emit)
-        password = self.instances.set_password(handle)
-        row = self.instances.register(handle, last.state_id, job.job_id, request.ttl_seconds,
-                                      password)
+        pooled = self.pool.take(last.state_id) if run.runtime is None else None
+        self.pool.used(last.state_id)
+        if pooled:
+            emit.log("instance: from the warm pool")
+        handle = pooled or self._runtime_for(job, request, image, "state", last.state_id, run,
+                                             emit)
+        try:
+            row = self.instances.register(handle, last.state_id, job.job_id,
+                                          request.ttl_seconds,
+                                          handle.password or self.instances.set_password(handle))
+        except BaseException:
+            if pooled:
+                self.instances.discard(pooled)
+            raise
+        finally:
+            if pooled:
+                self.instances.unpin(pooled.key)
         run.runtime = None
         emit.log(f"instance created {row.instance_id}")
         emit.task("prepare-instance", "succeeded")
@@ -5495,6 +5745,7 @@ class Api:
     cache: CacheManager
     prepare: PrepareManager
     runs: RunManager
+    pool: WarmPool
     routes: list[Route] = field(init=False)
     document: JsonDict = field(init=False)  #: the OpenAPI document, built once
 
@@ -5585,6 +5836,9 @@ class Api:
                 200: Answer("Live output, then the real exit code.", RunEvent, NDJSON),
                 404: err("No such instance."), 409: err("Connection arguments given.")},
                 body=RunBody)}),
+            Route("/v1/pool", {"GET": op(self.pool_status, "The warm pool of ready instances", {
+                200: Answer("Settings and what is pooled, most recently used state first.",
+                            PoolStatus)})}),
             Route("/v1/cache/status", {"GET": op(self.cache_status, "Cache usage and limits", {
                 200: Answer("Status.", CacheStatus)})}),
             Route("/v1/cache/explain/prepare", {"POST": op(
@@ -5721,7 +5975,7 @@ class Api:
                 raise conflict("name already in use", name)
         ttl = parse_ttl(body.get("ttl_seconds"))
         state = self.registry.resolve_state(ref.strip())
-        row = self.instances.create(state, ttl)
+        row = self.pool.instance(state, ttl)
         pause_point("instances.before_name")
         if name is not None and not self.store.bind_name(name, row, only_if_free=True):
             self.instances.destroy(row, terminate_connections=True)
@@ -5808,6 +6062,9 @@ class Api:
     def tasks_list(self, req: Request) -> Response:
         rows = self.jobs.list_tasks(req.arg("job") or None)
         return list_response(req, [task.to_json(job_id) for job_id, task in rows])
+
+    def pool_status(self, req: Request) -> Response:
+        return json_response(HTTPStatus.OK, self.pool.status())
 
     # cache --------------------------------------------------------------------------------
     def cache_status(self, req: Request) -> Response:
@@ -6135,10 +6392,12 @@ class Engine:
         self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())
-        self.deletion = DeletionManager(self.store, self.instances)
-        self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances)
+        self.pool = WarmPool(self.instances, self.store, self.config)
+        self.deletion = DeletionManager(self.store, self.instances, self.pool)
+        self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances,
+                                  self.pool)
         executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
-                            self.snapshots, self.cache, self.version)
+                            self.snapshots, self.cache, self.pool, self.version)
         self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
 
@@ -6189,6 +6448,7 @@ class Engine:
 
     def close(self) -> None:
         self.prepare.shutdown()
+        self.pool.close()
         self.db.close()
 
 
@@ -6245,7 +6505,7 @@ def run_engine(options: Options) -> int:
     engine = Engine(options, state_dir, store_root)
     server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
                      engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
-                     engine.prepare, engine.runs)
+                     engine.prepare, engine.runs, engine.pool)
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.activity = Activity()
@@ -6262,6 +6522,8 @@ def run_engine(options: Options) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    threading.Thread(target=engine.pool.run, args=(stopped,), daemon=True,
+                     name="warm-pool").start()
     reaper = Reaper(engine.store, engine.deletion)
     threading.Thread(target=reaper.run, args=(stopped,), daemon=True, name="reaper").start()
     if options.idle_timeout > 0:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 def api() -> se.Api:
     managers: dict[str, Any] = dict.fromkeys(
         ("instance_id", "config", "store", "jobs", "registry", "instances", "deletion", "cache",
-         "prepare", "runs"))
+         "prepare", "runs", "pool"))
     return se.Api("test", **managers)
 
 
