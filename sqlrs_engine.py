@@ -2865,6 +2865,9 @@ class ConnectionTracker:
 ###############################################################################
 
 
+POOL_PIN = "pool:"  #: pin owners of pooled runtimes
+
+
 class InstanceEntry(TypedDict):
     """A live database (``GET /v1/instances``)."""
     instance_id: Hex32
@@ -2928,8 +2931,11 @@ class InstanceManager:
             self._pins.pop(owner, None)
 
     def pinned(self, state_dir: str) -> bool:
+        """Whether a build or clone reads the state (warm-pool pins do not count: a pooled
+        runtime is stopped before its state is deleted or evicted)."""
         with self._lock:
-            return any(state_dir in paths for paths in self._pins.values())
+            return any(state_dir in paths for owner, paths in self._pins.items()
+                       if not owner.startswith(POOL_PIN))
 
     def claim(self, state_dirs: set[str]) -> bool:
         """Reserve ``state_dirs`` for deletion; False when one is pinned or claimed."""
@@ -3273,7 +3279,7 @@ class WarmPool:
             self._discard(handle)
             raise
         finally:
-            self.instances.unpin(handle.key)
+            self.instances.unpin(POOL_PIN + handle.key)
 
     # upkeep ---------------------------------------------------------------------------------
     def run(self, stopped: threading.Event) -> None:
@@ -3307,7 +3313,7 @@ class WarmPool:
             state = self.store.get_state(state_id)
             if state is not None:
                 key = random_hex(16)
-                self.instances.pin(key, {state.state_dir})
+                self.instances.pin(POOL_PIN + key, {state.state_dir})
                 image, source = self.instances.source_of(state)
                 handle = self.instances.new_runtime(key, image, source, state_id)
                 self.instances.start(handle)
@@ -3373,7 +3379,7 @@ class WarmPool:
         except Exception:
             log.exception("warm pool: cannot stop runtime %s", handle.key)
         finally:
-            self.instances.unpin(handle.key)
+            self.instances.unpin(POOL_PIN + handle.key)
 
     # reporting ------------------------------------------------------------------------------
     def status(self) -> PoolStatus:
@@ -4894,7 +4900,7 @@ class Executor:
             raise
         finally:
             if pooled:
-                self.instances.unpin(pooled.key)
+                self.instances.unpin(POOL_PIN + pooled.key)
         run.runtime = None
         emit.log(f"instance created {row.instance_id}")
         emit.task("prepare-instance", "succeeded")

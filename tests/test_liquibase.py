@@ -1,0 +1,364 @@
+"""Liquibase prepares (``prepare_kind: "lb"``) on both runtimes: the plan lists the pending
+changesets, each changeset is one cached state, a failing changeset fails the job cleanly,
+the cache explanation and the events stream; and the lb-specific request rejections.
+
+Liquibase runs as the unprivileged ``postgres`` user, so changelogs live in a fresh
+world-readable directory below /tmp (not below pytest's 0700 ``tmp_path``). Every Liquibase
+run is a JVM start (~2-3 s on a busy 2-core machine) and a prepare runs one per pending
+changeset plus one to plan, hence the generous deadlines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    HOST_IMAGE,
+    RUNTIMES,
+    EngineProcess,
+    assert_error,
+    leftover_servers,
+    psql,
+)
+
+LIQUIBASE = "/opt/sqlrs-test/liquibase/bin/liquibase"
+JOB_DEADLINE = 600.0  #: a prepare of N changesets starts N + 1 JVMs
+EXPLAIN_TIMEOUT = 300.0  #: an explanation plans: one JVM start
+
+CHANGESETS = [
+    ("alice", "1", "create table items(id int primary key, label text not null);"),
+    ("bob", "2", "insert into items values (1, 'one');"),
+    ("alice", "3", "insert into items values (2, 'two');"),
+]
+FOURTH = ("carol", "4", "update items set label = upper(label);")
+
+YAML_CHANGELOG = """\
+databaseChangeLog:
+  - changeSet:
+      id: create-pets
+      author: yves
+      changes:
+        - createTable:
+            tableName: pets
+            columns:
+              - column:
+                  name: id
+                  type: int
+                  constraints:
+                    primaryKey: true
+              - column:
+                  name: name
+                  type: varchar(50)
+  - changeSet:
+      id: add-rex
+      author: zoe
+      changes:
+        - insert:
+            tableName: pets
+            columns:
+              - column:
+                  name: id
+                  valueNumeric: 7
+              - column:
+                  name: name
+                  value: rex
+"""
+
+
+def formatted_sql(changesets: list[tuple[str, str, str]]) -> str:
+    parts = ["--liquibase formatted sql\n"]
+    parts += [f"--changeset {author}:{ident}\n{sql}\n" for author, ident, sql in changesets]
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def lb_dir() -> Iterator[Path]:
+    """A fresh directory the ``postgres`` user can read (0755), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="sqlrs-lb-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def lb_body(engine: EngineProcess, work_dir: Path, *args: str, **extra: Any) -> dict[str, Any]:
+    return {"prepare_kind": "lb", "image_id": engine.image,
+            "liquibase_args": list(args) or ["update", f"--changelog-file={work_dir}/cl.sql"],
+            "liquibase_exec": LIQUIBASE, "work_dir": str(work_dir), **extra}
+
+
+def lb_prepare(engine: EngineProcess, work_dir: Path, *args: str,
+               **extra: Any) -> dict[str, Any]:
+    result = engine.post("/v1/prepare-jobs", lb_body(engine, work_dir, *args, **extra))
+    assert result.status == 201, result.body
+    return engine.wait_job(str(result.json()["job_id"]), JOB_DEADLINE)
+
+
+def steps_of(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [task for task in job["tasks"] if task["type"] == "state_execute"]
+
+
+def events_of(engine: EngineProcess, job_id: str) -> list[dict[str, Any]]:
+    return engine.get(f"/v1/prepare-jobs/{job_id}/events", timeout=JOB_DEADLINE).ndjson()
+
+
+def messages(events: list[dict[str, Any]]) -> list[str]:
+    """Log messages with the heartbeat's repeats (the same event again) collapsed."""
+    found: list[str] = []
+    previous: dict[str, Any] | None = None
+    for event in events:
+        bare = {k: v for k, v in event.items() if k != "ts"}
+        if bare != previous and event.get("type") == "log":
+            found.append(str(event["message"]))
+        previous = bare
+    return found
+
+
+def execs(events: list[dict[str, Any]], command: str) -> list[str]:
+    """The ``liquibase: exec`` lines that ran ``command``."""
+    return [m for m in messages(events)
+            if m.startswith("liquibase: exec ") and f" {command} " in f"{m} "]
+
+
+def explain(engine: EngineProcess, body: dict[str, Any]) -> dict[str, Any]:
+    result = engine.post("/v1/cache/explain/prepare", body, timeout=EXPLAIN_TIMEOUT)
+    assert result.status == 200, result.body
+    answer: dict[str, Any] = result.json()
+    return answer
+
+
+# --- plan, prepare, cache --------------------------------------------------------------------
+
+
+@RUNTIMES
+def test_plan_only_lists_pending_changesets(engine: EngineProcess, lb_dir: Path) -> None:
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS))
+    job = lb_prepare(engine, lb_dir, plan_only=True)
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["plan_only"] is True
+    ids = [t["task_id"] for t in job["tasks"]]
+    expected = ["plan", "execute-0", "execute-1", "execute-2", "prepare-instance"]
+    if "@" not in engine.image:
+        expected.insert(1, "resolve-image")
+    assert ids == expected, ids
+    assert job["tasks"][0]["planner_kind"] == "lb"
+    steps = steps_of(job)
+    assert [(s["changeset_id"], s["changeset_author"], s["changeset_path"]) for s in steps] == [
+        ("1", "alice", "cl.sql"), ("2", "bob", "cl.sql"), ("3", "alice", "cl.sql")]
+    assert [s["cached"] for s in steps] == [False, False, False]
+    assert steps[0]["input"]["kind"] == "image"
+    for before, after in itertools.pairwise(steps):
+        assert after["input"] == {"kind": "state", "id": before["output_state_id"]}
+    assert len({s["task_hash"] for s in steps}) == 3
+    events = events_of(engine, job["job_id"])
+    assert len(execs(events, "update-sql")) == 1
+    assert execs(events, "update-count") == []
+    assert "result" not in job
+    assert engine.get("/v1/states").json() == []
+    assert engine.get("/v1/instances").json() == []
+
+
+@RUNTIMES
+def test_prepare_caches_each_changeset(engine: EngineProcess, lb_dir: Path) -> None:
+    changelog = write(lb_dir / "cl.sql", formatted_sql(CHANGESETS))
+    first = lb_prepare(engine, lb_dir)
+    assert first["status"] == "succeeded", first.get("error")
+    assert first["prepare_kind"] == "lb"
+    dsn = first["result"]["dsn"]
+    assert psql(dsn, "select id, label from items order by id") == "1|one\n2|two"
+    assert psql(dsn, "select id || ':' || author || ':' || filename from databasechangelog "
+                     "order by orderexecuted") == "1:alice:cl.sql\n2:bob:cl.sql\n3:alice:cl.sql"
+    steps = steps_of(first)
+    assert [s["cached"] for s in steps] == [False, False, False]
+    assert first["result"]["state_id"] == steps[-1]["output_state_id"]
+    assert len(execs(events_of(engine, first["job_id"]), "update-count")) == 3
+    assert {s["state_id"] for s in engine.get("/v1/states").json()} == {
+        s["output_state_id"] for s in steps}
+
+    again = lb_prepare(engine, lb_dir)
+    assert again["status"] == "succeeded", again.get("error")
+    assert [s["cached"] for s in steps_of(again)] == [True, True, True]
+    assert [s["output_state_id"] for s in steps_of(again)] == [
+        s["output_state_id"] for s in steps]
+    assert again["result"]["state_id"] == first["result"]["state_id"]
+    assert not [m for m in messages(events_of(engine, again["job_id"])) if "update-count" in m]
+    assert psql(again["result"]["dsn"], "select count(*) from items") == "2"
+
+    write(changelog, formatted_sql([*CHANGESETS, FOURTH]))
+    grown = lb_prepare(engine, lb_dir)
+    assert grown["status"] == "succeeded", grown.get("error")
+    grown_steps = steps_of(grown)
+    assert [s["task_id"] for s in grown_steps if not s["cached"]] == ["execute-3"]
+    assert [s["output_state_id"] for s in grown_steps[:3]] == [
+        s["output_state_id"] for s in steps]
+    assert grown_steps[3]["input"] == {"kind": "state", "id": steps[-1]["output_state_id"]}
+    assert (grown_steps[3]["changeset_id"], grown_steps[3]["changeset_author"]) == ("4", "carol")
+    assert len(execs(events_of(engine, grown["job_id"]), "update-count")) == 1
+    assert psql(grown["result"]["dsn"], "select string_agg(label, ',' order by id) from items"
+                ) == "ONE,TWO"
+    assert psql(dsn, "select string_agg(label, ',' order by id) from items") == "one,two"
+    assert len(engine.get("/v1/states").json()) == 4
+
+
+@RUNTIMES
+def test_yaml_changelog_with_a_relative_path(engine: EngineProcess, lb_dir: Path) -> None:
+    write(lb_dir / "changelog.yaml", YAML_CHANGELOG)
+    job = lb_prepare(engine, lb_dir, "update", "--changelog-file=changelog.yaml")
+    assert job["status"] == "succeeded", job.get("error")
+    assert job["prepare_args_normalized"] == f"update --changelog-file={lb_dir}/changelog.yaml"
+    assert [(s["changeset_id"], s["changeset_author"], s["changeset_path"])
+            for s in steps_of(job)] == [("create-pets", "yves", "changelog.yaml"),
+                                        ("add-rex", "zoe", "changelog.yaml")]
+    assert psql(job["result"]["dsn"], "select id, name from pets") == "7|rex"
+
+
+# --- failure ---------------------------------------------------------------------------------
+
+
+@RUNTIMES
+def test_failing_changeset_fails_cleanly(engine: EngineProcess, lb_dir: Path) -> None:
+    write(lb_dir / "cl.sql", formatted_sql([
+        CHANGESETS[0], ("mallory", "broken", "insert into no_such_table values (1);")]))
+    job = lb_prepare(engine, lb_dir)
+    assert job["status"] == "failed", job
+    error = job["error"]
+    assert error["code"] == "internal_error", error
+    assert error["message"] == "liquibase execution failed", error
+    assert "no_such_table" in error["details"], error
+    assert "does not exist" in error["details"], error
+    steps = steps_of(job)
+    assert [s["changeset_id"] for s in steps] == ["1", "broken"]
+    failed = [t["task_id"] for t in engine.get(f"/v1/tasks?job={job['job_id']}").json()
+              if t["status"] == "failed"]
+    assert failed == ["execute-1"]
+    states = engine.get("/v1/states").json()
+    assert [s["state_id"] for s in states] == [steps[0]["output_state_id"]]
+    assert engine.get("/v1/instances").json() == []
+    events = events_of(engine, job["job_id"])
+    assert [e["type"] for e in events[-2:]] == ["status", "error"]
+    assert len(execs(events, "update-count")) == 2
+    assert engine.stop() == 0
+    assert leftover_servers(engine.store) == []
+
+
+# --- explain, secrets ------------------------------------------------------------------------
+
+
+@RUNTIMES
+def test_explain_misses_then_hits(engine: EngineProcess, lb_dir: Path) -> None:
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS[:2]))
+    body = lb_body(engine, lb_dir)
+    before = explain(engine, body)
+    assert before["decision"] == "miss", before
+    assert before["reason_code"] == "no_matching_state"
+    assert before["first_missing_step"] == 0
+    assert [s["cached"] for s in before["steps"]] == [False, False]
+    assert "matched_state_id" not in before
+    job = lb_prepare(engine, lb_dir)
+    assert job["status"] == "succeeded", job.get("error")
+    last = steps_of(job)[-1]["output_state_id"]
+    assert [s["state_id"] for s in before["steps"]] == [
+        s["output_state_id"] for s in steps_of(job)]
+    after = explain(engine, body)
+    assert after["decision"] == "hit", after
+    assert after["reason_code"] == "exact_state_match"
+    assert after["matched_state_id"] == last == job["result"]["state_id"]
+    assert [s["cached"] for s in after["steps"]] == [True, True]
+    assert after["signature"] == before["signature"]
+    assert len(engine.get("/v1/instances").json()) == 1  # the prepare's; explaining made none
+
+
+@RUNTIMES
+def test_password_stays_out_of_events(engine: EngineProcess, lb_dir: Path) -> None:
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS[:1]))
+    job = lb_prepare(engine, lb_dir)
+    assert job["status"] == "succeeded", job.get("error")
+    password = urllib.parse.urlsplit(job["result"]["dsn"]).password
+    assert password and len(password) >= 16, job["result"]["dsn"]
+    events = engine.get(f"/v1/prepare-jobs/{job['job_id']}/events").body.decode()
+    assert "liquibase: exec " in events
+    assert password not in events
+
+
+# --- rejections (host runtime; validated at submit) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lb_files() -> Iterator[Path]:
+    """A readable changelog and a file that is not executable, for the rejections."""
+    path = Path(tempfile.mkdtemp(prefix="sqlrs-lb-", dir="/tmp"))
+    path.chmod(0o755)
+    write(path / "cl.sql", formatted_sql(CHANGESETS[:1]))
+    write(path / "not-exec", "#!/bin/sh\n")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+LB_REJECTIONS: list[tuple[list[str] | None, dict[str, Any], str]] = [
+    (["update", "--url=jdbc:postgresql://x/y"], {}, "connection flags are not allowed"),
+    (["update", "--url", "jdbc:postgresql://x/y"], {}, "connection flags are not allowed"),
+    (["update", "--username=bob"], {}, "connection flags are not allowed"),
+    (["--username", "bob", "update"], {}, "connection flags are not allowed"),
+    (["update", "--password=secret"], {}, "connection flags are not allowed"),
+    (["update", "--password"], {}, "connection flags are not allowed"),
+    (["update", "--classpath=/tmp/x.jar"], {}, "runtime flags are not allowed"),
+    (["update", "--driver", "org.postgresql.Driver"], {}, "runtime flags are not allowed"),
+    ([], {}, "lb command is required"),
+    (["--changelog-file=/tmp/cl.sql"], {}, "lb command is required"),
+    (["rollback", "--tag=v1"], {}, "unsupported lb command"),
+    (["status"], {}, "unsupported lb command"),
+    (["update", "--changelog-file"], {}, "missing value for flag"),
+    (["update", "--changelog-file="], {}, "path is empty"),
+    (["update", "--search-path="], {}, "searchPath is empty"),
+    (None, {"liquibase_exec": "/no/such/liquibase"}, "liquibase_exec not found"),
+    (None, {"liquibase_exec": "not-exec"}, "liquibase_exec is not executable"),
+    (None, {"liquibase_exec_mode": "windows-bat"}, "unsupported liquibase_exec_mode"),
+]
+
+
+@pytest.mark.parametrize(("args", "fields", "message"), LB_REJECTIONS)
+def test_lb_rejections(engine: EngineProcess, lb_files: Path, args: list[str] | None,
+                       fields: dict[str, Any], message: str) -> None:
+    assert engine.image == HOST_IMAGE
+    body: dict[str, Any] = {
+        "prepare_kind": "lb", "image_id": HOST_IMAGE, "liquibase_exec": LIQUIBASE,
+        "work_dir": str(lb_files),
+        "liquibase_args": (["update", f"--changelog-file={lb_files}/cl.sql"] if args is None
+                           else args), **fields}
+    if body["liquibase_exec"] == "not-exec":
+        body["liquibase_exec"] = str(lb_files / "not-exec")
+    for path in ("/v1/prepare-jobs", "/v1/cache/explain/prepare"):
+        assert_error(engine.post(path, body), 400, "invalid_argument", message)
+    assert engine.get("/v1/prepare-jobs").json() == []
+
+
+def test_relative_changelog_is_normalised_against_work_dir(engine: EngineProcess,
+                                                           lb_files: Path) -> None:
+    body = {"prepare_kind": "lb", "image_id": HOST_IMAGE, "liquibase_exec": LIQUIBASE,
+            "work_dir": str(lb_files), "plan_only": True,
+            "liquibase_args": ["update", "--changelog-file", "./sub/../cl.sql"]}
+    result = engine.post("/v1/prepare-jobs", body)
+    assert result.status == 201, result.body
+    job_id = result.json()["job_id"]
+    status = engine.get(f"/v1/prepare-jobs/{job_id}").json()
+    assert status["prepare_args_normalized"] == f"update --changelog-file={lb_files}/cl.sql"
+    job = engine.wait_job(job_id, JOB_DEADLINE)
+    assert job["status"] == "succeeded", job.get("error")
+    assert [s["changeset_path"] for s in steps_of(job)] == ["cl.sql"]
+
