@@ -7,12 +7,14 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST_IMAGE = "host:15"
 DOCKER_IMAGE = os.environ.get("SQLRS_TEST_IMAGE", "sqlrs-test/postgres:15")
 PG_BIN = "/usr/lib/postgresql/15/bin"
-STARTUP_DEADLINE = 5.0
+# A start may sweep or adopt servers (and run a helper container) left by an earlier engine;
+# on a busy 2-core machine that takes seconds. Polling still returns as soon as it is healthy.
+STARTUP_DEADLINE = 30.0
+ITEMS_SCHEMA = "create table items(id int primary key, label text not null);\n"
+HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
+UNKNOWN_INSTANCE = "0123456789abcdef0123456789abcdef"
+UNKNOWN_STATE = "f" * 64
+TIMESTAMP_RE = re.compile(
+    r"(?P<whole>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<fraction>\d{1,9}))?Z")
 
 
 def poll(predicate: Any, deadline_s: float, interval: float = 0.02, what: str = "condition") -> Any:
@@ -39,6 +49,17 @@ def poll(predicate: Any, deadline_s: float, interval: float = 0.02, what: str = 
         time.sleep(interval)
 
 
+def to_epoch(ts: str) -> float:
+    """Seconds since the epoch of an engine timestamp, RFC 3339 in UTC with up to nine fraction
+    digits (``2026-07-21T08:15:30.123456789Z``). The fraction is cut to the microseconds that
+    ``datetime`` holds and the offset spelled ``+00:00``, so the value is read as UTC whatever
+    the local time zone and its daylight saving time."""
+    match = TIMESTAMP_RE.fullmatch(ts)
+    assert match, f"not an RFC 3339 UTC timestamp: {ts!r}"
+    micros = (match["fraction"] or "")[:6].ljust(6, "0")
+    return datetime.fromisoformat(f"{match['whole']}.{micros}+00:00").timestamp()
+
+
 @dataclass
 class HttpResult:
     status: int
@@ -50,6 +71,33 @@ class HttpResult:
 
     def ndjson(self) -> list[Any]:
         return [json.loads(line) for line in self.body.splitlines() if line.strip()]
+
+
+def assert_json(result: HttpResult, status: int) -> Any:
+    """A JSON answer with ``status`` (§2: ``application/json``, newline-terminated)."""
+    assert result.status == status, (result.status, result.body[:500])
+    assert result.headers.get("content-type", "").split(";")[0] == "application/json"
+    assert result.body.endswith(b"\n"), result.body[-50:]
+    return result.json()
+
+
+def assert_error(result: HttpResult, status: int, code: str | None = None,
+                 message: str | None = None, details: str | None = None) -> dict[str, Any]:
+    """A JSON error body ``{code, message[, details]}`` (§2) with ``status``; each of ``code``,
+    ``message`` and ``details`` that is given must match exactly."""
+    body: dict[str, Any] = assert_json(result, status)
+    assert set(body) <= {"code", "message", "details"}, body
+    assert isinstance(body.get("code"), str) and body["code"], body
+    assert isinstance(body.get("message"), str) and body["message"], body
+    if "details" in body:
+        assert isinstance(body["details"], str) and body["details"], body
+    if code is not None:
+        assert body["code"] == code, body
+    if message is not None:
+        assert body["message"] == message, body
+    if details is not None:
+        assert body.get("details") == details, body
+    return body
 
 
 @dataclass
@@ -123,22 +171,30 @@ class EngineProcess:
         assert job["status"] in ("succeeded", "failed"), job
         return job
 
-    def events_until(self, job_id: str, predicate: Any,
-                     deadline_s: float = 60.0) -> list[dict[str, Any]]:
-        """Read the live events stream until ``predicate(event)`` holds; return what was read."""
+    def follow_events(self, job_id: str,
+                      deadline_s: float = 60.0) -> Generator[dict[str, Any], None, None]:
+        """The job's events from one live events request, each as it arrives, to the stream's
+        end (close the generator to hang up early)."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=deadline_s)
-        seen: list[dict[str, Any]] = []
         try:
             conn.request("GET", f"/v1/prepare-jobs/{job_id}/events",
                          headers={"Authorization": f"Bearer {self.token}"})
             resp = conn.getresponse()
             assert resp.status == 200
             for line in iter(resp.readline, b""):
-                seen.append(json.loads(line))
-                if predicate(seen[-1]):
-                    return seen
+                yield json.loads(line)
         finally:
             conn.close()
+
+    def events_until(self, job_id: str, predicate: Any,
+                     deadline_s: float = 60.0) -> list[dict[str, Any]]:
+        """Read the live events stream until ``predicate(event)`` holds; return what was read."""
+        seen: list[dict[str, Any]] = []
+        with contextlib.closing(self.follow_events(job_id, deadline_s)) as events:
+            for event in events:
+                seen.append(event)
+                if predicate(event):
+                    return seen
         raise AssertionError(f"stream ended without the awaited event: {seen[-3:]}")
 
     def prepare(self, psql_args: list[str], image: str | None = None,
@@ -150,10 +206,27 @@ class EngineProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def healthy(self) -> bool:
+        """engine.json is readable and ``/v1/health`` answers 200 (raises if the engine died)."""
+        if self.proc.poll() is not None:
+            log = self.state_dir / "logs" / "spawn.log"
+            raise AssertionError(f"engine exited with {self.proc.returncode}: "
+                                 f"{log.read_text()[-2000:]}")
+        try:
+            self.info = json.loads(self.engine_json.read_text())
+            return self.get("/v1/health", auth=False, timeout=1).status == 200
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def wait_ready(self, deadline_s: float = STARTUP_DEADLINE) -> EngineProcess:
+        poll(self.healthy, deadline_s, what="engine.json and /v1/health")
+        return self
+
 
 def spawn_engine(state_dir: Path, *extra: str, idle: str = "0", env: dict[str, str] | None = None,
-                 argv0: list[str] | None = None) -> EngineProcess:
-    """Start the engine with the CLI's argv (§1.5) and wait for a healthy engine.json."""
+                 argv0: list[str] | None = None, wait: bool = True) -> EngineProcess:
+    """Start the engine with the CLI's argv (§1.5) and wait for a healthy engine.json (with
+    ``wait=False``, return at once: call ``wait_ready`` later, to start several together)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     engine_json = state_dir / "engine.json"
     log_dir = state_dir / "logs"
@@ -165,19 +238,24 @@ def spawn_engine(state_dir: Path, *extra: str, idle: str = "0", env: dict[str, s
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out,
                                 env={**os.environ, **(env or {})}, start_new_session=True)
     engine = EngineProcess(proc, state_dir, engine_json)
+    return engine.wait_ready() if wait else engine
 
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"engine exited with {proc.returncode}: "
-                                 f"{(log_dir / 'spawn.log').read_text()[-2000:]}")
-        try:
-            engine.info = json.loads(engine_json.read_text())
-            return engine.get("/v1/health", auth=False, timeout=1).status == 200
-        except (OSError, ValueError, KeyError):
-            return False
 
-    poll(healthy, STARTUP_DEADLINE, what="engine.json and /v1/health")
-    return engine
+def start_prepared(root: Path, image: str = HOST_IMAGE) -> tuple[EngineProcess, dict[str, Any]]:
+    """An engine below ``root`` that prepared one state (the ``items`` table) on ``image``:
+    the engine and the succeeded job (its result holds the state and its instance). The engine
+    is stopped and cleaned again if that fails."""
+    script = root / "schema.sql"
+    script.write_text(ITEMS_SCHEMA)
+    engine = spawn_engine(root / "state")
+    engine.image = image
+    try:
+        job = engine.prepare(["-f", str(script)])
+        assert job["status"] == "succeeded", job
+    except BaseException:
+        stop_engine(engine)
+        raise
+    return engine, job
 
 
 def expose_root(store: Path) -> Path:
@@ -310,8 +388,7 @@ def scripts(tmp_path: Path) -> Path:
     """A directory of small SQL scripts."""
     root = tmp_path / "sql"
     root.mkdir()
-    (root / "schema.sql").write_text(
-        "create table items(id int primary key, label text not null);\n")
+    (root / "schema.sql").write_text(ITEMS_SCHEMA)
     (root / "data.sql").write_text(
         "insert into items select g, 'item ' || g from generate_series(1, 100) g;\n")
     (root / "fail.sql").write_text("select 1;\nselect * from no_such_table;\n")
@@ -322,6 +399,40 @@ def psql(dsn: str, sql: str) -> str:
     out = subprocess.run([f"{PG_BIN}/psql", "-XAt", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
                          capture_output=True, text=True, timeout=30, check=True)
     return out.stdout.strip()
+
+
+def post_run(engine: EngineProcess, ref: str, *args: str, kind: str = "psql",
+             **extra: Any) -> HttpResult:
+    """``POST /v1/runs`` (§3.7) against the instance ``ref`` (an id or a name)."""
+    return engine.post("/v1/runs", {"instance_ref": ref, "kind": kind, "args": list(args),
+                                    **extra})
+
+
+def run_events(result: HttpResult) -> list[dict[str, Any]]:
+    """The events of a successful run stream: start first, exit last."""
+    assert result.status == 200, result.body[:500]
+    assert result.headers["content-type"].split(";")[0] == "application/x-ndjson"
+    events = result.ndjson()
+    types = [e["type"] for e in events]
+    assert "start" in types and types[-1] == "exit", types
+    assert types.count("start") == 1 and types.count("exit") == 1, types
+    return events
+
+
+def output(events: list[dict[str, Any]], stream: str = "stdout") -> str:
+    return "".join(e["data"] for e in events if e["type"] == stream)
+
+
+def exit_code(events: list[dict[str, Any]]) -> int:
+    code: int = events[-1]["exit_code"]
+    return code
+
+
+def sql_via_run(engine: EngineProcess, ref: str, sql: str) -> str:
+    """Run one SQL command through ``run:psql``; it must exit 0; its stdout, stripped."""
+    events = run_events(post_run(engine, ref, "-XAt", "-v", "ON_ERROR_STOP=1", "-c", sql))
+    assert exit_code(events) == 0, events
+    return output(events).strip()
 
 
 class OpenApiChecker:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EngineProcess, OpenApiChecker, cleanup_store, leftover_servers, poll
+from conftest import EngineProcess, OpenApiChecker, cleanup_store, leftover_servers, to_epoch
 
 
 def patch_config(engine: EngineProcess, **values: Any) -> None:
@@ -40,6 +41,23 @@ def script(tmp_path: Path, name: str, sql: str) -> str:
 def drop_instance(engine: EngineProcess, job: dict[str, Any]) -> None:
     result = engine.delete(f"/v1/instances/{job['result']['instance_id']}?force=true")
     assert result.status == 200
+
+
+def cap_cache(engine: EngineProcess, max_bytes: int) -> None:
+    """Bound the cache to ``max_bytes``: evict above 90 % of it, down to 80 %."""
+    patch_config(engine, maxBytes=max_bytes, highWatermark=0.9, lowWatermark=0.8)
+
+
+def backdate_state(engine: EngineProcess, state_id: str, age: timedelta) -> str:
+    """Make a state ``age`` old in state.db (no engine may run on the store): created and last
+    used then. Returns the new ``created_at``, in the engine's own format."""
+    then = datetime.now(UTC) - age
+    stamp = f"{then:%Y-%m-%dT%H:%M:%S}.{then.microsecond:06d}000Z"
+    with contextlib.closing(sqlite3.connect(engine.store / "state.db")) as db, db:
+        changed = db.execute("UPDATE states SET created_at = ?, last_used_at = ? "
+                             "WHERE state_id = ?", (stamp, stamp, state_id)).rowcount
+    assert changed == 1, state_id
+    return stamp
 
 
 # --- status and explain -------------------------------------------------------------------
@@ -108,26 +126,37 @@ def test_explain_hit_and_miss(engine: EngineProcess, tmp_path: Path,
 # --- eviction -----------------------------------------------------------------------------
 
 
-def test_eviction_takes_exactly_the_eligible_states(engine: EngineProcess,
+def test_eviction_takes_exactly_the_eligible_states(engine_factory: Any,
                                                     tmp_path: Path) -> None:
-    patch_config(engine, reserveBytes=0, minStateAge="0s")
-    lone = engine.prepare(["-f", script(tmp_path, "lone.sql", "create table lone(x int);\n")])
-    drop_instance(engine, lone)
-    chain = engine.prepare(["-f", script(tmp_path, "p.sql", "create table p(x int);\n"),
-                            "-f", script(tmp_path, "c.sql", "create table c(x int);\n")])
+    """Only ``lone`` may go: ``young`` has no instance and no child either, but is younger than
+    minStateAge; the chain's parent has a child; the others have instances. Ages come from
+    state.db, not from the clock during the test: minStateAge is an hour and ``lone`` is made
+    two hours old while the engine is down, so a slow machine cannot age ``young`` past it."""
+    first: EngineProcess = engine_factory()
+    patch_config(first, reserveBytes=0, minStateAge="1h")
+    lone = first.prepare(["-f", script(tmp_path, "lone.sql", "create table lone(x int);\n")])
+    drop_instance(first, lone)
+    chain = first.prepare(["-f", script(tmp_path, "p.sql", "create table p(x int);\n"),
+                           "-f", script(tmp_path, "c.sql", "create table c(x int);\n")])
     parent_id = chain["tasks"][2]["output_state_id"]
-    kept = engine.prepare(["-f", script(tmp_path, "k.sql", "create table k(x int);\n")])
-    lone_created = parse_ts(engine.get(f"/v1/states/{lone['result']['state_id']}").json())
-    poll(lambda: time.time() - lone_created >= 6, 30, 0.1, what="lone state to age")
-    young = engine.prepare(["-f", script(tmp_path, "y.sql", "create table y(x int);\n")])
-    drop_instance(engine, young)
-    size = max(s["size_bytes"] for s in engine.get("/v1/states").json())
-    patch_config(engine, minStateAge="3s", maxBytes=int(size * 6.1), highWatermark=0.9,
-                 lowWatermark=0.8)
+    kept = first.prepare(["-f", script(tmp_path, "k.sql", "create table k(x int);\n")])
+    young = first.prepare(["-f", script(tmp_path, "y.sql", "create table y(x int);\n")])
+    drop_instance(first, young)
+    assert first.stop() == 0
+    lone_id = lone["result"]["state_id"]
+    created = backdate_state(first, lone_id, timedelta(hours=2))
+    engine: EngineProcess = engine_factory(state_dir=first.state_dir)
+    states = {s["state_id"]: s for s in engine.get("/v1/states").json()}
+    assert states[lone_id]["created_at"] == created
+    assert to_epoch(created) < to_epoch(states[young["result"]["state_id"]]["created_at"]) - 3600
+    status = engine.get("/v1/cache/status").json()
+    assert status["reclaimable_bytes"] == states[lone_id]["size_bytes"], status
+    assert status["blocked_count"] == len(states) - 1, status
+    cap_cache(engine, int(max(s["size_bytes"] for s in states.values()) * 6.1))
     last = engine.prepare(["-f", script(tmp_path, "z.sql", "create table z(x int);\n")])
     assert last["status"] == "succeeded", last
     remaining = state_ids(engine)
-    assert lone["result"]["state_id"] not in remaining
+    assert lone_id not in remaining
     protected = {parent_id, chain["result"]["state_id"], kept["result"]["state_id"],
                  young["result"]["state_id"], last["result"]["state_id"]}
     assert remaining == protected
@@ -135,12 +164,7 @@ def test_eviction_takes_exactly_the_eligible_states(engine: EngineProcess,
     assert summary["evicted_count"] == 1
     assert summary["trigger"] == "before_snapshot"
     assert summary["usage_bytes_after"] < summary["usage_bytes_before"]
-    assert not list(engine.store.glob(f"engines/*/*/states/{lone['result']['state_id']}"))
-
-
-def parse_ts(state: dict[str, Any]) -> float:
-    stamp = state["created_at"].split(".")[0]
-    return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    assert not list(engine.store.glob(f"engines/*/*/states/{lone_id}"))
 
 
 def test_eviction_prefers_least_recently_used(engine: EngineProcess, tmp_path: Path) -> None:
@@ -155,8 +179,7 @@ def test_eviction_prefers_least_recently_used(engine: EngineProcess, tmp_path: P
     reuse = engine.post("/v1/instances", {"state_id": old})
     assert reuse.status == 201
     assert engine.delete(f"/v1/instances/{reuse.json()['instance_id']}").status == 200
-    size = engine.get(f"/v1/states/{old}").json()["size_bytes"]
-    patch_config(engine, maxBytes=int(size * 2.6), highWatermark=0.9, lowWatermark=0.8)
+    cap_cache(engine, int(engine.get(f"/v1/states/{old}").json()["size_bytes"] * 2.6))
     third = engine.prepare(["-f", script(tmp_path, "third.sql", "create table t(x int);\n")])
     assert third["status"] == "succeeded"
     assert state_ids(engine) == {old, third["result"]["state_id"]}
@@ -167,7 +190,7 @@ def test_full_cache_fails_before_building(engine: EngineProcess, tmp_path: Path)
     patch_config(engine, reserveBytes=0, minStateAge="1h")
     first = engine.prepare(["-f", script(tmp_path, "one.sql", "create table one(x int);\n")])
     size = engine.get(f"/v1/states/{first['result']['state_id']}").json()["size_bytes"]
-    patch_config(engine, maxBytes=int(size * 0.5), highWatermark=0.9, lowWatermark=0.8)
+    cap_cache(engine, int(size * 0.5))
     job = engine.prepare(["-f", script(tmp_path, "two.sql", "create table two(x int);\n")])
     assert job["status"] == "failed"
     assert job["error"]["code"] == "cache_full_unreclaimable"
@@ -206,7 +229,6 @@ def test_enospc_during_a_build_fails_cleanly(engine_factory: Any, small_store: P
     assert not [p for p in small_store.glob("engines/*/*/states/*") if p.name != ".build"]
     assert not list((small_store / "instances").iterdir())
     assert leftover_servers(small_store) == []
-    with contextlib.suppress(FileNotFoundError):
-        assert engine.get("/v1/health", auth=False).status == 200
+    assert engine.get("/v1/health", auth=False).status == 200
     small = engine.prepare(["-f", script(tmp_path, "small.sql", "create table s(x int);\n")])
     assert small["status"] == "succeeded", small

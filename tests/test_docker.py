@@ -12,22 +12,16 @@ from conftest import (
     DOCKER_IMAGE,
     HOST_IMAGE,
     EngineProcess,
+    assert_error,
     containers_of,
+    output,
+    post_run,
     psql,
+    run_events,
+    sql_via_run,
 )
 
 pytestmark = pytest.mark.parametrize("runtime_image", ["docker"], indirect=True)
-
-
-def run_events(engine: EngineProcess, ref: str, sql: str) -> list[dict[str, Any]]:
-    result = engine.post("/v1/runs", {"instance_ref": ref, "kind": "psql",
-                                      "args": ["-XAt", "-c", sql]})
-    assert result.status == 200, result.body
-    return result.ndjson()
-
-
-def stdout_of(events: list[dict[str, Any]]) -> str:
-    return "".join(e["data"] for e in events if e["type"] == "stdout").strip()
 
 
 def container_labels(container_id: str) -> dict[str, str]:
@@ -58,13 +52,13 @@ def test_container_removed_behind_our_back_is_recreated(engine: EngineProcess,
                                                         scripts: Path) -> None:
     job = engine.prepare(["-f", str(scripts / "schema.sql"), "-f", str(scripts / "data.sql")])
     instance_id = job["result"]["instance_id"]
-    run_events(engine, instance_id, "insert into items values (1000, 'written before')")
+    sql_via_run(engine, instance_id, "insert into items values (1000, 'written before')")
     old = engine.get(f"/v1/instances/{instance_id}").json()["runtime_id"]
     subprocess.run(["docker", "rm", "-f", old], check=True, capture_output=True)
     assert engine.get(f"/v1/instances/{instance_id}").json()["status"] == "orphaned"
-    events = run_events(engine, instance_id, "select count(*) from items")
+    events = run_events(post_run(engine, instance_id, "-XAt", "-c", "select count(*) from items"))
     assert "run: runtime missing - restarting" in [e.get("data") for e in events]
-    assert stdout_of(events) == "101"
+    assert output(events).strip() == "101"
     entry = engine.get(f"/v1/instances/{instance_id}").json()
     assert entry["status"] == "active"
     assert entry["runtime_id"] != old
@@ -109,21 +103,4 @@ def test_unreachable_daemon_is_a_clear_error(engine_factory: Any, scripts: Path)
     explain = engine.post("/v1/cache/explain/prepare", {
         "prepare_kind": "psql", "image_id": DOCKER_IMAGE,
         "psql_args": ["-f", str(scripts / "schema.sql")]})
-    assert explain.status == 503
-    assert explain.json()["message"] == "docker is not running"
-
-
-def test_pgbench_and_stdin_runs_in_the_container(engine: EngineProcess, scripts: Path) -> None:
-    job = engine.prepare(["-f", str(scripts / "schema.sql")])
-    ref = job["result"]["instance_id"]
-    init = engine.post("/v1/runs", {"instance_ref": ref, "kind": "pgbench",
-                                    "args": ["-i", "-s", "1", "-q"]}).ndjson()
-    assert init[-1] == {**init[-1], "type": "exit", "exit_code": 0}
-    bench = engine.post("/v1/runs", {"instance_ref": ref, "kind": "pgbench",
-                                     "args": ["-n", "-c", "2", "-t", "10"]}).ndjson()
-    assert bench[-1]["exit_code"] == 0
-    assert "number of transactions actually processed: 20/20" in stdout_of(bench)
-    piped = engine.post("/v1/runs", {"instance_ref": ref, "kind": "psql",
-                                     "args": ["-XAt", "-f", "-"],
-                                     "stdin": "select 6 * 7;"}).ndjson()
-    assert stdout_of(piped) == "42"
+    assert_error(explain, 503, message="docker is not running")

@@ -13,7 +13,6 @@ Three kinds of engines are used:
 
 from __future__ import annotations
 
-import calendar
 import http.client
 import json
 import os
@@ -28,25 +27,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import pytest
 from conftest import (
+    HEX32_RE,
     ROOT,
+    STARTUP_DEADLINE,
+    UNKNOWN_INSTANCE,
+    UNKNOWN_STATE,
     EngineProcess,
     HttpResult,
     OpenApiChecker,
+    assert_error,
+    assert_json,
     cleanup_store,
+    expose_root,
     poll,
     spawn_engine,
+    start_prepared,
+    stop_engine,
+    to_epoch,
 )
 from jsonschema import Draft202012Validator
 
-HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 RFC3339_NANO_UTC_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
-UNKNOWN_INSTANCE = "0123456789abcdef0123456789abcdef"
-UNKNOWN_STATE = "f" * 64
 UNKNOWN_JOB = "fedcba9876543210fedcba9876543210"
 BODY_LIMIT = 16 * 1024 * 1024
 ENGINE_JSON_KEYS = {"endpoint", "pid", "startedAt", "authToken", "version", "instanceId"}
@@ -66,31 +72,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 
 def url(base: str, /, **params: str) -> str:
     return f"{base}?{urlencode(params)}" if params else base
-
-
-def assert_json(result: HttpResult, status: int) -> Any:
-    assert result.status == status, (result.status, result.body[:500])
-    assert result.headers.get("content-type", "").split(";")[0] == "application/json"
-    assert result.body.endswith(b"\n"), result.body[-50:]
-    return result.json()
-
-
-def assert_error(result: HttpResult, status: int, code: str | None = None,
-                 message: str | None = None, details: str | None = None) -> dict[str, Any]:
-    """A JSON error body ``{code, message[, details]}`` (§2), optionally with exact fields."""
-    body: dict[str, Any] = assert_json(result, status)
-    assert set(body) <= {"code", "message", "details"}, body
-    assert isinstance(body.get("code"), str) and body["code"], body
-    assert isinstance(body.get("message"), str) and body["message"], body
-    if "details" in body:
-        assert isinstance(body["details"], str) and body["details"], body
-    if code is not None:
-        assert body["code"] == code, body
-    if message is not None:
-        assert body["message"] == message, body
-    if details is not None:
-        assert body.get("details") == details, body
-    return body
 
 
 def assert_empty(result: HttpResult, status: int) -> None:
@@ -153,6 +134,16 @@ def engine_log(engine: EngineProcess) -> str:
     return (engine.state_dir / "logs" / "engine.log").read_text(errors="replace")
 
 
+def landing_spots(engine: EngineProcess, ident: str) -> set[str]:
+    """Where ``ident``, percent-decoded, lands when joined as a path onto any directory of the
+    engine (its state dir and all below, and its expose root): the files a traversal through
+    the id would write, most of them outside the engine's own tree."""
+    name = unquote(ident)
+    bases = [engine.state_dir, expose_root(engine.store),
+             *(p for p in engine.state_dir.rglob("*") if p.is_dir())]
+    return {os.path.normpath(os.path.join(base, name)) for base in bases}
+
+
 # ----------------------------------------------------------------------------------- fixtures
 
 
@@ -182,18 +173,12 @@ class Prepared:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prepared]:
     """An engine with one prepared psql state and its instance (host runtime, Postgres 15)."""
-    root = tmp_path_factory.mktemp("prepared")
-    script = root / "schema.sql"
-    script.write_text("create table items(id int primary key, label text not null);\n")
-    proc = spawn_engine(root / "state")
+    proc, job = start_prepared(tmp_path_factory.mktemp("prepared"))
     try:
-        job = proc.prepare(["-f", str(script)])
-        assert job["status"] == "succeeded", job
         result = job["result"]
         yield Prepared(proc, job, result["instance_id"], result["state_id"], result["image_id"])
     finally:
-        proc.stop()
-        cleanup_store(proc.store)
+        stop_engine(proc)
 
 
 # ============================================================ §1 process, discovery and files
@@ -209,8 +194,7 @@ def test_engine_json_describes_the_running_engine(engine: EngineProcess) -> None
     assert info["pid"] == engine.proc.pid
     os.kill(info["pid"], 0)  # alive
     assert RFC3339_NANO_UTC_RE.match(info["startedAt"]), info["startedAt"]
-    started = calendar.timegm(time.strptime(info["startedAt"][:19], "%Y-%m-%dT%H:%M:%S"))
-    assert abs(started - time.time()) < 120, info["startedAt"]
+    assert abs(to_epoch(info["startedAt"]) - time.time()) < 120, info["startedAt"]
     assert HEX64_RE.match(info["authToken"]), info["authToken"]
     assert HEX32_RE.match(info["instanceId"]), info["instanceId"]
     assert info["version"] == "dev"
@@ -300,22 +284,85 @@ def test_signal_shuts_down_cleanly(engine: EngineProcess, sig: int) -> None:
     assert port_closed(engine)
 
 
-def test_idle_timeout_exits_by_itself(engine_factory: Any) -> None:
-    proc: EngineProcess = engine_factory(idle="1s")
-    poll(lambda: proc.proc.poll() is not None, 15, interval=0.1, what="idle shutdown")
-    assert proc.proc.returncode == 0
-    assert not proc.engine_json.exists()
+# Short enough to wait for, long against a request's latency on a busy 2-core machine.
+IDLE_SECONDS = 3.0
+# Accepted --idle-timeout spellings that all mean IDLE_SECONDS (Go's "3s").
+SHORT_IDLE_SPELLINGS = ["3s", "3000ms", "2s1000ms", "0.05m", "+3s", "3000000us"]
+# Accepted spellings of a long timeout, and of none ("0" and, as in Go, a negative one).
+LONG_OR_NO_IDLE_SPELLINGS = ["30s", "2m0s", "1h30m", "1h0m0s", "1.5h", "0", "-5s"]
+IDLE_EXIT_DEADLINE = 60.0
+
+
+def start_together(engine_factory: Any, tmp_path: Path,
+                   idles: list[str]) -> list[tuple[EngineProcess, float]]:
+    """Engines with these --idle-timeout values, started together and health-checked in one
+    loop (so none idles out unwatched while another starts); each with the moment its health
+    check was answered: its last request, from which its idle time counts."""
+    engines: list[EngineProcess] = [
+        engine_factory(state_dir=tmp_path / f"idle-{i}", idle=idle, wait=False)
+        for i, idle in enumerate(idles)]
+    ready: dict[int, float] = {}
+
+    def all_ready() -> bool:
+        for index, engine in enumerate(engines):
+            if index not in ready and engine.healthy():
+                ready[index] = time.monotonic()
+        return len(ready) == len(engines)
+
+    poll(all_ready, STARTUP_DEADLINE, what="all engines healthy")
+    return [(engine, ready[index]) for index, engine in enumerate(engines)]
+
+
+def test_short_idle_timeout_spellings_exit_by_themselves(engine_factory: Any,
+                                                         tmp_path: Path) -> None:
+    """Each spelling must be parsed to its value: the engine exits on its own (a timeout read
+    as disabled or as hours would not), not before that long (one read as milliseconds would),
+    and says it waited 3s."""
+    started = start_together(engine_factory, tmp_path, SHORT_IDLE_SPELLINGS)
+    exited_at: dict[int, float] = {}
+
+    def all_exited() -> bool:
+        for index, (engine, _ready) in enumerate(started):
+            if index not in exited_at and engine.proc.poll() is not None:
+                exited_at[index] = time.monotonic()
+        return len(exited_at) == len(started)
+
+    try:
+        poll(all_exited, IDLE_EXIT_DEADLINE, interval=0.05, what="idle shutdowns")
+    except AssertionError as exc:
+        alive = [SHORT_IDLE_SPELLINGS[i] for i in range(len(started)) if i not in exited_at]
+        raise AssertionError(f"{exc}; still running: {alive}") from None
+    for index, (engine, ready) in enumerate(started):
+        spelling = SHORT_IDLE_SPELLINGS[index]
+        assert engine.proc.returncode == 0, spelling
+        assert not engine.engine_json.exists(), spelling
+        assert exited_at[index] - ready >= IDLE_SECONDS - 0.5, (spelling, exited_at[index] - ready)
+        assert "idle for 3s: shutting down" in engine_log(engine), spelling
+
+
+def test_long_or_no_idle_timeout_spellings_keep_running(engine_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """Accepted, and not read as a short timeout: idle for twice the short one, all still run
+    (a long timeout cannot be told from none without waiting it out)."""
+    started = start_together(engine_factory, tmp_path, LONG_OR_NO_IDLE_SPELLINGS)
+    time.sleep(2 * IDLE_SECONDS)  # staying idle is the point: nothing to poll for
+    for spelling, (engine, _ready) in zip(LONG_OR_NO_IDLE_SPELLINGS, started, strict=True):
+        assert engine.proc.poll() is None, f"--idle-timeout {spelling} made the engine exit"
+        assert "shutting down" not in engine_log(engine), spelling
+        assert engine.get("/v1/health", auth=False).status == 200
 
 
 def test_requests_keep_an_idle_engine_alive(engine_factory: Any) -> None:
-    proc: EngineProcess = engine_factory(idle="1s")
-    until = time.monotonic() + 2.5
+    proc: EngineProcess = engine_factory(idle=f"{IDLE_SECONDS:g}s")
+    until = time.monotonic() + 2 * IDLE_SECONDS
     while time.monotonic() < until:
         assert proc.proc.poll() is None, "engine exited although requests kept coming"
         assert proc.get("/v1/health", auth=False).status == 200
         time.sleep(0.2)  # pacing between requests, not waiting for readiness
-    poll(lambda: proc.proc.poll() is not None, 15, interval=0.1, what="idle shutdown")
+    poll(lambda: proc.proc.poll() is not None, IDLE_EXIT_DEADLINE, interval=0.1,
+         what="idle shutdown")
     assert proc.proc.returncode == 0
+    assert not proc.engine_json.exists()
 
 
 # ------------------------------------------------------------------------------ CLI flags
@@ -371,13 +418,6 @@ def test_help_exits_0(flag: str) -> None:
     done = run_cli(flag)
     assert done.returncode == 0, done.stderr
     assert "--listen" in done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("idle", ["30s", "2m0s", "1h30m", "0", "1h0m0s", "1.5h", "-5s"])
-def test_go_durations_are_accepted(engine_factory: Any, idle: str) -> None:
-    proc: EngineProcess = engine_factory(idle=idle)
-    assert proc.get("/v1/health", auth=False).status == 200
-    assert proc.proc.poll() is None
 
 
 # ============================================================================ §2 HTTP conventions
@@ -687,10 +727,13 @@ def test_hostile_ids_are_404_and_touch_nothing(shared: EngineProcess, method: st
                                                template: str, ident: str) -> None:
     root = shared.state_dir.parent
     before = tree(root)
+    spots = landing_spots(shared, ident)
+    existing = {spot for spot in spots if os.path.lexists(spot)}
     assert_not_found(shared.request(method, template.format(ident)))
     created = tree(root) - before
     assert not created, f"{method} {template} created {sorted(created)}"
-    assert not Path("/etc/passwd.sqlrs").exists()
+    landed = sorted(spot for spot in spots - existing if os.path.lexists(spot))
+    assert not landed, f"{method} {template} created {landed}"
 
 
 # ===================================================== §3.2-§3.4 names, instances and states
@@ -859,8 +902,9 @@ def test_bind_name_and_redirect(prepared: Prepared, api_doc: OpenApiChecker) -> 
     assert_error(engine.delete("/v1/instances/alpha?dry_run=true"), 404, "not_found")
 
 
-def test_longest_valid_name_is_accepted(prepared: Prepared) -> None:
-    name = "n" + "._-Az9" * 10 + "xy"
+@pytest.mark.parametrize("name", ["n" + "._-Az9" * 10 + "xy", "n" * 62 + "."],
+                         ids=["mixed", "dot-last"])
+def test_longest_valid_name_is_accepted(prepared: Prepared, name: str) -> None:
     assert len(name) == 63
     result = prepared.engine.request("PUT", f"/v1/names/{name}",
                                      {"instance_id": prepared.instance_id})
@@ -870,17 +914,24 @@ def test_longest_valid_name_is_accepted(prepared: Prepared) -> None:
 
 @pytest.mark.parametrize("segment", [
     UNKNOWN_INSTANCE, UNKNOWN_INSTANCE.upper(), "", "a%2Fb", "a%20b", "x" * 64, "caf%C3%A9",
-    "..%2F..%2Fetc", "a%00b", "name%3Bls"],
+    "..%2F..%2Fetc", "a%00b", "name%3Bls", "a@b", "a%40b"],
     ids=["hex32", "HEX32", "empty", "slash", "space", "64-chars", "non-ascii", "traversal",
-         "nul", "semicolon"])
-def test_invalid_names_are_400(shared: EngineProcess, segment: str) -> None:
-    result = shared.request("PUT", f"/v1/names/{segment}", {"instance_id": UNKNOWN_INSTANCE})
-    assert_error(result, 400, "invalid_argument")
+         "nul", "semicolon", "at", "at-encoded"])
+def test_invalid_names_are_400(prepared: Prepared, api_doc: OpenApiChecker,
+                               segment: str) -> None:
+    """Rejected for a live instance, and for an unknown one (the name is checked first)."""
+    engine = prepared.engine
+    before = assert_json(engine.get("/v1/names"), 200)
+    for instance_id in (prepared.instance_id, UNKNOWN_INSTANCE):
+        result = engine.request("PUT", f"/v1/names/{segment}", {"instance_id": instance_id})
+        assert_error(result, 400, "invalid_argument", "invalid name")
+        api_doc.check("/v1/names/{name}", "PUT", result)
+    assert assert_json(engine.get("/v1/names"), 200) == before
 
 
 def test_name_for_unknown_instance_is_404(shared: EngineProcess) -> None:
     result = shared.request("PUT", "/v1/names/ghost", {"instance_id": UNKNOWN_INSTANCE})
-    assert_error(result, 404, "not_found")
+    assert_error(result, 404, "not_found", "instance not found")
     assert_text_404(shared.get("/v1/names/ghost"))
 
 
@@ -972,7 +1023,10 @@ def test_config_survives_a_restart(engine_factory: Any) -> None:
     ("cache.capacity.reserveBytes", 1024),
     ("cache.capacity.minStateAge", "1h30m"),
     ("cache.capacity.minStateAge", "0"),
-    ("log.level", "warn"),
+    # Stored and served back, nothing more: no part of the engine reads log.level yet (it
+    # logs at debug whatever the value), so this shows no filtering of logs/engine.log. The
+    # engine is to make log.level real; a test of its effect belongs with that change.
+    pytest.param("log.level", "warn", id="log.level-round-trip-only"),
     ("container.runtime", "podman"),
     ("snapshot.backend", "copy"),
     ("orchestrator.jobs.maxIdentical", 0),

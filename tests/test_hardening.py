@@ -156,6 +156,7 @@ def test_a_slow_clone_or_stop_blocks_nothing_else(hooked: tuple[EngineProcess, H
 
 
 def test_eviction_never_removes_a_builds_input(engine: EngineProcess) -> None:
+    patch_config(engine, "instances.warmPool.maxTotal", 0)  # only states count in the cache
     first = engine.prepare(["-c", "create table a(x int)"])
     assert first["status"] == "succeeded", first
     parent = first["result"]["state_id"]

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,24 +37,31 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 from conftest import (
+    HEX32_RE,
     RUNTIMES,
+    UNKNOWN_INSTANCE,
+    UNKNOWN_STATE,
     EngineProcess,
     HttpResult,
     OpenApiChecker,
+    assert_error,
+    exit_code,
     expose_root,
     leftover_servers,
+    output,
     poll,
+    post_run,
     psql,
-    spawn_engine,
+    run_events,
+    sql_via_run,
+    start_prepared,
     state_dirs,
     stop_engine,
+    to_epoch,
 )
 
 pytestmark = RUNTIMES
 
-HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
-UNKNOWN_INSTANCE = "0123456789abcdef0123456789abcdef"
-UNKNOWN_STATE = "f" * 64
 REF = "<instance>"  # placeholder in request tables, replaced by a real instance id
 REAPER_DEADLINE = 15.0
 INSTANCE_PATH = "/v1/instances/{idOrName}"
@@ -65,13 +71,16 @@ DEAD_CONNECTION = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # ------------------------------------------------------------------------------------ helpers
 
 
-def create_instance(engine: EngineProcess, state_ref: str, **fields: Any) -> dict[str, Any]:
-    """``POST /v1/instances``; asserts 201 and the Location header."""
-    result = engine.post("/v1/instances", {"state_id": state_ref, **fields})
+def created_entry(result: HttpResult) -> dict[str, Any]:
+    """The entry of a ``POST /v1/instances`` answer; asserts 201 and the Location header."""
     assert result.status == 201, result.body
     entry: dict[str, Any] = result.json()
     assert result.headers["location"] == f"/v1/instances/{entry['instance_id']}"
     return entry
+
+
+def create_instance(engine: EngineProcess, state_ref: str, **fields: Any) -> dict[str, Any]:
+    return created_entry(engine.post("/v1/instances", {"state_id": state_ref, **fields}))
 
 
 def get_instance(engine: EngineProcess, instance_id: str) -> dict[str, Any] | None:
@@ -88,12 +97,6 @@ def get_state(engine: EngineProcess, state_id: str) -> dict[str, Any]:
     assert result.status == 200, result.body
     state: dict[str, Any] = result.json()
     return state
-
-
-def assert_error(result: HttpResult, status: int, code: str, message: str) -> None:
-    assert result.status == status, (result.status, result.body[:500])
-    body = result.json()
-    assert (body["code"], body["message"]) == (code, message), body
 
 
 def port_of(dsn: str) -> int:
@@ -162,13 +165,6 @@ def kill_server(engine: EngineProcess, entry: dict[str, Any]) -> None:
     poll(lambda: server not in servers(engine), 10, what=f"{server} to go")
 
 
-def to_epoch(ts: str) -> float:
-    """RFC 3339 with nanoseconds (``2026-07-21T08:15:30.123456789Z``) to seconds."""
-    whole = datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
-    assert ts.endswith("Z"), ts
-    return whole + float("0" + ts[19:-1]) if len(ts) > 20 else whole
-
-
 def instance_dirs(engine: EngineProcess) -> list[str]:
     root = engine.store / "instances"
     return sorted(os.listdir(root)) if root.is_dir() else []
@@ -209,38 +205,6 @@ def strip_runtime(engine: EngineProcess, node: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def run(engine: EngineProcess, ref: str, *args: str, kind: str = "psql",
-        **extra: Any) -> HttpResult:
-    return engine.post("/v1/runs", {"instance_ref": ref, "kind": kind, "args": list(args),
-                                    **extra})
-
-
-def run_events(result: HttpResult) -> list[dict[str, Any]]:
-    """The events of a successful run stream: start first, exit last."""
-    assert result.status == 200, result.body[:500]
-    assert result.headers["content-type"].split(";")[0] == "application/x-ndjson"
-    events = result.ndjson()
-    types = [e["type"] for e in events]
-    assert "start" in types and types[-1] == "exit", types
-    assert types.count("start") == 1 and types.count("exit") == 1, types
-    return events
-
-
-def output(events: list[dict[str, Any]], stream: str = "stdout") -> str:
-    return "".join(e["data"] for e in events if e["type"] == stream)
-
-
-def exit_code(events: list[dict[str, Any]]) -> int:
-    code: int = events[-1]["exit_code"]
-    return code
-
-
-def sql_via_run(engine: EngineProcess, ref: str, sql: str) -> str:
-    events = run_events(run(engine, ref, "-XAt", "-v", "ON_ERROR_STOP=1", "-c", sql))
-    assert exit_code(events) == 0, events
-    return output(events).strip()
-
-
 def stream_run(engine: EngineProcess, body: dict[str, Any],
                deadline_s: float = 60.0) -> list[tuple[float, dict[str, Any]]]:
     """Read a run's NDJSON stream line by line; each event with its arrival time."""
@@ -269,21 +233,13 @@ class Base:
 
 def start_base(root: Path, image: str) -> Base:
     """An engine on ``image`` with one prepared state (``items`` table) and its instance."""
-    script = root / "schema.sql"
-    script.write_text("create table items(id int primary key, label text not null);\n")
-    proc = spawn_engine(root / "state")
-    proc.image = image
+    proc, job = start_prepared(root, image)
     try:
-        job = proc.prepare(["-f", str(script)])
-        assert job["status"] == "succeeded", job
-        result = job["result"]
         doc = OpenApiChecker(proc.get("/v1/openapi.json", auth=False).json())
-        return Base(proc, result["state_id"], result["instance_id"], doc)
     except BaseException:
         stop_engine(proc)
         raise
-
-
+    return Base(proc, job["result"]["state_id"], job["result"]["instance_id"], doc)
 
 
 @pytest.fixture(scope="module")
@@ -333,11 +289,7 @@ class InstanceMaker:
         return result
 
     def __call__(self, **fields: Any) -> dict[str, Any]:
-        result = self.post({"state_id": self.base.state_id, **fields})
-        assert result.status == 201, result.body
-        entry: dict[str, Any] = result.json()
-        assert result.headers["location"] == f"/v1/instances/{entry['instance_id']}"
-        return entry
+        return created_entry(self.post({"state_id": self.base.state_id, **fields}))
 
     def cleanup(self) -> None:
         for instance_id in self.made:
@@ -377,10 +329,8 @@ def test_create_instance_from_state_ref(base: Base, doc: OpenApiChecker,
     engine = base.engine
     before = get_state(engine, base.state_id)
     result = make_instance.post({"state_id": form(base.state_id)})
-    assert result.status == 201, result.body
+    entry = created_entry(result)
     doc.check("/v1/instances", "POST", result)
-    entry = result.json()
-    assert result.headers["location"] == f"/v1/instances/{entry['instance_id']}"
     assert HEX32_RE.match(entry["instance_id"])
     assert entry["state_id"] == base.state_id
     assert entry["image_id"].startswith(image_prefix(engine))
@@ -545,48 +495,10 @@ def test_bind_rebind_and_unbind_a_name(base: Base, doc: OpenApiChecker,
     assert get_instance(engine, second["instance_id"]) is not None
 
 
-def test_longest_name_is_accepted(base: Base,
-                                  make_instance: InstanceMaker) -> None:
-    engine = base.engine
-    entry = make_instance()
-    name = "n" * 62 + "."
-    result = engine.request("PUT", f"/v1/names/{name}", {"instance_id": entry["instance_id"]})
-    assert result.status == 201, result.body
-    assert engine.get(f"/v1/instances/{name}").status == 307
-
-
-INVALID_NAMES = [
-    UNKNOWN_INSTANCE,
-    UNKNOWN_INSTANCE.upper(),
-    "a" * 64,
-    "a%2Fb",
-    "a%20b",
-    "a@b",
-    "a%40b",
-    "",
-]
-
-
-@pytest.mark.parametrize("segment", INVALID_NAMES)
-def test_invalid_names_are_rejected(base: Base, doc: OpenApiChecker, segment: str) -> None:
-    before = base.engine.get("/v1/names").json()
-    result = base.engine.request("PUT", f"/v1/names/{segment}",
-                                 {"instance_id": base.instance_id})
-    assert_error(result, 400, "invalid_argument", "invalid name")
-    doc.check("/v1/names/{name}", "PUT", result)
-    assert base.engine.get("/v1/names").json() == before
-
-
-def test_name_for_unknown_instance_is_404(base: Base) -> None:
-    result = base.engine.request("PUT", "/v1/names/ghost", {"instance_id": UNKNOWN_INSTANCE})
-    assert_error(result, 404, "not_found", "instance not found")
-    assert base.engine.get("/v1/names/ghost").status == 404
-
-
 def test_runs_accept_a_name(base: Base, make_instance: InstanceMaker) -> None:
     engine = base.engine
     entry = make_instance(name="run-by-name")
-    events = run_events(run(engine, "run-by-name", "-XAt", "-c", "select 7"))
+    events = run_events(post_run(engine, "run-by-name", "-XAt", "-c", "select 7"))
     assert events[0] == {**events[0], "type": "start", "instance_id": entry["instance_id"]}
     assert output(events).strip() == "7"
     assert exit_code(events) == 0
@@ -612,7 +524,7 @@ def test_deleting_an_instance_deletes_its_names(base: Base,
 
 @pytest.mark.parametrize("kind", ["psql", "PSQL"])
 def test_psql_run_streams_stdout_and_exit(base: Base, doc: OpenApiChecker, kind: str) -> None:
-    result = run(base.engine, base.instance_id, "-c", "select 42", kind=kind)
+    result = post_run(base.engine, base.instance_id, "-c", "select 42", kind=kind)
     doc.check("/v1/runs", "POST", result)
     events = run_events(result)
     assert events[0]["type"] == "start"
@@ -623,7 +535,7 @@ def test_psql_run_streams_stdout_and_exit(base: Base, doc: OpenApiChecker, kind:
 
 
 def test_failing_sql_exits_non_zero_with_stderr(base: Base, doc: OpenApiChecker) -> None:
-    result = run(base.engine, base.instance_id, "-X", "-v", "ON_ERROR_STOP=1",
+    result = post_run(base.engine, base.instance_id, "-X", "-v", "ON_ERROR_STOP=1",
                  "-c", "select * from nope")
     doc.check("/v1/runs", "POST", result)
     events = run_events(result)
@@ -659,7 +571,7 @@ def test_failing_step_stops_the_steps(base: Base,
 
 
 def test_stdin_is_fed_to_psql(base: Base) -> None:
-    events = run_events(run(base.engine, base.instance_id, "-XAt", "-f", "-",
+    events = run_events(post_run(base.engine, base.instance_id, "-XAt", "-f", "-",
                             stdin="select 6 * 7;\nselect 'done';\n"))
     assert output(events).split() == ["42", "done"]
     assert exit_code(events) == 0
@@ -668,10 +580,10 @@ def test_stdin_is_fed_to_psql(base: Base) -> None:
 def test_pgbench_init_and_run(base: Base, make_instance: InstanceMaker) -> None:
     engine = base.engine
     entry = make_instance()
-    init = run_events(run(engine, entry["instance_id"], "-i", "-s", "1", kind="pgbench"))
+    init = run_events(post_run(engine, entry["instance_id"], "-i", "-s", "1", kind="pgbench"))
     assert exit_code(init) == 0, init
     assert psql(entry["dsn"], "select count(*) from pgbench_accounts") == "100000"
-    bench = run_events(run(engine, entry["instance_id"], "-c", "2", "-t", "20", "-n",
+    bench = run_events(post_run(engine, entry["instance_id"], "-c", "2", "-t", "20", "-n",
                            kind="pgbench"))
     assert exit_code(bench) == 0, bench
     assert "number of transactions actually processed: 40/40" in output(bench)
@@ -943,7 +855,7 @@ def test_killed_postmaster_is_orphaned_and_restarted_by_a_run(engine: EngineProc
         assert "dsn" not in poll(orphaned, 10, interval=0.1, what="status orphaned")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; the dead server is still reported as {seen[-1]}") from None
-    events = run_events(run(engine, instance_id, "-XAt", "-c", "select label from items"))
+    events = run_events(post_run(engine, instance_id, "-XAt", "-c", "select label from items"))
     logs = [e["data"] for e in events if e["type"] == "log"]
     assert logs and logs[0] == "run: runtime missing - restarting", events
     assert exit_code(events) == 0, events
@@ -988,7 +900,7 @@ def test_restart_readopts_then_restarts_a_killed_runtime(engine_factory: Any,
     assert orphaned is not None
     assert orphaned["status"] == "orphaned"
     assert "dsn" not in orphaned
-    events = run_events(run(third, "survivor", "-XAt", "-c",
+    events = run_events(post_run(third, "survivor", "-XAt", "-c",
                             "select string_agg(label, ',' order by id) from items"))
     logs = [e["data"] for e in events if e["type"] == "log"]
     assert logs and logs[0] == "run: runtime missing - restarting", logs

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pytest
 from conftest import (
+    HOST_IMAGE,
     RUNTIMES,
     EngineProcess,
     OpenApiChecker,
+    assert_error,
     expose_root,
     leftover_servers,
     mounts_below,
@@ -35,6 +36,13 @@ def events_of(engine: EngineProcess, job_id: str) -> list[dict[str, Any]]:
     return engine.get(f"/v1/prepare-jobs/{job_id}/events").ndjson()
 
 
+def stored_job(engine: EngineProcess, job_id: str) -> tuple[str, int]:
+    """The job's status and crash attempts as state.db holds them (read with no engine up)."""
+    with contextlib.closing(sqlite3.connect(engine.store / "state.db")) as db:
+        row = db.execute("SELECT status, attempts FROM prepare_jobs WHERE job_id = ?",
+                         (job_id,)).fetchone()
+    assert row is not None, job_id
+    return str(row[0]), int(row[1])
 
 
 # --- success, cache hits, DSN ------------------------------------------------------------
@@ -195,9 +203,9 @@ def test_sql_error_fails_cleanly(engine: EngineProcess, scripts: Path) -> None:
 
 
 REJECTIONS = [
-    ({"image_id": "host:15", "psql_args": []}, "prepare_kind is required"),
-    ({"prepare_kind": "mysql", "image_id": "host:15"}, "unsupported prepare_kind"),
-    ({"prepare_kind": "lb", "image_id": "host:15"}, "unsupported prepare_kind"),
+    ({"image_id": HOST_IMAGE, "psql_args": []}, "prepare_kind is required"),
+    ({"prepare_kind": "mysql", "image_id": HOST_IMAGE}, "unsupported prepare_kind"),
+    ({"prepare_kind": "lb", "image_id": HOST_IMAGE}, "lb command is required"),
     ({"prepare_kind": "psql", "image_id": "  "}, "image_id is required"),
     ({"psql_args": ["-h", "localhost", "-c", "select 1"]}, "connection flags are not allowed"),
     ({"psql_args": ["-p5432", "-c", "select 1"]}, "connection flags are not allowed"),
@@ -220,13 +228,11 @@ REJECTIONS = [
 @pytest.mark.parametrize(("fields", "message"), REJECTIONS)
 def test_invalid_requests_are_rejected(engine: EngineProcess, fields: dict[str, Any],
                                        message: str) -> None:
-    body = {"prepare_kind": "psql", "image_id": "host:15", **fields}
-    if "prepare_kind" not in fields and fields.get("image_id") == "host:15":
+    body = {"prepare_kind": "psql", "image_id": HOST_IMAGE, **fields}
+    if "prepare_kind" not in fields and fields.get("image_id") == HOST_IMAGE:
         body.pop("prepare_kind")
     result = engine.post("/v1/prepare-jobs", body)
-    assert result.status == 400, result.body
-    assert result.json()["code"] == "invalid_argument"
-    assert result.json()["message"] == message
+    assert_error(result, 400, "invalid_argument", message)
     assert engine.get("/v1/prepare-jobs").json() == []
 
 
@@ -282,9 +288,7 @@ def test_delete_job_blocked_dry_run_force(engine: EngineProcess, tmp_path: Path,
     assert engine.get(f"/v1/prepare-jobs/{job_id}").status == 404
     assert engine.get(f"/v1/tasks?job={job_id}").json() == []
     assert leftover_servers(engine.store) == []
-    missing = engine.delete(f"/v1/prepare-jobs/{job_id}")
-    assert missing.status == 404
-    assert missing.json()["message"] == "job not found"
+    assert_error(engine.delete(f"/v1/prepare-jobs/{job_id}"), 404, "not_found", "job not found")
 
 
 def test_delete_finished_job_keeps_its_instance(engine: EngineProcess, scripts: Path) -> None:
@@ -328,7 +332,7 @@ def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_
                                                        scripts: Path) -> None:
     engine: EngineProcess = engine_factory()
     slow = tmp_path / "slow.sql"
-    slow.write_text("create table slow(x int);\nselect pg_sleep(3);\n")
+    slow.write_text("create table slow(x int);\nselect pg_sleep(5);\n")
     job_id = engine.submit(["-f", str(scripts / "schema.sql"), "-f", str(slow)])
     step_two = [False]
 
@@ -340,6 +344,7 @@ def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_
     engine.proc.send_signal(signal.SIGKILL)
     engine.proc.wait(10)
     assert engine.engine_json.exists()
+    assert stored_job(engine, job_id)[0] == "running", "the job ended before the kill"
     restarted: EngineProcess = engine_factory(state_dir=engine.state_dir)
     job = restarted.wait_job(job_id)
     assert job["status"] == "succeeded", job
@@ -356,8 +361,6 @@ def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_
 
 def test_job_that_keeps_crashing_the_engine_fails(engine_factory: Any, tmp_path: Path) -> None:
     engine: EngineProcess = engine_factory()
-    slow = tmp_path / "slow.sql"
-    slow.write_text("select pg_sleep(30);\n")
     job_id = slow_job(engine, tmp_path)
     engine.proc.send_signal(signal.SIGKILL)
     engine.proc.wait(10)
@@ -372,32 +375,36 @@ def test_job_that_keeps_crashing_the_engine_fails(engine_factory: Any, tmp_path:
 
 
 def test_graceful_stop_requeues_running_job(engine_factory: Any, tmp_path: Path) -> None:
+    """SIGTERM while the step sleeps (``slow_job`` returns once its psql started, seconds
+    before it could end): the job goes back to the queue without counting as a crash, and
+    the next engine runs it to the end."""
     engine: EngineProcess = engine_factory()
-    job_id = slow_job(engine, tmp_path, seconds=2)
+    job_id = slow_job(engine, tmp_path, seconds=8)
     assert engine.stop() == 0
     assert not engine.engine_json.exists()
     assert leftover_servers(engine.store) == []
+    assert stored_job(engine, job_id) == ("queued", 0)
     restarted: EngineProcess = engine_factory(state_dir=engine.state_dir)
     job = restarted.wait_job(job_id)
     assert job["status"] == "succeeded", job
 
 
 def test_events_stream_follows_a_running_job(engine: EngineProcess, tmp_path: Path) -> None:
+    """One events request, opened while the job runs, hands out each event as it comes (the
+    job still runs when its psql start arrives) and ends after the result."""
     script = tmp_path / "s.sql"
-    script.write_text("select pg_sleep(0.5);\n")
+    script.write_text("select pg_sleep(3);\n")
     job_id = engine.submit(["-f", str(script)])
     lines: list[dict[str, Any]] = []
-
-    def follow() -> None:
-        lines.extend(events_of(engine, job_id))
-
-    reader = threading.Thread(target=follow)
-    reader.start()
-    reader.join(60)
-    assert not reader.is_alive()
+    status_at_psql_start = None
+    for event in engine.follow_events(job_id):
+        lines.append(event)
+        if status_at_psql_start is None and event.get("message") == "psql: start":
+            status_at_psql_start = engine.get(f"/v1/prepare-jobs/{job_id}").json()["status"]
+    assert status_at_psql_start == "running", lines
     assert lines[-1]["type"] == "result"
-    assert json.dumps(lines[-1]["result"]["dsn"]).startswith('"postgres://sqlrs@127.0.0.1:')
-
+    assert lines[-1]["result"]["dsn"].startswith("postgres://sqlrs@127.0.0.1:")
+    assert lines == events_of(engine, job_id)
 
 
 def test_state_under_a_running_build_cannot_be_deleted(engine: EngineProcess, scripts: Path,

@@ -15,7 +15,15 @@ from typing import Any
 
 import psycopg2
 import pytest
-from conftest import ROOT, EngineProcess, cleanup_store, psql, spawn_engine
+from conftest import (
+    ROOT,
+    STARTUP_DEADLINE,
+    EngineProcess,
+    cleanup_store,
+    poll,
+    psql,
+    spawn_engine,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +59,13 @@ def pyz_engines(tmp_path: Path) -> Iterator[list[EngineProcess]]:
         cleanup_store(engine.store)
 
 
+def spawn_from_archive(pyz: Path, python: Path, state_dir: Path, cache: Path,
+                       wait: bool = True) -> EngineProcess:
+    """An engine run from the archive by ``python`` (isolated), unpacking into ``cache``."""
+    return spawn_engine(state_dir, argv0=[str(python), "-I", str(pyz)],
+                        env={"SQLRS_ENGINE_CACHE": str(cache)}, wait=wait)
+
+
 def test_build_is_reproducible(pyz: Path, tmp_path: Path) -> None:
     again = tmp_path / "again.pyz"
     subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(again)],
@@ -74,8 +89,7 @@ def test_full_cycle_from_the_archive_in_a_bare_venv(pyz: Path, bare_python: Path
                                                     tmp_path: Path, scripts: Path,
                                                     pyz_engines: list[EngineProcess]) -> None:
     cache = tmp_path / "cache"
-    engine = spawn_engine(tmp_path / "state", argv0=[str(bare_python), "-I", str(pyz)],
-                          env={"SQLRS_ENGINE_CACHE": str(cache)})
+    engine = spawn_from_archive(pyz, bare_python, tmp_path / "state", cache)
     pyz_engines.append(engine)
     job = engine.prepare(["-f", str(scripts / "schema.sql"), "-f", str(scripts / "data.sql")])
     assert job["status"] == "succeeded", job
@@ -103,10 +117,13 @@ def test_full_cycle_from_the_archive_in_a_bare_venv(pyz: Path, bare_python: Path
 def test_two_engines_unpack_the_native_parts_at_once(pyz: Path, bare_python: Path,
                                                      tmp_path: Path, scripts: Path,
                                                      pyz_engines: list[EngineProcess]) -> None:
+    """Both engines start (and unpack into the one cache) before either is waited for."""
     cache = tmp_path / "cache"
-    engines = [spawn_engine(tmp_path / f"state{i}", argv0=[str(bare_python), "-I", str(pyz)],
-                            env={"SQLRS_ENGINE_CACHE": str(cache)}) for i in range(2)]
+    engines = [spawn_from_archive(pyz, bare_python, tmp_path / f"state{i}", cache, wait=False)
+               for i in range(2)]
     pyz_engines.extend(engines)
+    poll(lambda: all([engine.healthy() for engine in engines]), STARTUP_DEADLINE,
+         what="both engines healthy")
     jobs = [engine.prepare(["-f", str(scripts / "schema.sql")]) for engine in engines]
     results: list[int] = []
 
