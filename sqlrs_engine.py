@@ -25,6 +25,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -1021,7 +1022,13 @@ CREATE TABLE IF NOT EXISTS prepare_events (
     error_json TEXT
 );
 CREATE INDEX IF NOT EXISTS prepare_events_job ON prepare_events(job_id, seq);
+CREATE TABLE IF NOT EXISTS lb_plans (
+    plan_key TEXT PRIMARY KEY,
+    changesets_json TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 """
+LB_PLANS_KEPT = 200
 
 TERMINAL_STATUSES = ("succeeded", "failed")
 TASK_FIELDS = (
@@ -1264,6 +1271,20 @@ class JobQueue:
         with self.db.write() as conn:
             conn.execute("DELETE FROM prepare_jobs WHERE job_id = ?", (job_id,))
         self._notify()
+
+    # Liquibase plans, by what they depend on --------------------------------------------
+    def lb_plan(self, key: str) -> list[JsonDict] | None:
+        with self.db.read() as conn:
+            row = conn.execute("SELECT changesets_json FROM lb_plans WHERE plan_key = ?",
+                               (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def save_lb_plan(self, key: str, changesets: list[JsonDict]) -> None:
+        with self.db.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO lb_plans VALUES (?, ?, ?)",
+                         (key, json.dumps(changesets), format_ts()))
+            conn.execute("DELETE FROM lb_plans WHERE plan_key NOT IN (SELECT plan_key FROM"
+                         " lb_plans ORDER BY created_at DESC LIMIT ?)", (LB_PLANS_KEPT,))
 
     # tasks --------------------------------------------------------------------------------
     def replace_tasks(self, job_id: str, tasks: Sequence[PlanTask]) -> None:
@@ -4348,6 +4369,39 @@ def _lb_env(body: Mapping[str, Any]) -> dict[str, str]:
     return dict(env)
 
 
+LB_PLAN_CACHE_LIMITS = (5000, 64 << 20)  #: files and bytes hashed at most to reuse a plan
+
+
+def lb_plan_key(lb: LiquibasePlan, resolved_image: str) -> str | None:
+    """What a Liquibase plan depends on: the image, the executable, the arguments and
+    environment, and the content of every file under the work dir and search paths (None
+    when there is too much to hash: the plan is then always made by Liquibase)."""
+    exe = os.stat(lb.exec_path)
+    records = [("image", resolved_image), ("exec", f"{lb.exec_path}:{exe.st_size}:"
+                                                   f"{exe.st_mtime_ns}"),
+               ("args", "\0".join(lb.args_for("update-sql"))),
+               ("env", json.dumps(lb.env, sort_keys=True))]
+    roots = [lb.work_dir] + [item for token in lb.normalized if token.startswith("--searchPath=")
+                             for item in token.split("=", 1)[1].split(",") if "://" not in item
+                             and not item.startswith("classpath:")]
+    files, total = 0, 0
+    for root in dict.fromkeys(roots):
+        for directory, subdirs, names in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            for name in sorted(names):
+                path = os.path.join(directory, name)
+                try:
+                    with open(path, "rb") as handle:
+                        data = handle.read(LB_PLAN_CACHE_LIMITS[1] + 1)
+                except OSError:
+                    continue
+                files, total = files + 1, total + len(data)
+                if files > LB_PLAN_CACHE_LIMITS[0] or total > LB_PLAN_CACHE_LIMITS[1]:
+                    return None
+                records.append((path, hashlib.sha256(data).hexdigest()))
+    return hash_records(*records)
+
+
 @dataclass(frozen=True)
 class Changeset:
     """One pending changeset, as ``update-sql`` announces it."""
@@ -4653,6 +4707,12 @@ class Executor:
         """Every changeset the changelog would apply to a fresh cluster of ``image``, by one
         ``update-sql`` run against a throw-away clone of its base."""
         note = emit.log if emit else (lambda _message: None)
+        key = lb_plan_key(lb, image.resolved_id)
+        cached = self.jobs.lb_plan(key) if key else None
+        if cached is not None:
+            note(f"liquibase: plan unchanged since its files were hashed ({len(cached)}"
+                 " changesets): no Liquibase run")
+            return [Changeset(**item) for item in cached]
         base = run.base.result() if run and run.base else self.runtimes.ensure_base(image, note)
         handle = self.instances.new_runtime(random_hex(16), image, base, "plan")
         try:
@@ -4662,6 +4722,8 @@ class Executor:
             self.instances.discard(handle)
         changesets = parse_update_sql(stdout)
         note(f"liquibase: {len(changesets)} changesets in the plan")
+        if key:
+            self.jobs.save_lb_plan(key, [dataclasses.asdict(c) for c in changesets])
         return changesets
 
     def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, step: StepPlan,
@@ -4842,7 +4904,7 @@ class Executor:
         code = proc.wait()
         run.process = None
         run.check()
-        if code != 0 and "No space left on device" in output:
+        if code != 0 and re.search(r"No space left on device|could not extend file", output):
             raise JobFailure("cache_limit_too_small", "no space left for the build",
                              {"output": output[-4000:]})
         if code != 0:

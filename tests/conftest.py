@@ -395,6 +395,15 @@ def scripts(tmp_path: Path) -> Path:
     return root
 
 
+def without_warm_pool(engine: EngineProcess) -> EngineProcess:
+    """Turn the warm pool off (config persists across restarts), for tests that count
+    servers, containers or cached bytes exactly; tests/test_pool.py covers the pool."""
+    result = engine.request("PATCH", "/v1/config",
+                            {"path": "instances.warmPool.maxTotal", "value": 0})
+    assert result.status == 200, result.body
+    return engine
+
+
 def psql(dsn: str, sql: str) -> str:
     out = subprocess.run([f"{PG_BIN}/psql", "-XAt", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
                          capture_output=True, text=True, timeout=30, check=True)

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EngineProcess, OpenApiChecker, cleanup_store, leftover_servers, to_epoch
+from conftest import (
+    EngineProcess,
+    OpenApiChecker,
+    cleanup_store,
+    leftover_servers,
+    to_epoch,
+    without_warm_pool,
+)
 
 
 def patch_config(engine: EngineProcess, **values: Any) -> None:
@@ -65,6 +72,7 @@ def backdate_state(engine: EngineProcess, state_id: str, age: timedelta) -> str:
 
 def test_status_matches_the_store(engine: EngineProcess, scripts: Path,
                                   openapi: OpenApiChecker) -> None:
+    without_warm_pool(engine)
     empty = engine.get("/v1/cache/status")
     assert empty.status == 200
     openapi.check("/v1/cache/status", "GET", empty)
@@ -168,6 +176,7 @@ def test_eviction_takes_exactly_the_eligible_states(engine_factory: Any,
 
 
 def test_eviction_prefers_least_recently_used(engine: EngineProcess, tmp_path: Path) -> None:
+    without_warm_pool(engine)
     patch_config(engine, reserveBytes=0, minStateAge="0s")
     jobs = []
     for name in ("old", "new"):

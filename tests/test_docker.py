@@ -19,6 +19,7 @@ from conftest import (
     psql,
     run_events,
     sql_via_run,
+    without_warm_pool,
 )
 
 pytestmark = pytest.mark.parametrize("runtime_image", ["docker"], indirect=True)
@@ -32,6 +33,7 @@ def container_labels(container_id: str) -> dict[str, str]:
 
 
 def test_container_conventions(engine: EngineProcess, scripts: Path) -> None:
+    without_warm_pool(engine)
     job = engine.prepare(["-f", str(scripts / "schema.sql"), "-f", str(scripts / "data.sql")])
     assert job["status"] == "succeeded", job
     result = job["result"]
@@ -67,7 +69,7 @@ def test_container_removed_behind_our_back_is_recreated(engine: EngineProcess,
 
 def test_no_container_leaks_across_restarts(engine_factory: Any, tmp_path: Path,
                                             scripts: Path) -> None:
-    engine: EngineProcess = engine_factory()
+    engine: EngineProcess = without_warm_pool(engine_factory())
     kept = engine.prepare(["-f", str(scripts / "schema.sql")])
     slow = tmp_path / "slow.sql"
     slow.write_text("select pg_sleep(30);\n")

@@ -58,6 +58,7 @@ from conftest import (
     state_dirs,
     stop_engine,
     to_epoch,
+    without_warm_pool,
 )
 
 pytestmark = RUNTIMES
@@ -423,6 +424,7 @@ def test_instance_entries_match_the_schema(base: Base, doc: OpenApiChecker,
 
 
 def test_twenty_concurrent_instances_are_isolated(engine: EngineProcess, scripts: Path) -> None:
+    without_warm_pool(engine)
     result = engine.prepare(["-f", str(scripts / "schema.sql")])["result"]
     state_id = result["state_id"]
     with ThreadPoolExecutor(max_workers=20) as pool:
@@ -837,6 +839,7 @@ def test_killed_postmaster_is_orphaned_and_restarted_by_a_run(engine: EngineProc
     """The Postgres server dies while the engine runs (on Docker: inside a container that
     keeps running): the instance turns orphaned and the next run restarts it from its data,
     which keeps every commit made before the kill (no checkpoint needed)."""
+    without_warm_pool(engine)
     state_id = engine.prepare(["-f", str(scripts / "schema.sql")])["result"]["state_id"]
     entry = create_instance(engine, state_id)
     instance_id = entry["instance_id"]
@@ -873,7 +876,7 @@ def test_restart_readopts_then_restarts_a_killed_runtime(engine_factory: Any,
     """A graceful engine stop leaves servers running and the next engine adopts them; a server
     that vanished while no engine watched (killed postmaster, removed container) leaves an
     orphaned instance that the next run restarts from its own data, with every commit."""
-    first: EngineProcess = engine_factory()
+    first: EngineProcess = without_warm_pool(engine_factory())
     state_id = first.prepare(["-f", str(scripts / "schema.sql")])["result"]["state_id"]
     entry = create_instance(first, state_id, name="survivor")
     instance_id, server = entry["instance_id"], server_of(first, entry)

@@ -23,6 +23,7 @@ from conftest import (
     poll,
     psql,
     state_dirs,
+    without_warm_pool,
 )
 
 pytestmark = RUNTIMES
@@ -330,7 +331,7 @@ def test_identical_prepares_together_build_each_state_once(engine: EngineProcess
 
 def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_path: Path,
                                                        scripts: Path) -> None:
-    engine: EngineProcess = engine_factory()
+    engine: EngineProcess = without_warm_pool(engine_factory())
     slow = tmp_path / "slow.sql"
     slow.write_text("create table slow(x int);\nselect pg_sleep(5);\n")
     job_id = engine.submit(["-f", str(scripts / "schema.sql"), "-f", str(slow)])
