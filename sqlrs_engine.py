@@ -6507,8 +6507,10 @@ class Engine:
                         path not in known or not complete)):
                     remove_tree(path)
         for row in self.store.list_states():
-            if not os.path.exists(os.path.join(row.state_dir, STATE_MARKER)) and not (
-                    self.store.list_instances(state=row.state_id)):
+            unused = not self.store.list_instances(state=row.state_id)
+            if unused and (not os.path.exists(os.path.join(row.state_dir, STATE_MARKER))
+                           or _trusts_tcp(row.state_dir)):
+                remove_state_files(row)
                 self.store.delete_state(row.state_id)
 
     def busy(self) -> bool:
@@ -6518,6 +6520,16 @@ class Engine:
         self.prepare.shutdown()
         self.pool.close()
         self.db.close()
+
+
+def _trusts_tcp(state_dir: str) -> bool:
+    """A full-copy state built by an engine that let TCP clients in without a password: it
+    is never reused (layered host states have new ids: the auth set-up is in their image id)."""
+    try:
+        with open(os.path.join(state_dir, "pgdata", "pg_hba.conf"), encoding="utf-8") as hba:
+            return bool(re.search(r"^\s*host\S*\s.*\btrust\b", hba.read(), re.MULTILINE))
+    except OSError:
+        return False
 
 
 def _glob_dirs(root: str, depth: int, leaf: str) -> list[str]:

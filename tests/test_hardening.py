@@ -243,3 +243,15 @@ def test_log_level_applies_at_once(engine: EngineProcess) -> None:
     patch_config(engine, "log.level", "info")
     assert engine.get("/v1/states").status == 200
     poll(lambda: logged() == quiet + 1, 10, what="the request line at level info")
+
+
+def test_head_and_options_are_served(engine: EngineProcess) -> None:
+    head = engine.request("HEAD", "/v1/states")
+    assert head.status == 200 and head.body == b""
+    assert head.headers["content-type"] == "application/json"
+    options = engine.request("OPTIONS", "/v1/names/some-name")
+    assert options.status == 204, options.body
+    assert options.headers["allow"] == "DELETE, GET, HEAD, OPTIONS, PUT"
+    assert engine.request("OPTIONS", "/v1/runs").headers["allow"] == "OPTIONS, POST"
+    assert engine.request("OPTIONS", "/v1/nowhere").status == 404
+    assert engine.request("HEAD", "/v1/runs").status == 405

@@ -210,3 +210,23 @@ def test_writable_host_bindir_is_refused(engine: EngineProcess, tmp_path: Path) 
     result = engine.post("/v1/prepare-jobs", body)
     assert result.status == 400 and "writable by others" in result.json()["details"]
     assert not marker.exists()
+
+
+def test_states_that_trust_tcp_are_never_reused(engine_factory: Any) -> None:
+    engine: EngineProcess = engine_factory()
+    assert engine.request("PATCH", "/v1/config", {"path": "snapshot.backend",
+                                                  "value": "copy"}).status == 200
+    engine.stop()
+    engine = engine_factory(state_dir=engine.state_dir)  # the backend is read at start
+    job = engine.prepare(["-c", "create table t(x int)"])
+    state_id = job["result"]["state_id"]
+    assert engine.delete(f"/v1/instances/{job['result']['instance_id']}").status == 200
+    [hba] = list(engine.store.glob(f"engines/*/*/states/{state_id}/pgdata/pg_hba.conf"))
+    hba.write_text(hba.read_text() + "host all all 0.0.0.0/0 trust\n")  # as old engines did
+    engine.stop()
+    again: EngineProcess = engine_factory(state_dir=engine.state_dir)
+    assert again.get(f"/v1/states/{state_id}").status == 404
+    rebuilt = again.prepare(["-c", "create table t(x int)"])
+    assert rebuilt["status"] == "succeeded"
+    assert [t["cached"] for t in rebuilt["tasks"] if t["type"] == "state_execute"] == [False]
+    assert "0.0.0.0/0 trust" not in hba.read_text()
