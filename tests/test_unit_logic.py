@@ -828,9 +828,19 @@ class FakeInstances:
         del self.store.instances[row.instance_id]
 
 
+class FakePool:
+    """The warm pool: deletions drain it first."""
+
+    def __init__(self) -> None:
+        self.drained: list[set[str]] = []
+
+    def drain(self, state_ids: set[str]) -> None:
+        self.drained.append(state_ids)
+
+
 def manager(store: FakeStore, instances: FakeInstances) -> se.DeletionManager:
     return se.DeletionManager(cast(se.MetadataStore, store),
-                              cast(se.InstanceManager, instances))
+                              cast(se.InstanceManager, instances), cast(se.WarmPool, FakePool()))
 
 
 @pytest.fixture
