@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 POLL_S = 0.002
 STARTUP_DEADLINE_S = 10.0
 ENGINE_RUN_ROOT = Path("/run/sqlrs-engine")
+#: the small script whose state the cached-prepare and warm-pool benchmarks hand out
+SMALL_SCRIPT = (
+    "create table items(id int primary key, label text not null);\n"
+    "insert into items select g, 'item ' || g from generate_series(1, 1000) g;\n"
+)
 
 JsonDict = dict[str, Any]
 
@@ -168,6 +174,14 @@ class Goal:
     def row(self) -> list[str]:
         return [self.name, self._fmt(self.actual), f"<= {self._fmt(self.limit)}",
                 "PASS" if self.passed else "MISS"]
+
+
+def stats_row(label: str, values: Sequence[float], baseline: float | None) -> list[str]:
+    """label, runs, median, min, max and the median against ``baseline`` (None: the baseline's
+    own row, 1.00x)."""
+    versus = "1.00x" if baseline is None else fmt_x(ratio(median(values), baseline))
+    return [label, str(len(values)), fmt_s(median(values)), fmt_s(min(values)),
+            fmt_s(max(values)), versus]
 
 
 def print_goals(goals: Sequence[Goal]) -> None:
@@ -347,8 +361,9 @@ def spawn_engine(state_dir: Path, argv0: Sequence[str] | None = None) -> Engine:
 class PrepareOutcome:
     job_id: str
     events: list[JsonDict]
-    posted_wall: float
-    ended_wall: float
+    posted_wall: float  #: wall time of the POST
+    streamed_wall: float  #: the events were read (to the result event or the stream's end)
+    ended_wall: float  #: the job's status (with the DSN's password) was read
     result: JsonDict
 
     @property
@@ -364,14 +379,6 @@ class PrepareOutcome:
         return str(self.result["dsn"])
 
 
-def submit_prepare(engine: Engine, psql_args: Sequence[str], stdin: str | None = None) -> str:
-    body: JsonDict = {"prepare_kind": "psql", "image_id": HOST_IMAGE,
-                      "psql_args": list(psql_args)}
-    if stdin is not None:
-        body["stdin"] = stdin
-    return str(engine.call("POST", "/v1/prepare-jobs", body, expect=201)["job_id"])
-
-
 def follow_events(engine: Engine, job_id: str, until_result: bool = False,
                   timeout: float = 900.0) -> list[JsonDict]:
     """The job's events to the end of the stream (or to its ``result`` event)."""
@@ -385,18 +392,35 @@ def follow_events(engine: Engine, job_id: str, until_result: bool = False,
     return events
 
 
-def prepare(engine: Engine, psql_args: Sequence[str], stdin: str | None = None,
-            until_result: bool = False) -> PrepareOutcome:
-    """POST a psql prepare job and follow its events; raise unless it succeeded."""
+def run_job(engine: Engine, body: JsonDict, until_result: bool = False) -> PrepareOutcome:
+    """POST a prepare job and follow its events; raise unless it succeeded."""
     posted = time.time()
-    job_id = submit_prepare(engine, psql_args, stdin)
+    job_id = str(engine.call("POST", "/v1/prepare-jobs", body, expect=201)["job_id"])
     events = follow_events(engine, job_id, until_result)
+    streamed = time.time()
     if not any(e.get("type") == "result" for e in events):
         errors = [e.get("error") for e in events if e.get("type") == "error"]
-        raise BenchError(f"prepare job {job_id} failed: {errors or events[-3:]}")
+        raise BenchError(f"{body['prepare_kind']} prepare job {job_id} on {body['image_id']} "
+                         f"failed: {errors or events[-3:]}")
     # as the CLI does: the DSN with the instance's password comes from the job's status
     result: JsonDict = engine.call("GET", f"/v1/prepare-jobs/{job_id}")["result"]
-    return PrepareOutcome(job_id, events, posted, time.time(), result)
+    return PrepareOutcome(job_id, events, posted, streamed, time.time(), result)
+
+
+def prepare(engine: Engine, psql_args: Sequence[str], stdin: str | None = None,
+            until_result: bool = False, image: str = HOST_IMAGE) -> PrepareOutcome:
+    """A psql prepare job on ``image`` (see :func:`run_job`)."""
+    body: JsonDict = {"prepare_kind": "psql", "image_id": image, "psql_args": list(psql_args)}
+    if stdin is not None:
+        body["stdin"] = stdin
+    return run_job(engine, body, until_result)
+
+
+def event_time(event: JsonDict) -> float:
+    """Seconds since the epoch of an event's RFC 3339 UTC ``ts`` with nanoseconds."""
+    head, _, frac = str(event["ts"]).rstrip("Z").partition(".")
+    whole = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return whole.timestamp() + (float(f"0.{frac}") if frac else 0.0)
 
 
 def create_instance(engine: Engine, state_id: str) -> JsonDict:
@@ -406,6 +430,32 @@ def create_instance(engine: Engine, state_id: str) -> JsonDict:
 
 def delete_instance(engine: Engine, instance_id: str) -> None:
     engine.call("DELETE", f"/v1/instances/{instance_id}?force=true")
+
+
+def prepare_once(engine: Engine, psql_args: Sequence[str], image: str = HOST_IMAGE
+                 ) -> tuple[float, PrepareOutcome]:
+    """A (cached) prepare timed from POST through its result event and the job's DSN until
+    the DSN accepts a connection; the instance is deleted afterwards (untimed)."""
+    from _pg import check_connection  # here: _pg imports this module
+
+    started = time.perf_counter()
+    outcome = prepare(engine, psql_args, until_result=True, image=image)
+    check_connection(outcome.dsn)
+    elapsed = time.perf_counter() - started
+    delete_instance(engine, outcome.instance_id)
+    return elapsed, outcome
+
+
+def instance_once(engine: Engine, state_id: str) -> float:
+    """POST /v1/instances → DSN accepts a connection; the instance is deleted afterwards."""
+    from _pg import check_connection  # here: _pg imports this module
+
+    started = time.perf_counter()
+    entry = create_instance(engine, state_id)
+    check_connection(str(entry["dsn"]))
+    elapsed = time.perf_counter() - started
+    delete_instance(engine, str(entry["instance_id"]))
+    return elapsed
 
 
 def get_state(engine: Engine, state_id: str) -> JsonDict:

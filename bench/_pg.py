@@ -239,6 +239,33 @@ def mount_overlay(lower: Path, runtime_dir: Path, merged: Path, volatile: bool) 
     return Overlay(upper, work, merged)
 
 
+def overlay_floor_once(area: Scratch, lower: Path, runtime_parent: Path,
+                       engine_like: bool) -> float:
+    """The host floor: overlay mount of ``lower`` + postgres start (ready in postmaster.pid) +
+    psycopg2 connect; the seconds all three take.
+
+    ``engine_like`` mounts with ``volatile`` and uses the engine's server settings, as the
+    engine itself does; otherwise it is the plain recipe (only ``listen_addresses``).
+    """
+    runtime = runtime_parent / f"rt-{time.monotonic_ns()}"
+    runtime.mkdir(mode=0o700)
+    merged = area.new_dir("floor") / "data"
+    settings = ENGINE_SETTINGS if engine_like else ("listen_addresses=127.0.0.1",)
+    started = time.perf_counter()
+    overlay = mount_overlay(lower, runtime, merged, volatile=engine_like)
+    try:
+        server = start_server(area, merged, settings)
+        try:
+            check_connection(server.dsn())
+            elapsed = time.perf_counter() - started
+        finally:
+            server.stop()
+    finally:
+        overlay.unmount()
+    shutil.rmtree(runtime, ignore_errors=True)
+    return elapsed
+
+
 def run_psql(server: Server, script: Path) -> None:
     """The engine's psql call: the real binary, ``-X -v ON_ERROR_STOP=1 -f script``."""
     argv = [f"{PG_BIN}/psql", "-h", "127.0.0.1", "-p", str(server.port), "-U", SUPERUSER,

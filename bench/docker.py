@@ -2,14 +2,15 @@
 
 (a) Cached prepare on Docker: one prepare of a small script with image_id
     ``sqlrs-test/postgres:15`` builds the state; then the same prepare is repeated (interleaved
-    with the floor): POST /v1/prepare-jobs → result event → a psycopg2 connection to the DSN is
-    accepted. Each instance is deleted afterwards (untimed, ``?force=true``).
+    with the floor): POST /v1/prepare-jobs → result event → GET the job (the DSN with the
+    instance's password, as the CLI does) → a psycopg2 connection to the DSN is accepted. Each
+    instance is deleted afterwards (untimed, ``?force=true``).
 (b) Floor, same run: ``docker run`` of the same image (``sleep infinity``, the data dir bind
     mounted at PGDATA, 5432 published on 127.0.0.1) + ``pg_ctl start`` through exec as
     ``postgres`` + psycopg2 connects polled every 2 ms to the published port. The data dir is a
-    fresh ``cp -a`` (untimed) of the prepared state's pgdata; the container is removed untimed.
-    ``docker run`` alone (until the container is running) is an extra row, read from the same
-    floor runs.
+    fresh ``cp -a`` (untimed) of the prepared state's pgdata, its pg_hba.conf trusting TCP
+    clients like the host floor's; the container is removed untimed. ``docker run`` alone
+    (until the container is running) is an extra row, read from the same floor runs.
 Goals: cached Docker prepare median <= 1.0 s and <= 1.3x the floor median.
 
 Where the engine's cached-prepare time goes is read from the job's event timestamps merged
@@ -23,22 +24,17 @@ Needs a Docker daemon and the local image ``sqlrs-test/postgres:15``
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import itertools
-import os
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from _common import (
-    BenchError,
+    SMALL_SCRIPT,
     Engine,
     Goal,
     JsonDict,
@@ -46,110 +42,40 @@ from _common import (
     PrepareOutcome,
     delete_instance,
     engine_session,
+    event_time,
     fmt_delta,
     fmt_mb,
     fmt_s,
-    fmt_x,
-    follow_events,
     get_state,
     median,
     parse_options,
+    prepare,
     print_goals,
     print_table,
     ratio,
     run_main,
     state_pgdata,
+    stats_row,
     temp_dir,
 )
-from _pg import SUPERUSER, check_connection
-
-IMAGE = "sqlrs-test/postgres:15"
-PGDATA_IN_CONTAINER = "/var/lib/postgresql/data/pgdata"
-PG_CTL_START = ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/pg.log",
-                "-o", "-c listen_addresses=* -p 5432", "start"]
-BENCH_LABEL = "sqlrs.bench"
-ENGINE_LABEL = "sqlrs.engine"  # the engine's containers: sha256(store root)[:12]
-RUNTIME_LABEL = "sqlrs.runtime"  # the engine's runtime key (= instance id) of a container
-RUNNING_DEADLINE_S = 30.0
-SMALL_SCRIPT = (
-    "create table items(id int primary key, label text not null);\n"
-    "insert into items select g, 'item ' || g from generate_series(1, 1000) g;\n"
+from _docker import (
+    DOCKER_IMAGE,
+    ENGINE_LABEL,
+    DockerFloor,
+    FloorRun,
+    docker_client,
+    docker_errors,
+    engine_label,
+    remove_engine_leftovers,
 )
+from _pg import check_connection
 
-
-# --------------------------------------------------------------------------------------------
-# the Docker SDK
-# --------------------------------------------------------------------------------------------
-
-
-def docker_sdk() -> Any:
-    """The Docker SDK package. This script is itself named ``docker.py`` and its directory is
-    ``sys.path[0]``, so a plain ``import docker`` would import the script: drop the directory
-    from the path while importing (and from ``PYTHONPATH``, which the engine inherits)."""
-    here = Path(__file__).resolve().parent
-    if os.environ.get("PYTHONPATH"):
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in os.environ["PYTHONPATH"].split(os.pathsep)
-            if Path(p or ".").resolve() != here)
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    try:
-        loaded = sys.modules.get("docker")
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent == here:
-            del sys.modules["docker"]
-        return importlib.import_module("docker")
-    finally:
-        sys.path[:] = saved
-
-
-def docker_client(sdk: Any) -> Any:
-    try:
-        client = sdk.from_env(timeout=120)
-        client.ping()
-    except sdk.errors.DockerException as exc:
-        raise BenchError(f"docker is not reachable: {exc}") from exc
-    try:
-        client.images.get(IMAGE)
-    except sdk.errors.ImageNotFound:
-        raise BenchError(f"image {IMAGE} is missing: run scripts/setup-docker.sh") from None
-    return client
-
-
-def remove_labelled(client: Any, label: str) -> int:
-    """Force-remove every container carrying ``label`` (``key=value``); how many there were."""
-    removed = 0
-    with contextlib.suppress(Exception):
-        for container in client.containers.list(all=True, filters={"label": [label]}):
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
-                removed += 1
-    return removed
-
-
-def engine_label(state_dir: Path) -> str:
-    """The label value the engine puts on its containers (a hash of its store root)."""
-    store_root = os.path.abspath(state_dir / "state-store")
-    return hashlib.sha256(store_root.encode()).hexdigest()[:12]
+RUNTIME_LABEL = "sqlrs.runtime"  # the engine's runtime key (= instance id) of a container
 
 
 # --------------------------------------------------------------------------------------------
 # (a) the engine: cached prepare on Docker
 # --------------------------------------------------------------------------------------------
-
-
-def docker_prepare(engine: Engine, script: Path) -> tuple[PrepareOutcome, float]:
-    """POST a psql prepare on the Docker image and follow events up to the result; the
-    outcome and the wall time its result arrived."""
-    posted = time.time()
-    body: JsonDict = {"prepare_kind": "psql", "image_id": IMAGE, "psql_args": ["-f", str(script)]}
-    job_id = str(engine.call("POST", "/v1/prepare-jobs", body, expect=201)["job_id"])
-    events = follow_events(engine, job_id, until_result=True)
-    ended = time.time()
-    results = [e["result"] for e in events if e.get("type") == "result"]
-    if not results:
-        errors = [e.get("error") for e in events if e.get("type") == "error"]
-        raise BenchError(f"docker prepare job {job_id} failed: {errors or events[-3:]}")
-    return PrepareOutcome(job_id, events, posted, ended, results[0]), ended
 
 
 @dataclass
@@ -161,16 +87,22 @@ class EngineRun:
     docker_events: list[JsonDict] = field(default_factory=list)
 
 
+def docker_prepare(engine: Engine, script: Path) -> PrepareOutcome:
+    """A psql prepare of ``script`` on the Docker image, to its result and the job's DSN."""
+    return prepare(engine, ["-f", str(script)], until_result=True, image=DOCKER_IMAGE)
+
+
 def engine_once(engine: Engine, client: Any, label: str, script: Path) -> EngineRun:
-    """POST → result event → DSN accepts a connection; then (untimed) the instance is deleted
-    and Docker's events of the engine's containers during the run are collected."""
+    """POST → result event → GET the job → DSN accepts a connection; then (untimed) the
+    instance is deleted and Docker's events of the engine's containers during the run are
+    collected."""
     started = time.perf_counter()
-    outcome, result_wall = docker_prepare(engine, script)
+    outcome = docker_prepare(engine, script)
     check_connection(outcome.dsn)
     elapsed = time.perf_counter() - started
     connected = time.time()
     delete_instance(engine, outcome.instance_id)
-    run = EngineRun(elapsed, outcome, result_wall, connected)
+    run = EngineRun(elapsed, outcome, outcome.streamed_wall, connected)
     run.docker_events = docker_events(client, label, outcome.posted_wall, connected)
     return run
 
@@ -190,90 +122,8 @@ def docker_events(client: Any, label: str, since: float, until: float) -> list[J
 
 
 # --------------------------------------------------------------------------------------------
-# (b) the floor: docker run + pg_ctl start + connect
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FloorRun:
-    docker_run: float  # containers.run until the container reports "running"
-    pg_ctl: float  # exec of pg_ctl start (pg_ctl waits for the server by default)
-    connect: float  # psycopg2 connects polled until one is accepted
-    total: float
-
-
-class Floor:
-    """Runs the floor's containers (labelled, named) and removes them again."""
-
-    def __init__(self, client: Any, work: Path) -> None:
-        self.client = client
-        self.work = work
-        self.tag = f"docker-{os.getpid()}-{time.monotonic_ns()}"
-        self.label = f"{BENCH_LABEL}={self.tag}"
-        self._count = 0
-
-    def once(self, source: Path) -> FloorRun:
-        self._count += 1
-        data_parent = self.work / f"floor-{self._count}"
-        data_parent.mkdir(mode=0o700)
-        data = data_parent / "pgdata"
-        copied = subprocess.run(["cp", "-a", str(source), str(data)], capture_output=True,
-                                text=True, check=False)
-        if copied.returncode != 0:
-            raise BenchError(f"cp -a {source} failed: {copied.stderr.strip()}")
-        container: Any = None
-        try:
-            started = time.perf_counter()
-            container = self.client.containers.run(
-                IMAGE, ["sleep", "infinity"], detach=True,
-                ports={"5432/tcp": ("127.0.0.1", None)},
-                volumes={str(data): {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}},
-                name=f"sqlrs-bench-floor-{self.tag}-{self._count}",
-                labels={BENCH_LABEL: self.tag})
-            wait_running(container)
-            running = time.perf_counter()
-            result = container.exec_run(PG_CTL_START, user="postgres")
-            if result.exit_code not in (0, None):
-                raise BenchError(f"pg_ctl start failed: {result.output!r}")
-            pg_started = time.perf_counter()
-            port = int(container.ports["5432/tcp"][0]["HostPort"])
-            check_connection(f"postgres://{SUPERUSER}@127.0.0.1:{port}/postgres")
-            ended = time.perf_counter()
-        finally:
-            if container is not None:
-                with contextlib.suppress(Exception):
-                    container.remove(force=True)
-            shutil.rmtree(data_parent, ignore_errors=True)
-        return FloorRun(running - started, pg_started - running, ended - pg_started,
-                        ended - started)
-
-    def cleanup(self) -> None:
-        remove_labelled(self.client, self.label)
-
-
-def wait_running(container: Any) -> None:
-    """Reload the container until Docker reports it running (``run`` returns the object as
-    created, before its start)."""
-    deadline = time.monotonic() + RUNNING_DEADLINE_S
-    while True:
-        container.reload()
-        if container.status == "running":
-            return
-        if container.status in ("exited", "dead") or time.monotonic() > deadline:
-            raise BenchError(f"container {container.name} is {container.status}")
-        time.sleep(0.002)
-
-
-# --------------------------------------------------------------------------------------------
 # where the engine's time goes: job events + Docker events
 # --------------------------------------------------------------------------------------------
-
-
-def event_time(event: JsonDict) -> float:
-    """Seconds since the epoch of an RFC 3339 UTC ``ts`` with nanoseconds."""
-    head, _, frac = str(event["ts"]).rstrip("Z").partition(".")
-    whole = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return whole.timestamp() + (float(f"0.{frac}") if frac else 0.0)
 
 
 def docker_time(event: JsonDict) -> float:
@@ -344,7 +194,7 @@ def breakdown(run: EngineRun) -> dict[str, float]:
             seen.add((instance, action))
             marks.append((docker_time(event), table[action]))
     marks.sort(key=lambda mark: mark[0])
-    marks.append((run.result_wall, "result -> DSN accepts a connection"))
+    marks.append((run.result_wall, "result -> GET job -> DSN accepts a connection"))
     marks.append((run.connected_wall, ""))
     phases: dict[str, float] = {}
     for (at, label), (following, _) in itertools.pairwise(marks):
@@ -381,13 +231,13 @@ def measure(options: Options, client: Any, work: Path) -> list[Goal]:
     script.write_text(SMALL_SCRIPT)
     state_dir = work / "engine"
     label = engine_label(state_dir)
-    floor = Floor(client, work)
+    floor = DockerFloor(client, work, "docker")
     engine_runs: list[EngineRun] = []
     floor_runs: list[FloorRun] = []
     try:
         with engine_session(state_dir) as engine:
             built = time.perf_counter()
-            first, _ = docker_prepare(engine, script)
+            first = docker_prepare(engine, script)
             built = time.perf_counter() - built
             delete_instance(engine, first.instance_id)
             source = state_pgdata(engine, first.state_id)
@@ -400,9 +250,7 @@ def measure(options: Options, client: Any, work: Path) -> list[Goal]:
                 floor_runs.append(floor.once(source))
     finally:
         floor.cleanup()
-        left = remove_labelled(client, f"{ENGINE_LABEL}={label}")
-        if left:
-            print(f"removed {left} container(s) the engine left behind", file=sys.stderr)
+        remove_engine_leftovers(client, state_dir)
     return report(engine_runs, floor_runs)
 
 
@@ -413,9 +261,7 @@ def report(engine_runs: list[EngineRun], floor_runs: list[FloorRun]) -> list[Goa
         "  docker run alone (until running)": [r.docker_run for r in floor_runs],
     }
     floor = median([r.total for r in floor_runs])
-    rows = [[label, str(len(values)), fmt_s(median(values)), fmt_s(min(values)),
-             fmt_s(max(values)), fmt_x(ratio(median(values), floor))]
-            for label, values in samples.items()]
+    rows = [stats_row(label, values, floor) for label, values in samples.items()]
     print_table("(a) Fully cached prepare on Docker vs floor", ["measurement", "runs", "median",
                                                                 "min", "max", "vs floor"], rows)
     engine = median([r.seconds for r in engine_runs])
@@ -434,19 +280,9 @@ def report(engine_runs: list[EngineRun], floor_runs: list[FloorRun]) -> list[Goa
             Goal("cached docker prepare / floor", ratio(engine, floor), 1.3, "x")]
 
 
-@contextlib.contextmanager
-def docker_errors(sdk: Any) -> Iterator[None]:
-    """Docker SDK failures are benchmark errors (exit 1), not tracebacks."""
-    try:
-        yield
-    except sdk.errors.DockerException as exc:
-        raise BenchError(f"docker: {exc}") from exc
-
-
 def bench(options: Options) -> None:
-    sdk = docker_sdk()
-    with docker_errors(sdk):
-        client = docker_client(sdk)
+    client = docker_client()
+    with docker_errors():
         work = temp_dir("docker")
         try:
             goals = measure(options, client, work)

@@ -36,6 +36,7 @@ from _common import (
     fmt_s,
     fmt_x,
     get_state,
+    instance_once,
     median,
     parse_options,
     percentile,
@@ -104,16 +105,6 @@ def build_state(engine: Engine, label: str, megabytes: int) -> BuiltState:
     print(f"built {label}: table {fmt_mb(state.table_bytes)}, state size_bytes "
           f"{fmt_mb(size)}, prepare took {fmt_s(built)}", flush=True)
     return state
-
-
-def instance_once(engine: Engine, state_id: str) -> float:
-    """POST /v1/instances → DSN accepts a connection; the instance is deleted afterwards."""
-    started = time.perf_counter()
-    entry = create_instance(engine, state_id)
-    check_connection(str(entry["dsn"]))
-    elapsed = time.perf_counter() - started
-    delete_instance(engine, str(entry["instance_id"]))
-    return elapsed
 
 
 def template_samples(engine: Engine, state_id: str, strategy: str, runs: int) -> list[float]:

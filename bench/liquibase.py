@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from _common import (
@@ -37,18 +36,20 @@ from _common import (
     Goal,
     JsonDict,
     Options,
+    PrepareOutcome,
     cleanup_engine,
     delete_instance,
+    event_time,
     fmt_s,
-    fmt_x,
-    follow_events,
     median,
     parse_options,
     print_goals,
     print_table,
     ratio,
+    run_job,
     run_main,
     spawn_engine,
+    stats_row,
     temp_dir,
 )
 from _pg import (
@@ -95,31 +96,12 @@ def write_changelog(directory: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LbOutcome:
-    job_id: str
-    events: list[JsonDict]
-    result: JsonDict
-
-
-def lb_prepare(engine: Engine, changelog: Path, until_result: bool) -> LbOutcome:
+def lb_prepare(engine: Engine, changelog: Path, until_result: bool) -> PrepareOutcome:
     """POST an lb prepare job and follow its events; raise unless it succeeded."""
     body: JsonDict = {"prepare_kind": "lb", "image_id": HOST_IMAGE,
                       "liquibase_args": ["update", f"--changelog-file={changelog}"],
                       "liquibase_exec": LIQUIBASE, "work_dir": str(changelog.parent)}
-    job_id = str(engine.call("POST", "/v1/prepare-jobs", body, expect=201)["job_id"])
-    events = follow_events(engine, job_id, until_result)
-    if not any(e.get("type") == "result" for e in events):
-        errors = [e.get("error") for e in events if e.get("type") == "error"]
-        raise BenchError(f"lb prepare job {job_id} failed: {errors or events[-3:]}")
-    result: JsonDict = engine.call("GET", f"/v1/prepare-jobs/{job_id}")["result"]
-    return LbOutcome(job_id, events, result)
-
-
-def event_time(event: JsonDict) -> float:
-    head, _, frac = str(event["ts"]).rstrip("Z").partition(".")
-    whole = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return whole.timestamp() + (float(f"0.{frac}") if frac else 0.0)
+    return run_job(engine, body, until_result)
 
 
 def liquibase_seconds(events: list[JsonDict]) -> tuple[int, float]:
@@ -155,7 +137,7 @@ def engine_cold_once(work: Path, changelog: Path, index: int) -> tuple[EngineRun
         started = time.perf_counter()
         outcome = lb_prepare(engine, changelog, until_result=False)
         elapsed = time.perf_counter() - started
-        delete_instance(engine, str(outcome.result["instance_id"]))
+        delete_instance(engine, outcome.instance_id)
     except BaseException:
         cleanup_engine(engine)
         raise
@@ -169,9 +151,9 @@ def engine_warm_once(engine: Engine, changelog: Path) -> EngineRun:
     """POST → result event → DSN connect; the instance is deleted afterwards (untimed)."""
     started = time.perf_counter()
     outcome = lb_prepare(engine, changelog, until_result=True)
-    check_connection(str(outcome.result["dsn"]))
+    check_connection(outcome.dsn)
     elapsed = time.perf_counter() - started
-    delete_instance(engine, str(outcome.result["instance_id"]))
+    delete_instance(engine, outcome.instance_id)
     status = engine.call("GET", f"/v1/prepare-jobs/{outcome.job_id}")
     uncached = [t["task_id"] for t in status.get("tasks", [])
                 if t["type"] == "state_execute" and not t.get("cached")]
@@ -225,12 +207,6 @@ def baseline_cold_once(area: Scratch, changelog: Path) -> list[float]:
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
-
-
-def stats_row(label: str, values: list[float], baseline: float | None) -> list[str]:
-    versus = "1.00x" if baseline is None else fmt_x(ratio(median(values), baseline))
-    return [label, str(len(values)), fmt_s(median(values)), fmt_s(min(values)),
-            fmt_s(max(values)), versus]
 
 
 def report(cold: list[EngineRun], cold_base: list[list[float]], warm: list[EngineRun],

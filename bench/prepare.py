@@ -21,11 +21,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from _common import (
-    Engine,
+    SMALL_SCRIPT,
     Goal,
     JsonDict,
     Options,
@@ -33,6 +32,7 @@ from _common import (
     cleanup_engine,
     delete_instance,
     engine_session,
+    event_time,
     fmt_delta,
     fmt_mb,
     fmt_s,
@@ -41,33 +41,31 @@ from _common import (
     median,
     parse_options,
     prepare,
+    prepare_once,
     print_goals,
     print_table,
     ratio,
     run_main,
     spawn_engine,
     state_pgdata,
+    stats_row,
     temp_dir,
     timed,
 )
 from _pg import (
     ENGINE_SETTINGS,
     Scratch,
-    check_connection,
     connect,
     dir_bytes,
     execute,
     initdb,
     mount_overlay,
+    overlay_floor_once,
     run_psql,
     scratch,
     start_server,
 )
 
-SMALL_SCRIPT = (
-    "create table items(id int primary key, label text not null);\n"
-    "insert into items select g, 'item ' || g from generate_series(1, 1000) g;\n"
-)
 COLD_MB = 50
 QUICK_COLD_MB = 10
 WAL_RUNS = 5
@@ -87,41 +85,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def cached_prepare_once(engine: Engine, script: Path) -> float:
-    """POST → result event → DSN accepts a connection; the instance is deleted afterwards."""
-    started = time.perf_counter()
-    outcome = prepare(engine, ["-f", str(script)], until_result=True)
-    check_connection(outcome.dsn)
-    elapsed = time.perf_counter() - started
-    delete_instance(engine, outcome.instance_id)
-    return elapsed
-
-
-def floor_once(area: Scratch, lower: Path, runtime_parent: Path, engine_like: bool) -> float:
-    """Overlay mount + postgres start (ready in postmaster.pid) + psycopg2 connect.
-
-    ``engine_like`` mounts with ``volatile`` and uses the engine's server settings, as the
-    engine itself does; otherwise it is the plain recipe (only ``listen_addresses``).
-    """
-    runtime = runtime_parent / f"rt-{time.monotonic_ns()}"
-    runtime.mkdir(mode=0o700)
-    merged = area.new_dir("floor") / "data"
-    settings = ENGINE_SETTINGS if engine_like else ("listen_addresses=127.0.0.1",)
-    started = time.perf_counter()
-    overlay = mount_overlay(lower, runtime, merged, volatile=engine_like)
-    try:
-        server = start_server(area, merged, settings)
-        try:
-            check_connection(server.dsn())
-            elapsed = time.perf_counter() - started
-        finally:
-            server.stop()
-    finally:
-        overlay.unmount()
-    shutil.rmtree(runtime, ignore_errors=True)
-    return elapsed
-
-
 def measure_cached(options: Options, area: Scratch, work: Path) -> list[Goal]:
     script = work / "small.sql"
     script.write_text(SMALL_SCRIPT)
@@ -136,9 +99,10 @@ def measure_cached(options: Options, area: Scratch, work: Path) -> list[Goal]:
         print(f"cached prepare: state {first.state_id[:12]} ({fmt_mb(size)}), "
               f"{options.runs} runs each, interleaved", flush=True)
         for _ in range(options.runs):
-            samples["engine"].append(cached_prepare_once(engine, script))
-            samples["floor"].append(floor_once(area, lower, runtimes, engine_like=False))
-            samples["floor-volatile"].append(floor_once(area, lower, runtimes, engine_like=True))
+            samples["engine"].append(prepare_once(engine, ["-f", str(script)])[0])
+            samples["floor"].append(overlay_floor_once(area, lower, runtimes, engine_like=False))
+            samples["floor-volatile"].append(
+                overlay_floor_once(area, lower, runtimes, engine_like=True))
     return report_cached(samples)
 
 
@@ -149,8 +113,7 @@ def report_cached(samples: dict[str, list[float]]) -> list[Goal]:
         "floor-volatile": "floor, engine options (volatile, engine -c settings)",
     }
     floor = median(samples["floor"])
-    rows = [[labels[k], str(len(v)), fmt_s(median(v)), fmt_s(min(v)), fmt_s(max(v)),
-             fmt_x(ratio(median(v), floor))] for k, v in samples.items()]
+    rows = [stats_row(labels[k], v, floor) for k, v in samples.items()]
     print_table("(a) Fully cached prepare vs floor", ["measurement", "runs", "median", "min",
                                                       "max", "vs floor"], rows)
     engine = median(samples["engine"])
@@ -246,13 +209,6 @@ MILESTONES: list[tuple[str, Callable[[JsonDict], bool]]] = [
 ]
 
 
-def event_time(event: JsonDict) -> float:
-    """Seconds since the epoch of an RFC 3339 UTC ``ts`` with nanoseconds."""
-    head, _, frac = str(event["ts"]).rstrip("Z").partition(".")
-    whole = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return whole.timestamp() + (float(f"0.{frac}") if frac else 0.0)
-
-
 def breakdown(run: ColdRun) -> dict[str, float]:
     """Seconds between consecutive milestones, from the events' own timestamps."""
     events = run.outcome.events
@@ -288,12 +244,8 @@ def report_cold(engine_runs: list[ColdRun], base_runs: list[dict[str, float]]) -
     engine_s = [r.seconds for r in engine_runs]
     base_s = [b["total"] for b in base_runs]
     base = median(base_s)
-    rows = [
-        ["engine: cold prepare (POST -> stream end)", str(len(engine_s)), fmt_s(median(engine_s)),
-         fmt_s(min(engine_s)), fmt_s(max(engine_s)), fmt_x(ratio(median(engine_s), base))],
-        ["baseline: initdb + start + psql -f + stop", str(len(base_s)), fmt_s(base),
-         fmt_s(min(base_s)), fmt_s(max(base_s)), "1.00x"],
-    ]
+    rows = [stats_row("engine: cold prepare (POST -> stream end)", engine_s, base),
+            stats_row("baseline: initdb + start + psql -f + stop", base_s, None)]
     print_table("(b) Cold prepare vs baseline", ["measurement", "runs", "median", "min", "max",
                                                  "vs baseline"], rows)
     print(f"published state: {fmt_mb(median([float(r.state_bytes) for r in engine_runs]))} "

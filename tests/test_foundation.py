@@ -62,8 +62,9 @@ CONFIG_DEFAULTS: dict[str, Any] = {
                            "lowWatermark": 0.80, "minStateAge": "10m"}},
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
-    # the contract's defaults plus our job-history bounds
+    # the contract's defaults plus our job-history bounds and warm pool
     "orchestrator": {"jobs": {"maxIdentical": 2, "maxHistory": 200, "maxHistoryAge": "168h"}},
+    "instances": {"warmPool": {"perState": 1, "maxTotal": 4, "idleTimeout": "10m"}},
 }
 
 

@@ -99,8 +99,7 @@ def served_routes() -> list[tuple[str, tuple[str, ...]]]:
     api = sqlrs_engine.Api.__new__(sqlrs_engine.Api)
     routes = []
     for route in api._routes():
-        template = re.sub(r"\([^)]*\)", "{}", route.pattern.pattern).replace("\\", "")
-        routes.append((template, tuple(route.methods)))
+        routes.append((re.sub(r"\{\w+\}", "{}", route.template), tuple(route.operations)))
     assert len(routes) > 10, routes
     return routes
 

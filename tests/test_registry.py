@@ -16,7 +16,14 @@ import urllib.request
 from typing import Any
 
 import pytest
-from conftest import DOCKER_IMAGE, EngineProcess, containers_of, poll, psql
+from conftest import (
+    DOCKER_IMAGE,
+    EngineProcess,
+    containers_of,
+    poll,
+    psql,
+    without_warm_pool,
+)
 
 pytestmark = pytest.mark.parametrize("runtime_image", ["docker"], indirect=True)
 
@@ -158,7 +165,7 @@ def test_absent_image_is_pulled_and_pinned_to_its_repo_digest(engine_factory: An
     assert not image_present(REGISTRY_IMAGE)
     assert image_present(DOCKER_IMAGE), f"docker rmi {REGISTRY_IMAGE} removed {DOCKER_IMAGE}"
 
-    engine: EngineProcess = engine_factory()
+    engine: EngineProcess = without_warm_pool(engine_factory())
     job_id = engine.submit(["-c", "create table t(x int)"], image=REGISTRY_IMAGE)
     job, events = run_to_end(engine, job_id, PULL_DEADLINE)
     logs = log_messages(events)
