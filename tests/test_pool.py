@@ -119,3 +119,20 @@ def test_restart_leaves_no_stray_pooled_server(engine_factory: Any) -> None:
     assert len(leftover_servers(engine.store)) == expected + 2
     assert again.stop() == 0
     assert len(leftover_servers(engine.store)) == expected + 1  # the instances outlive it
+
+
+def test_a_long_chain_is_rebased_instead_of_copied_at_every_step(engine: EngineProcess) -> None:
+    """Past the length one overlay mount can stack, a state is published as a full copy once
+    and the next steps are layers on it again (not a full copy at every further step)."""
+    steps = 45
+    args = [arg for i in range(steps) for arg in ("-c", f"create table c{i}(x int)")]
+    job = engine.prepare(args)
+    assert job["status"] == "succeeded", job.get("error")
+    assert psql(job["result"]["dsn"], "select count(*) from pg_tables where tablename ~ '^c'"
+                ) == str(steps)
+    states = [d for d in engine.store.glob("engines/*/*/states/*") if len(d.name) == 64]
+    flat = [d for d in states if (d / "pgdata").is_dir()]
+    layered = [d for d in states if (d / "layer").is_dir()]
+    assert len(states) == steps
+    assert 1 <= len(flat) <= 3, len(flat)  # one copy every ~20 steps
+    assert len(layered) == steps - len(flat)
