@@ -89,9 +89,8 @@ GO_DURATION_UNITS = {
 
 
 class Doc:
-    """JSON Schema keywords refining a field of an API shape: ``Annotated[str, Doc(...)]``.
-    The shapes (TypedDicts next to the code producing them) are the one declaration of the
-    API; the OpenAPI document is generated from them."""
+    """JSON Schema keywords refining a field of an API shape (a TypedDict next to its
+    producer, the one declaration the OpenAPI document is generated from)."""
 
     def __init__(self, description: str = "", **keywords: Any) -> None:
         self.keywords = {**keywords, **({"description": description} if description else {})}
