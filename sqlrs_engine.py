@@ -3258,12 +3258,14 @@ class WarmPool:
         self.instances = instances
         self.store = store
         self.config = config
-        #: guards the three tables below; waited on by ``drain``; never held across I/O
+        #: guards the four tables below; waited on by ``drain``; never held across I/O
         self._changed = threading.Condition()
         #: state id → ready runtimes, each with the monotonic time it became ready
         self._ready: dict[str, list[tuple[RuntimeHandle, float]]] = {}
         #: state id → how many runtimes are being started for it
         self._starting: dict[str, int] = {}
+        #: state id → how many of its runtimes are being stopped (they still pin it)
+        self._stopping: dict[str, int] = {}
         #: state ids by last hand-out, most recent last (the ones the pool fills)
         self._recent: dict[str, None] = {}
         self._wake = threading.Event()
@@ -3355,15 +3357,16 @@ class WarmPool:
                 self._discard(handle)
             handle = None
         with self._changed:
-            self._starting[state_id] -= 1
             keep = handle is not None and state_id in self._recent
             if keep and handle:
                 self._ready.setdefault(state_id, []).append((handle, time.monotonic()))
             elif state is None or handle is None:
                 self._recent.pop(state_id, None)
-            self._changed.notify_all()
-        if handle and not keep:
+        if handle and not keep:  # drained meanwhile: gone (and unpinned) before drain returns
             self._discard(handle)
+        with self._changed:
+            self._starting[state_id] -= 1
+            self._changed.notify_all()
 
     def _expire(self) -> None:
         """Stop runtimes idle too long, of states no longer among the most recent, or over
@@ -3376,13 +3379,18 @@ class WarmPool:
                 ready = self._ready.get(state_id, [])
                 fresh = [e for e in ready if not idle or now - e[1] < idle]
                 keep = fresh[:max(0, min(per_state, room - self._starting.get(state_id, 0)))]
-                surplus += [e[0] for e in ready if e not in keep]
+                surplus += [(state_id, e[0]) for e in ready if e not in keep]
                 self._ready[state_id] = keep
                 room -= len(keep) + self._starting.get(state_id, 0)
             for state_id in set(self._ready) - set(self._recent):
-                surplus += [e[0] for e in self._ready.pop(state_id)]
-        for handle in surplus:
+                surplus += [(state_id, e[0]) for e in self._ready.pop(state_id)]
+            for state_id, _handle in surplus:
+                self._stopping[state_id] = self._stopping.get(state_id, 0) + 1
+        for state_id, handle in surplus:
             self._discard(handle)
+            with self._changed:
+                self._stopping[state_id] -= 1
+                self._changed.notify_all()
 
     def drain(self, state_ids: set[str], deadline_s: float = 60.0) -> None:
         """Stop the pooled runtimes of ``state_ids`` (and wait for ones starting) so that the
@@ -3391,8 +3399,8 @@ class WarmPool:
             for state_id in state_ids:
                 self._recent.pop(state_id, None)
             handles = [e[0] for s in state_ids for e in self._ready.pop(s, [])]
-            self._changed.wait_for(lambda: not any(self._starting.get(s) for s in state_ids),
-                                   deadline_s)
+            self._changed.wait_for(lambda: not any(
+                self._starting.get(s) or self._stopping.get(s) for s in state_ids), deadline_s)
         for handle in handles:
             self._discard(handle)
 
