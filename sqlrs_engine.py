@@ -6168,6 +6168,42 @@ class Api:
         return Response(HTTPStatus.OK, content_type="application/x-ndjson", stream=stream)
 
 
+class ReadWatch:
+    """Cuts off connections that take longer than the read timeout to send a request.
+
+    A watchdog rather than socket timeouts: a socket with a timeout costs a poll() before
+    every read and write (measured: ~8 % fewer requests per second)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: guards ``_reading``: connection → when it started to send its request
+        self._lock = threading.Lock()
+        self._reading: dict[socket.socket, float] = {}
+
+    def reading(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._reading[conn] = time.monotonic()
+
+    def done(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._reading.pop(conn, None)
+
+    def run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(min(1.0, self.timeout / 4)):
+            started_before = time.monotonic() - self.timeout
+            with self._lock:
+                late = [c for c, since in self._reading.items() if since < started_before]
+                for conn in late:
+                    del self._reading[conn]
+            for conn in late:
+                log.info("http: a client took over %gs to send its request: cut off",
+                         self.timeout)
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError as exc:
+                    log.debug("http: cut-off of a slow client: %s", exc)
+
+
 class HttpHandler(http.server.BaseHTTPRequestHandler):
     """Applies the HTTP conventions around every route: Host check, auth, 404/405, logging."""
 
@@ -6188,9 +6224,12 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.info("http: " + format, *args)
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.read_timeout)  # every read and write
+    def handle_one_request(self) -> None:
+        self.server.watch.reading(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.watch.done(self.connection)
 
     def _serve(self) -> None:
         """Read the whole request, then answer it; only the answering counts as activity, so
@@ -6208,6 +6247,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         else:
+            self.server.watch.done(self.connection)
             if len(body) < length:
                 self.close_connection = True
                 return
@@ -6319,7 +6359,7 @@ class EngineHttpServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
-    read_timeout = READ_TIMEOUT_SECONDS
+    watch: ReadWatch
     api: Api
     guard: Guard
     activity: Activity
@@ -6606,8 +6646,8 @@ def run_engine(options: Options) -> int:
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.activity = Activity()
-    server.read_timeout = float(os.environ.get("SQLRS_ENGINE_READ_TIMEOUT") or
-                                READ_TIMEOUT_SECONDS)
+    server.watch = ReadWatch(float(os.environ.get("SQLRS_ENGINE_READ_TIMEOUT") or
+                                   READ_TIMEOUT_SECONDS))
     engine.recover()
     endpoint = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
     write_engine_json(engine_json, endpoint, engine, format_ts())
@@ -6621,6 +6661,8 @@ def run_engine(options: Options) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     threading.Thread(target=engine.pool.run, args=(stopped,), daemon=True,
                      name="warm-pool").start()
+    threading.Thread(target=server.watch.run, args=(stopped,), daemon=True,
+                     name="read-watch").start()
     reaper = Reaper(engine.store, engine.deletion)
     threading.Thread(target=reaper.run, args=(stopped,), daemon=True, name="reaper").start()
     if options.idle_timeout > 0:
