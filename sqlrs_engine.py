@@ -1888,14 +1888,25 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
             f"${encode(stored_key).decode()}:{encode(server_key).decode()}")
 
 
-def admin_session(socket_dir: str, port: int, application: str) -> Any:
-    """A superuser session over a server's private unix socket (psycopg2, imported here)."""
+def admin_query(endpoint: tuple[str, int], application: str, sql: str, *params: Any) -> Any:
+    """Run one statement as superuser over a server's private unix socket (``endpoint``: its
+    directory and port) in a session of its own; its first row, if it returns rows. Any
+    failure is a DbmsError. psycopg2 is imported here, on first use."""
     import psycopg2
 
-    conn = psycopg2.connect(host=socket_dir, port=port, user=SUPERUSER, dbname="postgres",
-                            connect_timeout=10, application_name=application)
-    conn.autocommit = True
-    return conn
+    try:
+        conn = psycopg2.connect(host=endpoint[0], port=endpoint[1], user=SUPERUSER,
+                                dbname="postgres", connect_timeout=10,
+                                application_name=application)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchone() if cur.description else None
+        finally:
+            conn.close()
+    except psycopg2.Error as exc:
+        raise DbmsError(f"{sql.split()[0]} failed: {str(exc).strip()}") from exc
 
 
 class DbmsError(Exception):
@@ -2864,19 +2875,11 @@ class ConnectionTracker:
     over the server's private socket."""
 
     def _query(self, endpoint: tuple[str, int], sql: str) -> int:
-        import psycopg2
-
         try:
-            conn = admin_session(*endpoint, "sqlrs-engine-conntrack")
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(sql)
-                    row = cur.fetchone()
-                    return int(row[0]) if row else 0
-            finally:
-                conn.close()
-        except psycopg2.Error as exc:
-            raise ConntrackError(str(exc).strip()) from exc
+            row = admin_query(endpoint, "sqlrs-engine-conntrack", sql)
+        except DbmsError as exc:
+            raise ConntrackError(str(exc)) from exc
+        return int(row[0]) if row else 0
 
     def active(self, endpoint: tuple[str, int]) -> int:
         return self._query(endpoint, COUNT_CONNECTIONS_SQL)
@@ -3049,17 +3052,7 @@ class InstanceManager:
 
     def admin_sql(self, handle: RuntimeHandle, sql: str, *params: Any) -> None:
         """Run one statement in the engine's own session over the runtime's private socket."""
-        import psycopg2
-
-        try:
-            conn = admin_session(*self._admin_endpoint(handle), "sqlrs-engine")
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(sql, params)
-            finally:
-                conn.close()
-        except psycopg2.Error as exc:
-            raise DbmsError(f"{sql.split()[0]} failed: {str(exc).strip()}") from exc
+        admin_query(self._admin_endpoint(handle), "sqlrs-engine", sql, *params)
 
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)

@@ -227,11 +227,9 @@ def password_cost(area: Scratch, runs: int) -> PasswordCost:
         passwords.append(password)
 
         def hand_out(password: str = password) -> None:
-            conn = _ENGINE.admin_session(str(server.sock_dir), server.port, "bench")
-            with conn.cursor() as cur:
-                cur.execute(f"ALTER ROLE {_ENGINE.SUPERUSER} PASSWORD %s",
-                            (_ENGINE.scram_verifier(password),))
-            conn.close()
+            _ENGINE.admin_query((str(server.sock_dir), server.port), "bench",
+                                f"ALTER ROLE {_ENGINE.SUPERUSER} PASSWORD %s",
+                                _ENGINE.scram_verifier(password))
 
         cost.hand_out.append(timed(hand_out))
         cost.trust_connect.append(timed(lambda: psycopg2.connect(server.dsn()).close()))
