@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import docker
 import docker.errors
 import pytest
 
@@ -89,3 +90,49 @@ def test_reaper_logs_what_it_could_not_reap(caplog: pytest.LogCaptureFixture) ->
         assert reaper.sweep() == []
     assert f"cannot remove expired instance {'a' * 32}" in caplog.text
     assert "connection refused" in caplog.text
+
+
+class BrokenInstances:
+    def discard(self, handle: Any) -> None:
+        raise OSError("device busy")
+
+
+def test_a_runtime_that_cannot_be_discarded_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    executor = se.Executor.__new__(se.Executor)
+    executor.instances = BrokenInstances()  # type: ignore[assignment]
+    run = se.JobRun("j" * 32)
+    run.runtime = se.RuntimeHandle.__new__(se.RuntimeHandle)
+    run.runtime.key = "k" * 32
+    with caplog.at_level(logging.ERROR, logger="sqlrs-engine"):
+        executor._drop_runtime(run)
+    assert run.runtime is None
+    assert f"cannot discard its runtime {'k' * 32}" in caplog.text
+    assert "device busy" in caplog.text
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (docker.errors.DockerException("no socket"), 503), (ValueError("bad TLS config"), 502)])
+def test_docker_client_failures_are_told_apart(monkeypatch: pytest.MonkeyPatch,
+                                               error: Exception, status: int) -> None:
+    def refuse(**_kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(docker, "DockerClient", refuse)
+    with pytest.raises(se.ApiError) as info:
+        se.DockerRuntime("label").docker()
+    assert info.value.status == status
+    assert str(error) in str(info.value.details)
+
+
+class FailingExec:
+    def exec_run(self, command: list[str], user: str) -> Any:
+        return type("Result", (), {"exit_code": 1, "output": b"tail: cannot open"})()
+
+
+def test_a_failing_exec_is_an_error_or_logged(caplog: pytest.LogCaptureFixture) -> None:
+    runtime = se.DockerRuntime("label")
+    with pytest.raises(se.DbmsError, match="cannot open"):
+        runtime._exec(FailingExec(), ["pg_ctl", "stop"])
+    with caplog.at_level(logging.WARNING, logger="sqlrs-engine"):
+        assert runtime._exec(FailingExec(), ["tail", "x"], check=False) == "tail: cannot open"
+    assert "docker exec tail exited 1" in caplog.text
