@@ -57,7 +57,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Annotated, Any, NotRequired, Protocol, TypedDict, TypeVar, cast
+from typing import Annotated, Any, NotRequired, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
 __version__ = "0.1.0"
 
@@ -67,8 +67,8 @@ JsonDict = dict[str, Any]
 
 ###############################################################################
 # ids: identifier formats, validation, timestamps, Go durations, and the file-system helpers
-# every layer shares (atomic writes, locks, tree removal). Owns nothing; may call only the
-# standard library.
+# every layer shares (atomic writes, locks, tree removal, background work). Owns nothing; may
+# call only the standard library.
 ###############################################################################
 
 HEX32_RE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -101,6 +101,8 @@ Hex64 = Annotated[str, Doc(pattern="^[0-9a-f]{64}$")]
 Timestamp = Annotated[str, Doc(format="date-time")]
 Count = Annotated[int, Doc(minimum=0)]
 Shape = TypeVar("Shape", bound=Mapping[str, Any])
+T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def omit_none(values: Shape) -> Shape:
@@ -245,6 +247,21 @@ def file_lock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def in_background(name: str, work: Callable[P, T], *args: P.args,
+                  **kwargs: P.kwargs) -> Future[T]:
+    """Run ``work`` on a thread of its own; its result or exception in the future."""
+    future: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(work(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 def safe_path_component(value: str) -> str:
@@ -2168,7 +2185,8 @@ def _pump(source: Iterator[bytes], name: str,
 
 
 class HostClient(ClientProcess):
-    """A client subprocess on this machine."""
+    """A client subprocess on this machine, started in a session of its own: a kill reaches
+    what it started too (a ``liquibase`` script's JVM, a psql ``\\!`` command)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None) -> None:
         self.proc = proc
@@ -2184,9 +2202,9 @@ class HostClient(ClientProcess):
         return self.proc.wait()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc.returncode is None:  # not reaped yet: its pid is still its group's id
             with contextlib.suppress(OSError):
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _feed_stdin(proc: subprocess.Popen[bytes], data: bytes) -> None:
@@ -2300,7 +2318,7 @@ class HostRuntime:
             [os.path.join(handle.image.bindir, program), *args],
             cwd=workdir if not as_user or self.dbms.user.can_enter(workdir) else "/", env=env,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **as_user,
         )
         return HostClient(proc, stdin)
 
@@ -3050,9 +3068,10 @@ class InstanceManager:
         """Remove a runtime's password before it becomes a state."""
         self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s", None)
 
-    def admin_sql(self, handle: RuntimeHandle, sql: str, *params: Any) -> None:
-        """Run one statement in the engine's own session over the runtime's private socket."""
-        admin_query(self._admin_endpoint(handle), "sqlrs-engine", sql, *params)
+    def admin_sql(self, handle: RuntimeHandle, sql: str, *params: Any) -> Any:
+        """Run one statement in the engine's own session over the runtime's private socket;
+        its first row, if it returns rows."""
+        return admin_query(self._admin_endpoint(handle), "sqlrs-engine", sql, *params)
 
     def source_of(self, state: StateRow) -> tuple[ResolvedImage, str]:
         image = self.runtimes.resolve(state.image_id)
@@ -4380,15 +4399,20 @@ def _lb_env(body: Mapping[str, Any]) -> dict[str, str]:
 LB_PLAN_CACHE_LIMITS = (5000, 64 << 20)  #: files and bytes hashed at most to reuse a plan
 
 
-def lb_plan_key(lb: LiquibasePlan, resolved_image: str) -> str | None:
+def lb_plan_keys(lb: LiquibasePlan, resolved_image: str) -> tuple[str | None, str]:
     """What a Liquibase plan depends on: the image, the executable, the arguments and
     environment, and the content of every file under the work dir and search paths (None
-    when there is too much to hash: the plan is then always made by Liquibase)."""
+    when there is too much to hash: the plan is then always made by Liquibase); second, the
+    same without the files' content (the command's latest plan, whatever its files held)."""
     exe = os.stat(lb.exec_path)
     records = [("image", resolved_image), ("exec", f"{lb.exec_path}:{exe.st_size}:"
                                                    f"{exe.st_mtime_ns}"),
                ("args", "\0".join(lb.args_for("update-sql"))),
-               ("env", json.dumps(lb.env, sort_keys=True))]
+               ("env", json.dumps(lb.env, sort_keys=True)), ("work_dir", lb.work_dir)]
+    return _hash_lb_files(lb, list(records)), hash_records(*records)
+
+
+def _hash_lb_files(lb: LiquibasePlan, records: list[tuple[str, str]]) -> str | None:
     roots = [lb.work_dir] + [item for token in lb.normalized if token.startswith("--searchPath=")
                              for item in token.split("=", 1)[1].split(",") if "://" not in item
                              and not item.startswith("classpath:")]
@@ -4608,7 +4632,11 @@ class JobRun:
     stopping: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     runtime: RuntimeHandle | None = None
-    process: ClientProcess | None = None
+    #: Liquibase's run of step 0 made while it planned, checked against the plan
+    ahead: RuntimeHandle | None = None
+    #: clients running for the job, killed on cancel (planning and step 0 may run at once)
+    processes: set[ClientProcess] = field(default_factory=set)
+    #: the image's base cluster, initialised while the job plans (only jobs that build)
     base: Future[str] | None = None
     signature: str | None = None
 
@@ -4646,10 +4674,11 @@ class LiquibaseRunner:
         note(f"liquibase: exec {shlex.join(argv)}")
         note("liquibase: start")
         proc = subprocess.Popen(argv, cwd=lb.work_dir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, **as_user)
         client = HostClient(proc, None)
         if run:
-            run.process = client
+            run.processes.add(client)
         stdout: list[str] = []
         lines: list[str] = []
         for stream, raw in client.lines():
@@ -4659,7 +4688,7 @@ class LiquibaseRunner:
                 note(f"liquibase: {line.strip()}")
         code = client.wait()
         if run:
-            run.process = None
+            run.processes.discard(client)
             run.check()
         if code != 0:
             tail = "\n".join([*stdout, *lines])[-OUTPUT_TAIL_BYTES:]
@@ -4700,7 +4729,7 @@ class Executor:
         if emit:
             emit.log(f"resolved image {image.resolved_id}")
         if emit and run and not request.plan_only:
-            run.base = self._start_base(image, emit)
+            run.base = in_background("base-init", self.runtimes.ensure_base, image, emit.log)
         if request.lb is None:
             steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
         else:
@@ -4713,43 +4742,98 @@ class Executor:
     def _pending_changesets(self, lb: LiquibasePlan, image: ResolvedImage,
                             emit: EventEmitter | None, run: JobRun | None) -> list[Changeset]:
         """Every changeset the changelog would apply to a fresh cluster of ``image``, by one
-        ``update-sql`` run against a throw-away clone of its base."""
+        ``update-sql`` run against a throw-away clone of its base. A job that will likely
+        build its first step runs that step meanwhile (see ``_run_ahead``)."""
         note = emit.log if emit else (lambda _message: None)
-        key = lb_plan_key(lb, image.resolved_id)
+        key, command_key = lb_plan_keys(lb, image.resolved_id)
         cached = self.jobs.lb_plan(key) if key else None
         if cached is not None:
             note(f"liquibase: plan unchanged since its files were hashed ({len(cached)}"
                  " changesets): no Liquibase run")
             return [Changeset(**item) for item in cached]
         base = run.base.result() if run and run.base else self.runtimes.ensure_base(image, note)
+        ahead = None
+        if run and run.base and emit and self._worth_running_ahead(command_key, image):
+            ahead = in_background("lb-ahead", self._run_ahead, lb, image, base, run, emit)
         handle = self.instances.new_runtime(random_hex(16), image, base, "plan")
         try:
             self.instances.start(handle)
             stdout = self.liquibase.run(lb, handle, lb.args_for("update-sql"), note, run)
+            changesets = parse_update_sql(stdout)
+            note(f"liquibase: {len(changesets)} changesets in the plan")
         finally:
             self.instances.discard(handle)
-        changesets = parse_update_sql(stdout)
-        note(f"liquibase: {len(changesets)} changesets in the plan")
-        if key:
-            self.jobs.save_lb_plan(key, [dataclasses.asdict(c) for c in changesets])
+            if run and ahead:
+                run.ahead = ahead.result()  # dropped with the job's runtime if anything fails
+        if run and run.ahead:
+            self._check_ahead(run, changesets[0] if changesets else None, note)
+        plan = [dataclasses.asdict(c) for c in changesets]
+        for plan_key in (key, command_key):
+            if plan_key:
+                self.jobs.save_lb_plan(plan_key, plan)
         return changesets
+
+    def _worth_running_ahead(self, command_key: str, image: ResolvedImage) -> bool:
+        """Whether step 0 is probably not cached: unless the command's latest plan began with
+        a step that is (a changeset appended to a known changelog), running it ahead of the
+        plan saves a whole Liquibase run."""
+        latest = self.jobs.lb_plan(command_key)
+        if not latest:
+            return True
+        first = lb_task_hash(image.resolved_id, Changeset(**latest[0]))
+        return not self.state_ready(state_id_for("image", image.resolved_id, first))
+
+    def _run_ahead(self, lb: LiquibasePlan, image: ResolvedImage, base: str, run: JobRun,
+                   emit: EventEmitter) -> RuntimeHandle | None:
+        """Step 0 while Liquibase plans: ``update-count --count=1`` on the job's runtime, a
+        clone of the base. The started runtime, or None when that run failed (step 0 then
+        runs again in order and reports)."""
+        def note(message: str) -> None:
+            emit.log(message.replace("liquibase: ", "liquibase: [execute-0] ", 1))
+
+        self.cache.before_build()
+        handle = self.instances.new_runtime(derived_instance_id(run.job_id), image, base,
+                                            image.resolved_id, run.job_id)
+        try:
+            self.instances.start(handle)
+            self.liquibase.run(lb, handle, lb.args_for("update-count", "--count=1"), note, run)
+            self.instances.clear_password(handle)
+            return handle
+        except BaseException as exc:
+            self._discard_quietly(run, handle)
+            if not isinstance(exc, Exception):
+                raise
+            log.info("job %s: step 0 run ahead of the plan failed: %s", run.job_id, exc)
+            return None
+
+    def _check_ahead(self, run: JobRun, first: Changeset | None,
+                     note: Callable[[str], None]) -> None:
+        """Keep the run ahead only if it applied exactly the plan's first changeset."""
+        assert run.ahead is not None
+        try:
+            row = self.instances.admin_sql(
+                run.ahead, "SELECT count(*), min(id), min(author), min(filename), min(md5sum)"
+                           " FROM databasechangelog")
+        except DbmsError as exc:
+            row = (0, str(exc))
+        if first and row == (1, first.id, first.author, first.path, first.checksum):
+            note(f"liquibase: execute-0 ran while planning: {first.summary}")
+            return
+        note(f"liquibase: execute-0 run while planning does not match the plan ({row}):"
+             " it runs again")
+        self._discard_quietly(run, run.ahead)
+        run.ahead = None
+
+    def _discard_quietly(self, run: JobRun, handle: RuntimeHandle) -> None:
+        try:
+            self.instances.discard(handle)
+        except Exception:  # the job's outcome stands; the next start sweeps what is left
+            log.exception("job %s: cannot discard its runtime %s", run.job_id, handle.key)
 
     def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, step: StepPlan,
                        run: JobRun, emit: EventEmitter) -> None:
         self.liquibase.run(lb, handle, step.args, emit.log, run)
         self.instances.clear_password(handle)  # the state must not keep a credential
-
-    def _start_base(self, image: ResolvedImage, emit: EventEmitter) -> Future[str]:
-        future: Future[str] = Future()
-
-        def work() -> None:
-            try:
-                future.set_result(self.runtimes.ensure_base(image, emit.log))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        threading.Thread(target=work, name="base-init", daemon=True).start()
-        return future
 
     # execution ----------------------------------------------------------------------------
     def run(self, job: JobRow, request: PrepareRequest, run: JobRun,
@@ -4796,14 +4880,17 @@ class Executor:
             except Exception:
                 log.exception("retention failed for job %s", run.job_id)
 
+    def _drop_ahead(self, run: JobRun) -> None:
+        """Step 0 run ahead of the plan is not needed: another job built that state."""
+        if run.ahead:
+            self._discard_quietly(run, run.ahead)
+            run.ahead = None
+
     def _drop_runtime(self, run: JobRun) -> None:
-        if run.runtime:
-            try:
-                self.instances.discard(run.runtime)
-            except Exception:  # the job's outcome stands; the next start sweeps what is left
-                log.exception("job %s: cannot discard its runtime %s", run.job_id,
-                              run.runtime.key)
-            run.runtime = None
+        for handle in (run.runtime, run.ahead):
+            if handle:
+                self._discard_quietly(run, handle)
+        run.runtime = run.ahead = None
 
     def _interrupt(self, job: JobRow, run: JobRun, emit: EventEmitter) -> None:
         """A graceful stop: no half state, the job stays queued and does not count as a crash."""
@@ -4842,21 +4929,27 @@ class Executor:
     def _execute_step(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                       step: StepPlan, run: JobRun, emit: EventEmitter) -> bool:
         if self.state_ready(step.state_id):
+            self._drop_ahead(run)
             return True
         lock = os.path.join(self.layout.states_dir(image), ".build", f"{step.state_id}.lock")
         with file_lock(lock):
             if self.state_ready(step.state_id):
+                self._drop_ahead(run)
                 return True
             run.check()
             if step.input_kind == "state":
                 self._pin_state(job.job_id, step.input_id)
-            self.cache.before_build()
-            handle = self._runtime_for(job, request, image, step.input_kind, step.input_id,
-                                       run, emit)
-            if request.lb is None:
-                self._run_psql(request, handle, step, run, emit)
-            elif step.changeset is not None:
-                self._run_changeset(request.lb, handle, step, run, emit)
+            if run.ahead:  # step 0, already run while Liquibase planned
+                run.runtime, run.ahead = run.ahead, None
+                handle = run.runtime
+            else:
+                self.cache.before_build()
+                handle = self._runtime_for(job, request, image, step.input_kind,
+                                           step.input_id, run, emit)
+                if request.lb is None:
+                    self._run_psql(request, handle, step, run, emit)
+                elif step.changeset is not None:
+                    self._run_changeset(request.lb, handle, step, run, emit)
             run.check()
             self._snapshot(image, handle, step, request.prepare_kind, emit)
             self.instances.pin_runtime(job.job_id, handle)
@@ -4903,14 +4996,14 @@ class Executor:
         emit.log("psql: start")
         assert request.plan is not None
         proc = runtime.client(handle, "psql", args, step.script, request.plan.work_dir)
-        run.process = proc
+        run.processes.add(proc)
         try:
             output = collect_output(proc, emit.log, "psql: ")
         except BaseException:
             proc.kill()
             raise
         code = proc.wait()
-        run.process = None
+        run.processes.discard(proc)
         run.check()
         if code != 0 and re.search(r"No space left on device|could not extend file", output):
             raise JobFailure("cache_limit_too_small", "no space left for the build",
@@ -5181,8 +5274,8 @@ class PrepareManager:
     # cancel / delete / retention ------------------------------------------------------------
     def _cancel_run(self, run: JobRun, stopping: bool = False) -> None:
         (run.stopping if stopping else run.cancel).set()
-        if run.process:
-            run.process.kill()
+        for process in list(run.processes):
+            process.kill()
 
     def cancel(self, job_id: str) -> tuple[int, PrepareJobStatus]:
         job = self.get(job_id)

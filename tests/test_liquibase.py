@@ -129,9 +129,15 @@ def messages(events: list[dict[str, Any]]) -> list[str]:
 
 
 def execs(events: list[dict[str, Any]], command: str) -> list[str]:
-    """The ``liquibase: exec`` lines that ran ``command``."""
+    """The ``liquibase: exec`` lines that ran ``command`` (step 0 run while planning too)."""
     return [m for m in messages(events)
-            if m.startswith("liquibase: exec ") and f" {command} " in f"{m} "]
+            if m.startswith(("liquibase: exec ", "liquibase: [execute-0] exec "))
+            and f" {command} " in f"{m} "]
+
+
+def ran_ahead(events: list[dict[str, Any]]) -> list[str]:
+    """What became of step 0 run while Liquibase planned."""
+    return [m for m in messages(events) if m.startswith("liquibase: execute-0 ")]
 
 
 def explain(engine: EngineProcess, body: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +191,9 @@ def test_prepare_caches_each_changeset(engine: EngineProcess, lb_dir: Path) -> N
     steps = steps_of(first)
     assert [s["cached"] for s in steps] == [False, False, False]
     assert first["result"]["state_id"] == steps[-1]["output_state_id"]
-    assert len(execs(events_of(engine, first["job_id"]), "update-count")) == 3
+    first_events = events_of(engine, first["job_id"])
+    assert len(execs(first_events, "update-count")) == 3  # step 0 ran while planning
+    assert ran_ahead(first_events) == ["liquibase: execute-0 ran while planning: 1::alice::cl.sql"]
     assert {s["state_id"] for s in engine.get("/v1/states").json()} == {
         s["output_state_id"] for s in steps}
 
@@ -212,10 +220,65 @@ def test_prepare_caches_each_changeset(engine: EngineProcess, lb_dir: Path) -> N
     grown_events = events_of(engine, grown["job_id"])
     assert len(execs(grown_events, "update-count")) == 1
     assert len(execs(grown_events, "update-sql")) == 1  # a file changed: planned again
+    assert ran_ahead(grown_events) == []  # step 0 was built before: nothing run ahead
     assert psql(grown["result"]["dsn"], "select string_agg(label, ',' order by id) from items"
                 ) == "ONE,TWO"
     assert psql(dsn, "select string_agg(label, ',' order by id) from items") == "one,two"
     assert len(engine.get("/v1/states").json()) == 4
+
+
+@RUNTIMES
+def test_a_step_run_ahead_that_cannot_be_checked_runs_again(engine: EngineProcess,
+                                                              lb_dir: Path) -> None:
+    """With its own changelog table the run made while planning cannot be checked against
+    the plan: it is dropped, step 0 runs in order, and the result is the same."""
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS))
+    job = lb_prepare(engine, lb_dir, "--database-changelog-table-name=applied", "update",
+                     f"--changelog-file={lb_dir}/cl.sql")
+    assert job["status"] == "succeeded", job.get("error")
+    events = events_of(engine, job["job_id"])
+    verdict = ran_ahead(events)
+    assert len(verdict) == 1 and "does not match the plan" in verdict[0], verdict
+    assert len(execs(events, "update-count")) == 4  # step 0 twice
+    dsn = job["result"]["dsn"]
+    assert psql(dsn, "select id, label from items order by id") == "1|one\n2|two"
+    assert psql(dsn, "select string_agg(id, ',' order by orderexecuted) from applied") == "1,2,3"
+    deleted = engine.delete(f"/v1/instances/{job['result']['instance_id']}")
+    assert deleted.status == 200, deleted.body
+    assert engine.stop() == 0
+    assert leftover_servers(engine.store) == []  # the run made ahead is gone too
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Processes whose working directory is ``directory`` (Liquibase runs in the work dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and Path(entry / "cwd").resolve() == directory.resolve():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@RUNTIMES
+def test_cancel_while_planning_stops_both_liquibase_runs(engine: EngineProcess,
+                                                          lb_dir: Path) -> None:
+    """Step 0 (a long changeset) still runs when the plan is made: a cancel kills it and
+    leaves no state, server or JVM behind."""
+    write(lb_dir / "cl.sql", formatted_sql([("alice", "1", "select pg_sleep(300);")]))
+    created = engine.post("/v1/prepare-jobs", lb_body(engine, lb_dir))
+    assert created.status == 201, created.body
+    job_id = str(created.json()["job_id"])
+    engine.events_until(job_id, lambda e: e.get("message") == "liquibase: 1 changesets in the plan",
+                        deadline_s=JOB_DEADLINE)
+    assert processes_in(lb_dir) != []  # step 0's JVM is in pg_sleep
+    assert engine.post(f"/v1/prepare-jobs/{job_id}/cancel").status == 202
+    job = engine.wait_job(job_id, 120)
+    assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
+    assert engine.get("/v1/states").json() == []
+    assert processes_in(lb_dir) == []
+    assert leftover_servers(engine.store) == []
 
 
 @RUNTIMES
