@@ -3213,7 +3213,7 @@ class InstanceManager:
         if self.snapshots.expose_root and os.path.isdir(self.snapshots.expose_root):
             keys |= set(os.listdir(self.snapshots.expose_root))
         for key in sorted(keys - keep):
-            if key.startswith(".probe-"):
+            if key.startswith("."):  # a probe, Liquibase's class archives: not a runtime
                 continue
             data_dir = os.path.join(self.snapshots.exposed_path(key) or
                                     os.path.join(root, key), "data")
@@ -4647,23 +4647,85 @@ class JobRun:
             raise JobCancelled()
 
 
-LIQUIBASE_JAVA_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"  #: ~40 % less JVM start
+#: ~40 % less JVM start; the JVM's own warnings about its class archive stay quiet
+LIQUIBASE_JAVA_OPTS = ("-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xlog:cds=off"
+                       " -Xlog:cds+dynamic=off")
 
 
 class LiquibaseRunner:
     """Runs Liquibase on this machine against a started runtime: as the server's OS user
     when the engine is root, in the request's work dir, connected over JDBC to 127.0.0.1 with
-    a password that only its environment sees (set on the runtime for the run)."""
+    a password that only its environment sees (set on the runtime for the run).
 
-    def __init__(self, instances: InstanceManager) -> None:
+    The first run of an installation records the classes its JVM loads in an archive under
+    ``archive_dir`` (owned by the user Liquibase runs as); later runs map it instead of
+    loading them again (≈ 15 % less JVM start). A JVM that cannot use it ignores it."""
+
+    def __init__(self, instances: InstanceManager, archive_dir: str) -> None:
         self.instances = instances
         self.dbms = instances.runtimes.host.dbms
+        self.archive_dir = archive_dir
+        #: guards ``_recording`` (archive paths a run is writing right now)
+        self._lock = threading.Lock()
+        self._recording: set[str] = set()
+
+    def _java_opts(self, lb: LiquibasePlan) -> tuple[str, str, str | None]:
+        """JAVA_OPTS for a run, the archive, and the temporary file the run records it in
+        (None: the archive exists or another run records it)."""
+        exe = os.stat(lb.exec_path)
+        key = hash_records(("exec", os.path.realpath(lb.exec_path)), ("size", str(exe.st_size)),
+                           ("mtime", str(exe.st_mtime_ns)),
+                           ("env", json.dumps(lb.env, sort_keys=True)))
+        archive = os.path.join(self.archive_dir, f"{key[:32]}.jsa")
+        if os.path.exists(archive):
+            return f"{LIQUIBASE_JAVA_OPTS} -XX:SharedArchiveFile={archive}", archive, None
+        with self._lock:
+            if archive in self._recording or not self._archive_dir_ready():
+                return LIQUIBASE_JAVA_OPTS, archive, None
+            self._recording.add(archive)
+        recording = f"{archive}.{random_hex(4)}.tmp"
+        return f"{LIQUIBASE_JAVA_OPTS} -XX:ArchiveClassesAtExit={recording}", archive, recording
+
+    def _archive_dir_ready(self) -> bool:
+        try:
+            os.makedirs(self.archive_dir, mode=0o700, exist_ok=True)
+            os.chown(self.archive_dir, self.dbms.user.uid, self.dbms.user.gid)
+            return True
+        except OSError as exc:
+            log.warning("no class archive for Liquibase: %s", exc)
+            return False
+
+    def _keep_archive(self, archive: str, recording: str, succeeded: bool) -> None:
+        try:
+            if succeeded and os.path.exists(recording):
+                os.replace(recording, archive)
+            elif os.path.lexists(recording):
+                os.unlink(recording)
+        except OSError as exc:
+            log.warning("cannot keep Liquibase's class archive %s: %s", archive, exc)
+        with self._lock:
+            self._recording.discard(archive)
 
     def run(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
             note: Callable[[str], None], run: JobRun | None) -> str:
         """Run it to the end, forwarding its output as ``liquibase:`` lines; its stdout."""
+        java_opts, archive, recording = self._java_opts(lb)
+        code = -1
+        try:
+            output, code = self._run(lb, handle, args, java_opts, note, run)
+        finally:
+            if recording:
+                self._keep_archive(archive, recording, succeeded=code == 0)
+        if code != 0:
+            raise JobFailure("internal_error", "liquibase execution failed", output)
+        return output
+
+    def _run(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
+             java_opts: str, note: Callable[[str], None], run: JobRun | None
+             ) -> tuple[str, int]:
+        """Liquibase's exit status and its stdout, or its output's tail when it failed."""
         password = self.instances.set_password(handle)
-        env = {**os.environ, "JAVA_OPTS": LIQUIBASE_JAVA_OPTS, **lb.env,
+        env = {**os.environ, "JAVA_OPTS": java_opts, **lb.env,
                "LIQUIBASE_SHOW_BANNER": "false",
                "LIQUIBASE_COMMAND_URL": f"jdbc:postgresql://127.0.0.1:{handle.port}/postgres",
                "LIQUIBASE_COMMAND_USERNAME": SUPERUSER, "LIQUIBASE_COMMAND_PASSWORD": password}
@@ -4691,9 +4753,8 @@ class LiquibaseRunner:
             run.processes.discard(client)
             run.check()
         if code != 0:
-            tail = "\n".join([*stdout, *lines])[-OUTPUT_TAIL_BYTES:]
-            raise JobFailure("internal_error", "liquibase execution failed", tail)
-        return "\n".join(stdout)
+            return "\n".join([*stdout, *lines])[-OUTPUT_TAIL_BYTES:], code
+        return "\n".join(stdout), code
 
 
 class Executor:
@@ -4711,7 +4772,8 @@ class Executor:
         self.instances = instances
         self.snapshots = snapshots
         self.engine_version = engine_version
-        self.liquibase = LiquibaseRunner(instances)
+        self.liquibase = LiquibaseRunner(instances, os.path.join(
+            snapshots.expose_root or layout.root, ".liquibase"))
 
     # planning -----------------------------------------------------------------------------
     def state_ready(self, state_id: str) -> bool:

@@ -11,7 +11,10 @@ changeset plus one to plan, hence the generous deadlines.
 from __future__ import annotations
 
 import itertools
+import os
+import pwd
 import shutil
+import stat
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from conftest import (
     RUNTIMES,
     EngineProcess,
     assert_error,
+    expose_root,
     leftover_servers,
     psql,
 )
@@ -247,6 +251,32 @@ def test_a_step_run_ahead_that_cannot_be_checked_runs_again(engine: EngineProces
     assert deleted.status == 200, deleted.body
     assert engine.stop() == 0
     assert leftover_servers(engine.store) == []  # the run made ahead is gone too
+
+
+def test_liquibase_class_archive_is_recorded_once_and_a_bad_one_is_ignored(
+        engine: EngineProcess, lb_dir: Path) -> None:
+    """The store's first Liquibase run records its JVM's class archive where only the user
+    Liquibase runs as can write; later runs map it, and a broken one costs nothing but speed."""
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS[:1]))
+    assert lb_prepare(engine, lb_dir)["status"] == "succeeded"
+    archive_dir = (expose_root(engine.store) if os.geteuid() == 0 else engine.store) / ".liquibase"
+    archives = sorted(archive_dir.iterdir())
+    assert [a.suffix for a in archives] == [".jsa"], archives  # one, no temporary file left
+    info = archive_dir.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o700
+    if os.geteuid() == 0:
+        assert info.st_uid == pwd.getpwnam("postgres").pw_uid
+    recorded = archives[0].stat().st_mtime_ns
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS[:2]))
+    assert lb_prepare(engine, lb_dir)["status"] == "succeeded"
+    assert archives[0].stat().st_mtime_ns == recorded  # mapped, not recorded again
+    archives[0].chmod(0o600)
+    archives[0].write_bytes(b"not a class archive" * 1000)
+    write(lb_dir / "cl.sql", formatted_sql(CHANGESETS))
+    job = lb_prepare(engine, lb_dir)
+    assert job["status"] == "succeeded", job.get("error")
+    assert psql(job["result"]["dsn"], "select count(*) from items") == "2"
+    assert not [m for m in messages(events_of(engine, job["job_id"])) if "cds" in m.lower()]
 
 
 def processes_in(directory: Path) -> list[int]:
