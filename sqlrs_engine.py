@@ -3255,6 +3255,11 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+#: a refill waits this long after a pooled hand-out, so that starting a server does not
+#: compete with the client's first connection and statements (on two cores it adds ≈ 40 %)
+REFILL_PAUSE_S = 0.05
+
+
 class WarmPool:
     """Started, unclaimed runtimes of the most recently handed-out states, each ready to
     become an instance in a few milliseconds (password, row, answer).
@@ -3262,7 +3267,8 @@ class WarmPool:
     Pooled runtimes are the engine's, never the user's: they have no instance row (so a
     restart removes them as unowned), pin their state (nothing deletes it under them) and are
     stopped first when their state is deleted or evicted. A background thread refills them
-    after each hand-out and stops those idle past ``instances.warmPool.idleTimeout``.
+    shortly after each hand-out (``REFILL_PAUSE_S``) and stops those idle past
+    ``instances.warmPool.idleTimeout``.
     """
 
     def __init__(self, instances: InstanceManager, store: MetadataStore,
@@ -3280,6 +3286,8 @@ class WarmPool:
         self._stopping: dict[str, int] = {}
         #: state ids by last hand-out, most recent last (the ones the pool fills)
         self._recent: dict[str, None] = {}
+        #: monotonic time before which no refill starts (set by a pooled hand-out)
+        self._quiet_until = 0.0
         self._wake = threading.Event()
 
     def settings(self) -> tuple[int, int, float]:
@@ -3294,6 +3302,8 @@ class WarmPool:
         with self._changed:
             ready = self._ready.get(state_id) or []
             handle = ready.pop(0)[0] if ready else None
+            if handle:
+                self._quiet_until = time.monotonic() + REFILL_PAUSE_S
         if handle and not self.instances.runtimes.for_image(handle.image.requested).alive(
                 handle):
             self._discard(handle)
@@ -3330,6 +3340,11 @@ class WarmPool:
             self._wake.clear()
             try:
                 self._expire()
+                with self._changed:
+                    pause = self._quiet_until - time.monotonic()
+                if pause > 0:
+                    stopped.wait(pause)
+                    continue
                 state_id = self._next_to_fill()
                 if state_id:
                     self._fill(state_id)
