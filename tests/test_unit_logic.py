@@ -11,6 +11,8 @@ import http.client
 import io
 import json
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -1144,3 +1146,69 @@ def test_parse_events_range_rejects(header: str) -> None:
 def test_event_index_caps_huge_starts() -> None:
     assert se.event_index("42") == 42
     assert se.event_index("9" * 30) == se.MAX_EVENT_INDEX
+
+
+# --- Liquibase plan keys, background work, client kills -------------------------------------
+
+
+def lb_plan(work_dir: Path, *args: str) -> se.LiquibasePlan:
+    exe = work_dir / "liquibase"
+    if not exe.exists():
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    body = {"liquibase_args": list(args) or ["update", "--changelog-file=cl.sql"],
+            "liquibase_exec": str(exe), "work_dir": str(work_dir)}
+    return se.plan_liquibase(body, str(work_dir))
+
+
+def test_lb_plan_keys_tell_file_content_from_the_command(tmp_path: Path) -> None:
+    changelog = tmp_path / "cl.sql"
+    changelog.write_text("--liquibase formatted sql\n")
+    strict, command = se.lb_plan_keys(lb_plan(tmp_path), ZERO_IMAGE)
+    changelog.write_text("--liquibase formatted sql\n--changeset a:1\nselect 1;\n")
+    strict_after, command_after = se.lb_plan_keys(lb_plan(tmp_path), ZERO_IMAGE)
+    assert strict_after != strict and strict is not None
+    assert command_after == command  # the same command, whatever its files hold
+    other_strict, other_command = se.lb_plan_keys(
+        lb_plan(tmp_path, "update", "--changelog-file=cl.sql", "--contexts=x"), ZERO_IMAGE)
+    assert other_command != command and other_strict != strict_after
+    assert se.lb_plan_keys(lb_plan(tmp_path), "other@sha256:" + "1" * 64)[1] != command
+
+
+def test_in_background_hands_back_results_and_exceptions() -> None:
+    assert se.in_background("t", lambda a, b: a + b, 2, b=3).result(timeout=10) == 5
+
+    def fail() -> None:
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        se.in_background("t", fail).result(timeout=10)
+
+
+def test_host_client_kill_reaches_what_the_client_started(tmp_path: Path) -> None:
+    """A ``liquibase`` script runs its JVM as a child: killing only the script would leave the
+    JVM holding the output pipe (the job would wait for it)."""
+
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    client = se.HostClient(proc, None)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.01)
+    child = int(pid_file.read_text())
+    client.kill()
+    assert list(client.lines()) == []  # the pipe closes: no process holds it any more
+    assert client.wait() != 0
+    assert not alive(child)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat_file:
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
