@@ -4427,12 +4427,32 @@ def lb_plan_keys(lb: LiquibasePlan, resolved_image: str) -> tuple[str | None, st
     return _hash_lb_files(lb, list(records)), hash_records(*records)
 
 
-def _hash_lb_files(lb: LiquibasePlan, records: list[tuple[str, str]]) -> str | None:
+def lb_roots(lb: LiquibasePlan) -> list[str]:
+    """The directories whose files a Liquibase plan is keyed by: the work dir and the
+    search paths on this file system."""
     roots = [lb.work_dir] + [item for token in lb.normalized if token.startswith("--searchPath=")
                              for item in token.split("=", 1)[1].split(",") if "://" not in item
                              and not item.startswith("classpath:")]
+    return list(dict.fromkeys(roots))
+
+
+def lb_plan_files_hashed(lb: LiquibasePlan, changesets: Sequence[Changeset]) -> bool:
+    """Whether every changeset's file lies under a root the plan key hashed (a changelog may
+    include ``../elsewhere.sql``: its plan is then made by Liquibase every time)."""
+    def inside(path: str) -> bool:
+        for root in lb_roots(lb):
+            real_root = os.path.realpath(root)
+            real = os.path.realpath(os.path.join(root, path))
+            if real.startswith(real_root.rstrip("/") + "/") and os.path.isfile(real):
+                return True
+        return False
+
+    return all(inside(changeset.path) for changeset in changesets)
+
+
+def _hash_lb_files(lb: LiquibasePlan, records: list[tuple[str, str]]) -> str | None:
     files, total = 0, 0
-    for root in dict.fromkeys(roots):
+    for root in lb_roots(lb):
         for directory, subdirs, names in os.walk(root):
             subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
             for name in sorted(names):
@@ -4845,9 +4865,12 @@ class Executor:
         if run and run.ahead:
             self._check_ahead(run, changesets[0] if changesets else None, note)
         plan = [dataclasses.asdict(c) for c in changesets]
-        for plan_key in (key, command_key):
-            if plan_key:
-                self.jobs.save_lb_plan(plan_key, plan)
+        if key and lb_plan_files_hashed(lb, changesets):
+            self.jobs.save_lb_plan(key, plan)
+        elif key:
+            note("liquibase: a changeset lies outside work_dir and the search paths: the plan"
+                 " is made again next time")
+        self.jobs.save_lb_plan(command_key, plan)
         return changesets
 
     def _worth_running_ahead(self, command_key: str, image: ResolvedImage) -> bool:

@@ -253,6 +253,36 @@ def test_a_step_run_ahead_that_cannot_be_checked_runs_again(engine: EngineProces
     assert leftover_servers(engine.store) == []  # the run made ahead is gone too
 
 
+def test_a_changeset_outside_the_work_dir_is_planned_every_time(engine: EngineProcess,
+                                                                 lb_dir: Path) -> None:
+    """A changelog may include ``../shared/…``: the plan cannot be keyed by that file, so it is
+    made by Liquibase again, and a change there is built, never served from a stale plan."""
+    work, shared = lb_dir / "work", lb_dir / "shared"
+    for directory in (work, shared):
+        directory.mkdir(mode=0o755)
+    write(work / "main.yaml", "databaseChangeLog:\n  - include:\n      file: ../shared/more.sql"
+                              "\n      relativeToChangelogFile: true\n")
+    write(shared / "more.sql", formatted_sql(CHANGESETS[:1]))
+    args = ("update", f"--changelog-file={work}/main.yaml")
+    first = lb_prepare(engine, work, *args)
+    assert first["status"] == "succeeded", first.get("error")
+    assert [s["changeset_path"] for s in steps_of(first)] == ["../shared/more.sql"]
+    first_messages = messages(events_of(engine, first["job_id"]))
+    assert any("lies outside work_dir" in m for m in first_messages), first_messages
+
+    again = lb_prepare(engine, work, *args)
+    assert [s["cached"] for s in steps_of(again)] == [True]
+    assert len(execs(events_of(engine, again["job_id"]), "update-sql")) == 1  # planned again
+
+    write(shared / "more.sql", formatted_sql([(
+        "alice", "1", "create table items(id int primary key, label text not null, x int);")]))
+    changed = lb_prepare(engine, work, *args)
+    assert changed["status"] == "succeeded", changed.get("error")
+    assert [s["cached"] for s in steps_of(changed)] == [False]
+    assert psql(changed["result"]["dsn"], "select count(*) from information_schema.columns "
+                                          "where table_name = 'items'") == "3"
+
+
 def test_liquibase_class_archive_is_recorded_once_and_a_bad_one_is_ignored(
         engine: EngineProcess, lb_dir: Path) -> None:
     """The store's first Liquibase run records its JVM's class archive where only the user
