@@ -650,6 +650,7 @@ def test_run_output_is_streamed_live(base: Base) -> None:
 
 def test_delete_instance_with_a_client_connection(engine: EngineProcess, scripts: Path,
                                                   openapi: OpenApiChecker) -> None:
+    without_warm_pool(engine)  # counts servers: no refill may start in between
     state_id = engine.prepare(["-f", str(scripts / "schema.sql")])["result"]["state_id"]
     entry = create_instance(engine, state_id)
     instance_id, server = entry["instance_id"], server_of(engine, entry)
