@@ -4436,18 +4436,36 @@ def lb_roots(lb: LiquibasePlan) -> list[str]:
     return list(dict.fromkeys(roots))
 
 
-def lb_plan_files_hashed(lb: LiquibasePlan, changesets: Sequence[Changeset]) -> bool:
-    """Whether every changeset's file lies under a root the plan key hashed (a changelog may
-    include ``../elsewhere.sql``: its plan is then made by Liquibase every time)."""
-    def inside(path: str) -> bool:
-        for root in lb_roots(lb):
-            real_root = os.path.realpath(root)
-            real = os.path.realpath(os.path.join(root, path))
-            if real.startswith(real_root.rstrip("/") + "/") and os.path.isfile(real):
-                return True
-        return False
+LB_FILE_REF_RE = re.compile(r"""\b(?:path|file)\s*[=:]\s*["']?([^"'\s<>,}]+)""")
 
-    return all(inside(changeset.path) for changeset in changesets)
+
+def lb_plan_files_hashed(lb: LiquibasePlan, changesets: Sequence[Changeset]) -> bool:
+    """Whether the files a plan depends on lie under the roots its key hashed: every
+    changeset's file, and every file those name (``sqlFile path=``, ``loadData file:``), read
+    relative to the changelog or to a root. A changelog may reach ``../shared/x.sql``: its
+    plan is then made by Liquibase every time (a stray match only costs that)."""
+    roots = [os.path.realpath(root) for root in lb_roots(lb)]
+
+    def under(real: str) -> bool:
+        return any(real.startswith(root.rstrip("/") + "/") for root in roots)
+
+    def found(bases: Sequence[str], path: str) -> list[str]:
+        return [real for real in (os.path.realpath(os.path.join(base, path)) for base in bases)
+                if os.path.isfile(real)]
+
+    files = set()
+    for changeset in changesets:
+        located = found(roots, changeset.path)
+        if not located or not all(map(under, located)):
+            return False
+        files.update(located)
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as changelog:
+            text = changelog.read(LB_PLAN_CACHE_LIMITS[1])
+        for ref in LB_FILE_REF_RE.findall(text):
+            if not all(map(under, found([os.path.dirname(path), *roots], ref))):
+                return False
+    return True
 
 
 def _hash_lb_files(lb: LiquibasePlan, records: list[tuple[str, str]]) -> str | None:
@@ -4868,8 +4886,8 @@ class Executor:
         if key and lb_plan_files_hashed(lb, changesets):
             self.jobs.save_lb_plan(key, plan)
         elif key:
-            note("liquibase: a changeset lies outside work_dir and the search paths: the plan"
-                 " is made again next time")
+            note("liquibase: the changelog reaches files outside work_dir and the search"
+                 " paths: the plan is made again next time")
         self.jobs.save_lb_plan(command_key, plan)
         return changesets
 

@@ -268,7 +268,7 @@ def test_a_changeset_outside_the_work_dir_is_planned_every_time(engine: EnginePr
     assert first["status"] == "succeeded", first.get("error")
     assert [s["changeset_path"] for s in steps_of(first)] == ["../shared/more.sql"]
     first_messages = messages(events_of(engine, first["job_id"]))
-    assert any("lies outside work_dir" in m for m in first_messages), first_messages
+    assert any("reaches files outside work_dir" in m for m in first_messages), first_messages
 
     again = lb_prepare(engine, work, *args)
     assert [s["cached"] for s in steps_of(again)] == [True]
@@ -281,6 +281,42 @@ def test_a_changeset_outside_the_work_dir_is_planned_every_time(engine: EnginePr
     assert [s["cached"] for s in steps_of(changed)] == [False]
     assert psql(changed["result"]["dsn"], "select count(*) from information_schema.columns "
                                           "where table_name = 'items'") == "3"
+
+
+SQL_FILE_CHANGELOG = """\
+databaseChangeLog:
+  - changeSet:
+      id: body
+      author: bob
+      changes:
+        - sqlFile:
+            path: ../shared/body.sql
+            relativeToChangelogFile: true
+"""
+
+
+def test_a_sql_file_outside_the_work_dir_is_planned_every_time(engine: EngineProcess,
+                                                               lb_dir: Path) -> None:
+    """A changeset in the work dir whose ``sqlFile`` lies elsewhere: a change of that file
+    changes the checksum, so the plan is never taken from the cache."""
+    work, shared = lb_dir / "work", lb_dir / "shared"
+    for directory in (work, shared):
+        directory.mkdir(mode=0o755)
+    write(work / "main.yaml", SQL_FILE_CHANGELOG)
+    write(shared / "body.sql", "create table items(id int);")
+    args = ("update", f"--changelog-file={work}/main.yaml")
+    first = lb_prepare(engine, work, *args)
+    assert first["status"] == "succeeded", first.get("error")
+    again = lb_prepare(engine, work, *args)
+    assert [s["cached"] for s in steps_of(again)] == [True]
+    assert len(execs(events_of(engine, again["job_id"]), "update-sql")) == 1  # planned again
+
+    write(shared / "body.sql", "create table items(id int, label text);")
+    changed = lb_prepare(engine, work, *args)
+    assert changed["status"] == "succeeded", changed.get("error")
+    assert [s["cached"] for s in steps_of(changed)] == [False]
+    assert psql(changed["result"]["dsn"], "select count(*) from information_schema.columns "
+                                          "where table_name = 'items'") == "2"
 
 
 def test_liquibase_class_archive_is_recorded_once_and_a_bad_one_is_ignored(

@@ -1212,3 +1212,25 @@ def alive(pid: int) -> bool:
             return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_lb_plan_files_hashed_fails_closed_on_files_outside(tmp_path: Path) -> None:
+    work, shared = tmp_path / "work", tmp_path / "shared"
+    work.mkdir()
+    shared.mkdir()
+    (shared / "body.sql").write_text("select 1;")
+    (work / "in.sql").write_text("select 2;")
+    changelog = work / "main.yaml"
+    plan = lb_plan(work, "update", "--changelog-file=main.yaml")
+    changeset = se.Changeset("1", "a", "main.yaml", "9:x")
+
+    def hashed(text: str, *changesets: se.Changeset) -> bool:
+        changelog.write_text(text)
+        return se.lb_plan_files_hashed(plan, changesets or (changeset,))
+
+    assert hashed("- sqlFile:\n    path: in.sql\n    relativeToChangelogFile: true\n")
+    assert hashed('<sqlFile path="missing/../../nowhere.sql"/>')  # names nothing that exists
+    assert not hashed("- sqlFile:\n    path: ../shared/body.sql\n")
+    assert not hashed('<sqlFile path="../shared/body.sql" relativeToChangelogFile="true"/>')
+    assert not hashed("", se.Changeset("1", "a", "../shared/body.sql", "9:x"))
+    assert not hashed("", se.Changeset("1", "a", "gone.yaml", "9:x"))  # cannot be found
