@@ -4419,12 +4419,16 @@ def lb_plan_keys(lb: LiquibasePlan, resolved_image: str) -> tuple[str | None, st
     environment, and the content of every file under the work dir and search paths (None
     when there is too much to hash: the plan is then always made by Liquibase); second, the
     same without the files' content (the command's latest plan, whatever its files held)."""
-    exe = os.stat(lb.exec_path)
-    records = [("image", resolved_image), ("exec", f"{lb.exec_path}:{exe.st_size}:"
-                                                   f"{exe.st_mtime_ns}"),
-               ("args", "\0".join(lb.args_for("update-sql"))),
-               ("env", json.dumps(lb.env, sort_keys=True)), ("work_dir", lb.work_dir)]
+    records = [("image", resolved_image), *lb_install_records(lb),
+               ("args", "\0".join(lb.args_for("update-sql"))), ("work_dir", lb.work_dir)]
     return _hash_lb_files(lb, list(records)), hash_records(*records)
+
+
+def lb_install_records(lb: LiquibasePlan) -> list[tuple[str, str]]:
+    """The Liquibase a plan runs: its executable (path, size, mtime) and environment."""
+    exe = os.stat(lb.exec_path)
+    return [("exec", f"{lb.exec_path}:{exe.st_size}:{exe.st_mtime_ns}"),
+            ("env", json.dumps(lb.env, sort_keys=True))]
 
 
 def lb_roots(lb: LiquibasePlan) -> list[str]:
@@ -4725,10 +4729,7 @@ class LiquibaseRunner:
     def _java_opts(self, lb: LiquibasePlan) -> tuple[str, str, str | None]:
         """JAVA_OPTS for a run, the archive, and the temporary file the run records it in
         (None: the archive exists or another run records it)."""
-        exe = os.stat(lb.exec_path)
-        key = hash_records(("exec", os.path.realpath(lb.exec_path)), ("size", str(exe.st_size)),
-                           ("mtime", str(exe.st_mtime_ns)),
-                           ("env", json.dumps(lb.env, sort_keys=True)))
+        key = hash_records(*lb_install_records(lb))
         archive = os.path.join(self.archive_dir, f"{key[:32]}.jsa")
         if os.path.exists(archive):
             return f"{LIQUIBASE_JAVA_OPTS} -XX:SharedArchiveFile={archive}", archive, None
@@ -4914,8 +4915,7 @@ class Executor:
                                             image.resolved_id, run.job_id)
         try:
             self.instances.start(handle)
-            self.liquibase.run(lb, handle, lb.args_for("update-count", "--count=1"), note, run)
-            self.instances.clear_password(handle)
+            self._run_changeset(lb, handle, lb.args_for("update-count", "--count=1"), run, note)
             return handle
         except BaseException as exc:
             self._discard_quietly(run, handle)
@@ -4948,9 +4948,9 @@ class Executor:
         except Exception:  # the job's outcome stands; the next start sweeps what is left
             log.exception("job %s: cannot discard its runtime %s", run.job_id, handle.key)
 
-    def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, step: StepPlan,
-                       run: JobRun, emit: EventEmitter) -> None:
-        self.liquibase.run(lb, handle, step.args, emit.log, run)
+    def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
+                       run: JobRun, note: Callable[[str], None]) -> None:
+        self.liquibase.run(lb, handle, args, note, run)
         self.instances.clear_password(handle)  # the state must not keep a credential
 
     # execution ----------------------------------------------------------------------------
@@ -4999,16 +4999,17 @@ class Executor:
                 log.exception("retention failed for job %s", run.job_id)
 
     def _drop_ahead(self, run: JobRun) -> None:
-        """Step 0 run ahead of the plan is not needed: another job built that state."""
+        """Drop step 0 run ahead of the plan (another job built that state, or this one
+        ends)."""
         if run.ahead:
             self._discard_quietly(run, run.ahead)
             run.ahead = None
 
     def _drop_runtime(self, run: JobRun) -> None:
-        for handle in (run.runtime, run.ahead):
-            if handle:
-                self._discard_quietly(run, handle)
-        run.runtime = run.ahead = None
+        self._drop_ahead(run)
+        if run.runtime:
+            self._discard_quietly(run, run.runtime)
+            run.runtime = None
 
     def _interrupt(self, job: JobRow, run: JobRun, emit: EventEmitter) -> None:
         """A graceful stop: no half state, the job stays queued and does not count as a crash."""
@@ -5067,7 +5068,7 @@ class Executor:
                 if request.lb is None:
                     self._run_psql(request, handle, step, run, emit)
                 elif step.changeset is not None:
-                    self._run_changeset(request.lb, handle, step, run, emit)
+                    self._run_changeset(request.lb, handle, step.args, run, emit.log)
             run.check()
             self._snapshot(image, handle, step, request.prepare_kind, emit)
             self.instances.pin_runtime(job.job_id, handle)
