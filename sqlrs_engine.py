@@ -53,7 +53,7 @@ import time
 import types
 import typing
 import urllib.parse
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -3457,6 +3457,11 @@ class WarmPool:
                                              rss_bytes=sum(tree_rss(h.pid or 0) for h in ready))
                                    for s, ready, starting in entries if ready or starting])
 
+    def mount_points(self) -> set[str]:
+        """Where the ready pooled runtimes' data dirs are mounted."""
+        with self._changed:
+            return {e[0].data_dir for entries in self._ready.values() for e in entries}
+
     def disk_bytes(self) -> int:
         """What the pooled runtimes' own writes take on disk (counted in the cache's usage)."""
         with self._changed:
@@ -3726,12 +3731,13 @@ class CacheUsage:
         return reasons
 
 
-def overlay_lower_dirs() -> set[str]:
-    """Directories that some overlay mount uses as a lower layer right now."""
+def overlay_lower_dirs(ignored_mounts: Collection[str] = ()) -> set[str]:
+    """Directories that some overlay mount (other than those at ``ignored_mounts``) uses as a
+    lower layer right now."""
     lowers: set[str] = set()
     with open("/proc/self/mountinfo", encoding="utf-8") as handle:
         for line in handle:
-            if " - overlay " not in line:
+            if " - overlay " not in line or line.split(" ", 5)[4] in ignored_mounts:
                 continue
             for option in line.rsplit(" ", 1)[-1].strip().split(","):
                 if option.startswith("lowerdir="):
@@ -3775,7 +3781,7 @@ class CacheManager:
         """(eviction candidates in eviction order, blocked states)."""
         min_age = parse_go_duration(self.config.value("cache.capacity.minStateAge"))
         oldest_allowed = format_ts(time.time_ns() - int(min_age * 1e9))
-        lowers = overlay_lower_dirs()
+        lowers = overlay_lower_dirs(self.pool.mount_points())  # the pool is drained first
         eligible: list[StateRow] = []
         blocked: list[StateRow] = []
         for state in self.store.list_states():

@@ -79,6 +79,27 @@ def test_deleting_a_state_stops_its_pool(engine: EngineProcess) -> None:
     assert not any(e["state_id"] == state_id for e in pool(engine)["entries"])
 
 
+@RUNTIMES
+def test_evicting_a_state_stops_its_pool(engine: EngineProcess) -> None:
+    """A pooled instance never keeps its state from being evicted: it is stopped first."""
+    state_id = state_with_pool(engine)
+    for entry in engine.get("/v1/instances").json():
+        assert engine.delete(f"/v1/instances/{entry['instance_id']}").status == 200
+    size = int(engine.get(f"/v1/states/{state_id}").json()["size_bytes"])
+    capacity = {"reserveBytes": 0, "minStateAge": "0s", "highWatermark": 0.9,
+                "lowWatermark": 0.8, "maxBytes": int(size * 1.5)}
+    for key, value in capacity.items():
+        result = engine.request("PATCH", "/v1/config",
+                                {"path": f"cache.capacity.{key}", "value": value})
+        assert result.status == 200, result.body
+    other = engine.prepare(["-c", "create table other(x int)"])  # the two do not fit
+    assert other["status"] == "succeeded", other
+    assert engine.get(f"/v1/states/{state_id}").status == 404
+    assert not any(e["state_id"] == state_id for e in pool(engine)["entries"])
+    evictions = engine.get("/v1/cache/status").json()["last_eviction"]
+    assert evictions["evicted_count"] >= 1, evictions
+
+
 def test_max_total_zero_turns_the_pool_off(engine: EngineProcess) -> None:
     set_pool(engine, maxTotal=0)
     job = engine.prepare(["-c", "create table t(x int)"])
