@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import contextlib
 import copy
 import dataclasses
@@ -56,6 +57,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import Annotated, Any, NotRequired, ParamSpec, Protocol, TypedDict, TypeVar, cast
 
@@ -230,6 +232,93 @@ def atomic_write(path: str, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+#: what a child (server, client, Liquibase) takes from the engine's environment: locale and
+#: time zone; everything else it gets is set explicitly (no secret of the engine's reaches the
+#: server user, who can read its environment with ``COPY … FROM PROGRAM 'env'``)
+CHILD_ENV_PASSED = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TZ")
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """A minimal, explicit environment for a child process: a fixed PATH (the engine's own
+    when it is not root: the same user, whose tools may live elsewhere), the locale and time
+    zone, and ``extra``."""
+    env = {"PATH": CHILD_PATH if os.geteuid() == 0 else os.environ.get("PATH", CHILD_PATH)}
+    env.update({key: os.environ[key] for key in CHILD_ENV_PASSED if key in os.environ})
+    env.update(extra)
+    return env
+
+
+def read_regular_file(path: str, limit: int = 1 << 20, follow: bool = False) -> bytes:
+    """At most ``limit`` bytes of the regular file at ``path``, never blocking on a FIFO or
+    device (OSError for anything but a regular file) and, unless ``follow``, never following
+    a final symlink: how the engine reads files in directories other users control."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        chunks = []
+        left = limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def write_file_in(dir_path: str, name: str, data: bytes, mode: int,
+                  owner: tuple[int, int] | None = None) -> None:
+    """Replace ``dir_path/name`` with ``data`` through the directory's descriptor: a fresh
+    temporary (``O_EXCL|O_NOFOLLOW``) is given its mode and owner through its own descriptor
+    before it is renamed into place, so nothing is ever followed, chowned or chmodded by path
+    in a directory someone else may control."""
+    dir_fd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        tmp = f".{name}.sqlrs-{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=dir_fd)
+        try:
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def private_dir_problem(path: str, follow: bool = True) -> str | None:
+    """Why ``path`` (an existing directory) is not the engine's own: not a directory (a
+    symlink to one only counts with ``follow``, for a path the user named), owned by another
+    user, or writable by group or others. None when it is."""
+    st = os.stat(path) if follow else os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by the engine's user ({os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by {'others' if st.st_mode & 0o002 else 'its group'}"
+    return None
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) or check that it is the engine's own directory and make it
+    0700; a directory that someone else owns or may write is refused (ValueError) and left as
+    it is."""
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(path, mode=0o700)
+    problem = private_dir_problem(path)
+    if problem:
+        raise ValueError(f"refusing an unsafe directory: {problem}")
+    os.chmod(path, 0o700)
+
+
 def remove_tree(path: str) -> None:
     if os.path.lexists(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -264,6 +353,13 @@ def in_background(name: str, work: Callable[P, T], *args: P.args,
     return future
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, for a log line (which also reaches
+    terminals): a request path or a client's output can not forge lines or escapes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
 def safe_path_component(value: str) -> str:
     """Map an arbitrary string (an image id) to one safe path component."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value).strip(".")
@@ -284,8 +380,10 @@ class ErrorBody(TypedDict):
     details: NotRequired[Annotated[str, Doc("Omitted when empty.")]]
 
 
-class ApiError(Exception):
-    """A failure with an HTTP status and a JSON body ``{code, message[, details]}``."""
+class EngineError(Exception):
+    """The one root of every failure the engine reports: an HTTP status and a JSON body
+    ``{code, message[, details]}``. The HTTP layer renders any of them at its one catch point
+    (``HttpHandler._answer``); a job records its body as the job's error."""
 
     def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -301,6 +399,14 @@ class ApiError(Exception):
                 self.details if isinstance(self.details, str) else json.dumps(self.details)
             )
         return out
+
+    @property
+    def error(self) -> ErrorBody:
+        return self.body()
+
+
+class ApiError(EngineError):
+    """A request the engine refuses or cannot serve."""
 
 
 def internal_error(details: Any = None, message: str = "internal error",
@@ -320,12 +426,23 @@ def conflict(message: str, details: Any = None) -> ApiError:
     return ApiError(HTTPStatus.CONFLICT, "conflict", message, details)
 
 
-class JobFailure(Exception):
-    """A prepare job ends in ``failed`` with this error body."""
+#: the HTTP status of a failure by its code, when one reaches a request (500 otherwise)
+FAILURE_STATUS = {
+    "image_not_found": HTTPStatus.NOT_FOUND, "unsupported_image": HTTPStatus.BAD_REQUEST,
+    "registry_unavailable": HTTPStatus.SERVICE_UNAVAILABLE, "cancelled": HTTPStatus.CONFLICT,
+    "cache_limit_too_small": HTTPStatus.INSUFFICIENT_STORAGE,
+    "cache_full_unreclaimable": HTTPStatus.INSUFFICIENT_STORAGE,
+    "cache_enforcement_unavailable": HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+
+class JobFailure(EngineError):
+    """A prepare job ends in ``failed`` with this error; raised on a request path (a
+    runtime or the cache refusing), it answers with the status its code calls for."""
 
     def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.error = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, code, message, details).body()
+        super().__init__(FAILURE_STATUS.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code,
+                         message, details)
 
 
 class JobCancelled(JobFailure):
@@ -638,17 +755,30 @@ CREATE TABLE IF NOT EXISTS names (
 """
 
 
+WAL_KEPT_BYTES = 4 << 20  #: a checkpointed WAL is truncated to this
+
+
 class Database:
-    """A pool of SQLite connections to one file: WAL, busy timeout, foreign keys.
+    """A pool of SQLite connections to one file (created 0600, as SQLite then creates its WAL
+    and shared-memory files): WAL, busy timeout, foreign keys, incremental vacuum.
 
     ``read()`` lends a connection in autocommit mode; ``write()`` wraps the block in
-    ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any exception).
+    ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any exception). A full disk is reported
+    as the file system reports it (``OSError`` with ``ENOSPC``), whichever layer hit it.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         with self.read() as conn:
+            if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # freed pages go back
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")         # to the file system
+                conn.execute("VACUUM")
             conn.execute("PRAGMA journal_mode=WAL")
 
     def _connect(self) -> sqlite3.Connection:
@@ -657,6 +787,7 @@ class Database:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
         return conn
 
     @contextlib.contextmanager
@@ -667,6 +798,10 @@ class Database:
             conn = self._connect()
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise OSError(errno.ENOSPC, f"{self.path}: {exc}") from exc
+            raise
         finally:
             if conn.in_transaction:
                 conn.rollback()
@@ -682,6 +817,11 @@ class Database:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def shrink(self) -> None:
+        """Give pages freed by deletions back to the file system."""
+        with self.read() as conn:
+            conn.execute("PRAGMA incremental_vacuum").fetchall()  # each row frees pages
 
     def migrate(self, script: str) -> None:
         with self.read() as conn:
@@ -1286,6 +1426,7 @@ class JobQueue:
     def delete_job(self, job_id: str) -> None:
         with self.db.write() as conn:
             conn.execute("DELETE FROM prepare_jobs WHERE job_id = ?", (job_id,))
+        self.db.shrink()
         self._notify()
 
     # Liquibase plans, by what they depend on --------------------------------------------
@@ -1584,7 +1725,7 @@ def fsync_tree(path: str) -> None:
 def copy_tree(source: str, dest: str) -> None:
     """``cp -a`` with reflinks where the filesystem has them (ownership and modes kept)."""
     proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=child_env())
     if proc.returncode != 0:
         code = errno.ENOSPC if "No space left" in proc.stderr else errno.EIO
         raise OSError(code, f"copy {source} -> {dest}: {proc.stderr.strip()}")
@@ -1888,9 +2029,9 @@ READY_POLL_SECONDS = 0.002
 
 
 def write_hba(data_dir: str, owner: tuple[int, int]) -> None:
-    path = os.path.join(data_dir, "pg_hba.conf")
-    atomic_write(path, PG_HBA, 0o600)
-    os.chown(path, *owner)
+    """Replace the data directory's pg_hba.conf (the server user's directory: written through
+    its descriptor, never by path)."""
+    write_file_in(data_dir, "pg_hba.conf", PG_HBA, 0o600, owner)
 
 
 def scram_verifier(password: str, iterations: int = 4096) -> str:
@@ -1931,10 +2072,12 @@ class DbmsError(Exception):
 
 
 def read_postmaster_pid(data_dir: str) -> list[str]:
+    """The lines of the server's lock file; [] when it is missing or not a small regular
+    file (the server user controls the data directory)."""
     try:
-        with open(os.path.join(data_dir, "postmaster.pid"), encoding="utf-8") as handle:
-            return handle.read().splitlines()
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        data = read_regular_file(os.path.join(data_dir, "postmaster.pid"), 4096)
+        return data.decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return []
 
 
@@ -1980,6 +2123,11 @@ class PostgresDbms:
         #: guards ``_children`` (servers started by this process, reaped on stop)
         self._lock = threading.Lock()
 
+    def server_env(self, **extra: str) -> dict[str, str]:
+        """The whole environment of a process run as the server user (see ``child_env``)."""
+        home = "/" if not self.user.is_self else os.environ.get("HOME", "/")
+        return child_env(HOME=home, USER=self.user.name, LOGNAME=self.user.name, **extra)
+
     def as_server_user(self) -> dict[str, Any]:
         """Popen keywords that drop privileges to the server user."""
         if self.user.is_self:
@@ -1989,7 +2137,8 @@ class PostgresDbms:
     def initdb(self, bindir: str, data_dir: str) -> None:
         proc = subprocess.run(
             [os.path.join(bindir, "initdb"), "-D", data_dir, *INITDB_OPTIONS],
-            capture_output=True, text=True, cwd="/", check=False, **self.as_server_user(),
+            capture_output=True, text=True, cwd="/", check=False, env=self.server_env(),
+            **self.as_server_user(),
         )
         if proc.returncode != 0:
             raise DbmsError(f"initdb failed: {proc.stdout}{proc.stderr}".strip())
@@ -2023,7 +2172,7 @@ class PostgresDbms:
             os.chmod(log_path, 0o600)
             proc: subprocess.Popen[bytes] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
-                start_new_session=True, **self.as_server_user(),
+                start_new_session=True, env=self.server_env(), **self.as_server_user(),
             )
         with self._lock:
             self._children[proc.pid] = proc
@@ -2146,18 +2295,79 @@ class RuntimeHandle:
         return f"postgres://{SUPERUSER}{secret}@127.0.0.1:{self.port}/postgres"
 
 
+MAX_LINE_BYTES = 64 * 1024  #: a longer line of client output keeps its head and says the rest
+
+
+class LineSplitter:
+    """Splits a byte stream into lines as they complete, holding at most ``limit`` bytes of
+    a line: past that, a line is ``cut`` (it keeps its first ``limit`` bytes and a note of
+    how many were cut: a client printing one huge line costs ``limit`` bytes) or handed on in
+    pieces of ``limit`` bytes without a newline (for output shown verbatim)."""
+
+    def __init__(self, limit: int = MAX_LINE_BYTES, cut: bool = True) -> None:
+        self.limit = limit
+        self.cut = cut
+        self._head = bytearray()
+        self._cut = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines (each ending in a newline) and pieces ``data`` completes."""
+        out: list[bytes] = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            out += self._take(data[start:end])
+            out.append(self._line(b"\n"))
+            start = end + 1
+        return out + self._take(data[start:])
+
+    def finish(self) -> list[bytes]:
+        """The last line, when the stream did not end with a newline."""
+        return [self._line(b"")] if self._head or self._cut else []
+
+    def _take(self, piece: bytes) -> list[bytes]:
+        room = max(self.limit - len(self._head), 0)
+        self._head += piece[:room]
+        rest = piece[room:]
+        if not rest:
+            return []
+        if self.cut:
+            self._cut += len(rest)
+            return []
+        pieces = [bytes(self._head), *(rest[at:at + self.limit]
+                                       for at in range(0, len(rest), self.limit))]
+        self._head[:] = pieces.pop()
+        return pieces
+
+    def _line(self, end: bytes) -> bytes:
+        note = f" … [{self._cut} more bytes cut]".encode() if self._cut else b""
+        line = bytes(self._head) + note + end
+        self._head.clear()
+        self._cut = 0
+        return line
+
+
+def split_lines(chunks: Iterator[bytes], cut: bool) -> Iterator[bytes]:
+    """The lines of a stream read in chunks (see ``LineSplitter``)."""
+    splitter = LineSplitter(cut=cut)
+    for chunk in chunks:
+        yield from splitter.feed(chunk)
+    yield from splitter.finish()
+
+
 class ClientProcess:
     """A client program running against a runtime; ``lines`` yields (stream, line) as they come.
 
-    Subclasses provide ``_sources`` (readers for stdout and stderr), ``wait`` and ``kill``.
+    Subclasses provide ``_sources`` (line readers for stdout and stderr), ``wait`` and
+    ``kill``. A line longer than MAX_LINE_BYTES is ``cut`` (for logs) or comes in pieces (for
+    output shown verbatim); see ``LineSplitter``.
     """
 
-    def _sources(self) -> list[tuple[str, Iterator[bytes]]]:
+    def _sources(self, cut: bool) -> list[tuple[str, Iterator[bytes]]]:
         raise NotImplementedError
 
-    def lines(self) -> Iterator[tuple[str, bytes]]:
+    def lines(self, cut: bool = True) -> Iterator[tuple[str, bytes]]:
         chunks: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
-        sources = self._sources()
+        sources = self._sources(cut)
         for name, source in sources:
             threading.Thread(target=_pump, args=(source, name, chunks), daemon=True).start()
         open_sources = len(sources)
@@ -2193,10 +2403,11 @@ class HostClient(ClientProcess):
         if stdin is not None:
             threading.Thread(target=_feed_stdin, args=(proc, stdin), daemon=True).start()
 
-    def _sources(self) -> list[tuple[str, Iterator[bytes]]]:
+    def _sources(self, cut: bool) -> list[tuple[str, Iterator[bytes]]]:
         assert self.proc.stdout and self.proc.stderr
-        return [("stdout", iter(self.proc.stdout.readline, b"")),
-                ("stderr", iter(self.proc.stderr.readline, b""))]
+        return [(name, split_lines(iter(partial(os.read, stream.fileno(), 1 << 16), b""), cut))
+                for name, stream in (("stdout", self.proc.stdout),
+                                     ("stderr", self.proc.stderr))]
 
     def wait(self) -> int:
         return self.proc.wait()
@@ -2267,7 +2478,7 @@ class HostRuntime:
         if cached:
             return cached.split("|", 1)[0], cached.split("|", 1)[1]
         out = subprocess.run([postgres, "--version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+                             check=True, env=child_env()).stdout.strip()
         version = out.split()[2] if len(out.split()) > 2 else out
         digest = hashlib.sha256()
         with open(postgres, "rb") as handle:
@@ -2308,12 +2519,10 @@ class HostRuntime:
         """A client binary (psql, pgbench) from the same bindir, run as the server's OS user
         and connected over the private socket; ``workdir`` is used when that user may enter
         it, "/" otherwise."""
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-        env.update(PGHOST=handle.socket_dir, PGPORT=str(handle.port), PGUSER=SUPERUSER,
-                   PGDATABASE="postgres", PGAPPNAME=f"sqlrs-{program}")
+        env = self.dbms.server_env(PGHOST=handle.socket_dir, PGPORT=str(handle.port),
+                                   PGUSER=SUPERUSER, PGDATABASE="postgres",
+                                   PGAPPNAME=f"sqlrs-{program}")
         as_user = self.dbms.as_server_user()
-        if as_user:
-            env.update(HOME="/", USER=self.dbms.user.name, LOGNAME=self.dbms.user.name)
         proc = subprocess.Popen(
             [os.path.join(handle.image.bindir, program), *args],
             cwd=workdir if not as_user or self.dbms.user.can_enter(workdir) else "/", env=env,
@@ -2417,20 +2626,18 @@ class DockerClient(ClientProcess):
                 raw.sendall(stdin)
             raw.shutdown(socket.SHUT_WR)
 
-    def lines(self) -> Iterator[tuple[str, bytes]]:
+    def lines(self, cut: bool = True) -> Iterator[tuple[str, bytes]]:
         from docker.utils import socket as docker_socket
 
         frames: Callable[..., Iterator[tuple[int, bytes]]] = docker_socket.frames_iter
-        names = {1: "stdout", 2: "stderr"}
-        pending = {1: b"", 2: b""}
+        streams = {1: ("stdout", LineSplitter(cut=cut)), 2: ("stderr", LineSplitter(cut=cut))}
         for stream, data in frames(self.sock, tty=False):
-            pending[stream] = pending.get(stream, b"") + data
-            *complete, pending[stream] = pending[stream].split(b"\n")
-            for line in complete:
-                yield names.get(stream, "stdout"), line + b"\n"
-        for stream, rest in pending.items():
-            if rest:
-                yield names.get(stream, "stdout"), rest
+            name, splitter = streams.get(stream, streams[1])
+            for line in splitter.feed(data):
+                yield name, line
+        for name, splitter in streams.values():
+            for line in splitter.finish():
+                yield name, line
 
     #: how long a client may run on after its output ended before it counts as hung
     linger_seconds = 30.0
@@ -2530,7 +2737,7 @@ class DockerRuntime:
             with self._lock:
                 self._client = None
             raise RuntimeUnavailable(str(exc)) from None
-        except (requests.exceptions.RequestException, AttributeError) as exc:
+        except requests.exceptions.RequestException as exc:
             raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error", "docker call failed",
                            str(exc)) from None
 
@@ -2853,6 +3060,7 @@ class Runtimes:
             remove_tree(base)
             work = os.path.join(self.layout.engine_dir(image), f".init-{random_hex(4)}")
             os.makedirs(os.path.join(work, "pgdata"), mode=0o700)
+            pause_point("init-base")
             key = f"init-{random_hex(8)}"
             try:
                 exposed = self.snapshots.expose(work, key)
@@ -3136,10 +3344,20 @@ class InstanceManager:
         ))
 
     def ensure_running(self, row: InstanceRow, note: Callable[[str], None]) -> RuntimeHandle:
-        """The instance's live runtime, restarted from its own data if the server is gone."""
+        """The instance's live runtime, restarted from its own data if the server is gone.
+        The restart holds the instance's lock, so a deletion waits for it (and then finds a
+        server to stop) and concurrent runs share one restart."""
         handle = self.live_handle(row)
         if handle:
             return handle
+        with self.locked(row.instance_id):
+            current = self.store.get_instance(row.instance_id)
+            if current is None:
+                raise not_found("instance not found")
+            return self.live_handle(current) or self._restart(current, note)
+
+    def _restart(self, row: InstanceRow, note: Callable[[str], None]) -> RuntimeHandle:
+        pause_point("run-restart")
         if not row.runtime_dir or not os.path.isdir(row.runtime_dir):
             raise conflict("instance runtime_dir is missing")
         image = self.runtimes.resolve(row.image_id)
@@ -3192,7 +3410,7 @@ class InstanceManager:
         for row in rows:
             try:
                 image = self.runtimes.resolve(row.image_id)
-            except (ApiError, JobFailure):
+            except EngineError:
                 self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
                 continue
             handle = self._handle(row.instance_id, image)
@@ -3365,35 +3583,51 @@ class WarmPool:
         return None
 
     def _fill(self, state_id: str) -> None:
-        handle, state = None, None
+        """Start one runtime of ``state_id`` for the pool; whatever happens (any exception),
+        the start is no longer counted and nothing stays pinned for it."""
+        handle: RuntimeHandle | None = None
         try:
-            state = self.store.get_state(state_id)
-            if state is not None:
-                key = random_hex(16)
-                self.instances.pin(POOL_PIN + key, {state.state_dir})
-                image, source = self.instances.source_of(state)
-                handle = self.instances.new_runtime(key, image, source, state_id)
-                self.instances.start(handle)
-                # a fresh server's first session loads the catalog caches: the engine's own,
-                # not the client's (no client ever connected to a pooled runtime)
-                self.instances.admin_sql(handle, "SELECT count(*) FROM pg_class")
-                handle.password = self.instances.set_password(handle)  # ahead of hand-out
-        except (ApiError, JobFailure, DbmsError, OSError) as exc:
+            handle = self._start_pooled(state_id)
+        except Exception as exc:
             log.warning("warm pool: cannot start a runtime of %s: %s", state_id, exc)
-            if handle:
+        finally:
+            with self._changed:
+                keep = handle is not None and state_id in self._recent
+                if keep and handle:
+                    self._ready.setdefault(state_id, []).append((handle, time.monotonic()))
+                elif handle is None:  # gone or failing: not filled again until handed out
+                    self._recent.pop(state_id, None)
+            if handle and not keep:  # drained meanwhile: gone (and unpinned) before drain
+                self._discard(handle)  # returns
+            with self._changed:
+                self._starting[state_id] -= 1
+                self._changed.notify_all()
+
+    def _start_pooled(self, state_id: str) -> RuntimeHandle | None:
+        """A started runtime of the state (pinned by the pool), or None when the state is
+        gone; on any failure nothing is left running or pinned."""
+        state = self.store.get_state(state_id)
+        if state is None:
+            return None
+        key = random_hex(16)
+        self.instances.pin(POOL_PIN + key, {state.state_dir})
+        handle: RuntimeHandle | None = None
+        try:
+            image, source = self.instances.source_of(state)
+            handle = self.instances.new_runtime(key, image, source, state_id)
+            pause_point("pool-start")
+            self.instances.start(handle)
+            # a fresh server's first session loads the catalog caches: the engine's own,
+            # not the client's (no client ever connected to a pooled runtime)
+            self.instances.admin_sql(handle, "SELECT count(*) FROM pg_class")
+            handle.password = self.instances.set_password(handle)  # ahead of hand-out
+            return handle
+        except BaseException:
+            if handle is not None:
                 self._discard(handle)
-            handle = None
-        with self._changed:
-            keep = handle is not None and state_id in self._recent
-            if keep and handle:
-                self._ready.setdefault(state_id, []).append((handle, time.monotonic()))
-            elif state is None or handle is None:
-                self._recent.pop(state_id, None)
-        if handle and not keep:  # drained meanwhile: gone (and unpinned) before drain returns
-            self._discard(handle)
-        with self._changed:
-            self._starting[state_id] -= 1
-            self._changed.notify_all()
+            else:
+                self.instances.unpin(POOL_PIN + key)
+            raise
 
     def _expire(self) -> None:
         """Stop runtimes idle too long, of states no longer among the most recent, or over
@@ -3905,6 +4139,7 @@ class CacheManager:
 ###############################################################################
 
 PSQL_TASK_HASH_SCHEMA = "psql-task-hash-v2"
+MAX_SCRIPT_BYTES = 1 << 30  #: a script (or included file) larger than this is cut there
 INPUT_BOUNDARY = b"\n-- sqlrs: input-boundary\n"
 INCLUDE_BOUNDARY = b"\n-- sqlrs: include-boundary\n"
 CONNECTION_FLAGS = ("-h", "-p", "-U", "-d")
@@ -4088,13 +4323,18 @@ def _file_input(path: str) -> PsqlInput:
 class ContentHasher:
     """Expands ``\\i``-style includes and hashes script content as the reference engine does.
 
-    Works on bytes; a script without a backslash-i is never split into lines. Expanded inputs
-    and hashes are memoised, so planning a job reads each script once.
+    Works on bytes; a script without a backslash-i is never split into lines. An include is
+    expanded only where psql would run it (a line of its own, outside quotes, dollar quotes
+    and comments), and only from inside the work dir or the directory of a script the request
+    names: the engine may read files its client's user may not (it often runs as root), so a
+    script can not pull in ``/etc/shadow`` or ``../../other-project``. Expanded inputs and
+    hashes are memoised, so planning a job reads each script once.
     """
 
     def __init__(self, work_dir: str, stdin: str | None) -> None:
         self.work_dir = work_dir
         self.stdin = stdin
+        self._roots = {os.path.realpath(work_dir)}
         self._texts: dict[tuple[str, str], bytes] = {}
         self._hashes: dict[tuple[tuple[str, str], ...], str] = {}
 
@@ -4106,6 +4346,7 @@ class ContentHasher:
             elif item.kind == "stdin":
                 self._texts[key] = self._expand(os.fsencode(self.stdin or ""), self.work_dir, [])
             else:
+                self._roots.add(os.path.realpath(os.path.dirname(item.value)))
                 self._texts[key] = self._expand_file(item.value, [])
         return self._texts[key]
 
@@ -4113,11 +4354,20 @@ class ContentHasher:
         real = os.path.realpath(path)
         if real in stack:
             raise invalid_argument("recursive include", " -> ".join([*stack, real]))
+        if stack and not any(real == root or real.startswith(root.rstrip("/") + "/")
+                             for root in self._roots):
+            raise invalid_argument(
+                "include outside the work dir",
+                f"{path} (resolved: {real}) is neither under the work dir nor next to a"
+                f" script of the request: {', '.join(sorted(self._roots))}")
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = read_regular_file(path, MAX_SCRIPT_BYTES + 1, follow=True)
         except OSError as exc:
-            raise invalid_argument("cannot read file", f"{path}: {exc.strerror}") from None
+            raise invalid_argument("cannot read file",
+                                   f"{path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_SCRIPT_BYTES:
+            raise invalid_argument("script too large",
+                                   f"{path} is larger than {MAX_SCRIPT_BYTES} bytes")
         return self._expand(data, os.path.dirname(path), [*stack, real])
 
     def _expand(self, data: bytes, file_dir: str, stack: list[str]) -> bytes:
@@ -4127,7 +4377,7 @@ class ContentHasher:
             return _normalise_lines(data)
         out = []
         pos = 0
-        for match in INCLUDE_LINE_RE.finditer(data):
+        for match in psql_include_lines(data):
             out.append(_normalise_lines(data[pos:match.start()]))
             target = os.fsdecode(match.group(2).strip().strip(b"'\""))
             base = file_dir if match.group(1) in (b"ir", b"include_relative") else self.work_dir
@@ -4147,6 +4397,64 @@ class ContentHasher:
                 digest.update(self.input_text(item))
             self._hashes[key] = digest.hexdigest()
         return self._hashes[key]
+
+
+#: where a quoted string, dollar quote or comment opens (E'' strings before plain quotes)
+_SQL_OPENER_RE = re.compile(
+    rb"--|/\*|(?<![A-Za-z0-9_$])[Ee]'|'|\"|\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_BLOCK_COMMENT_RE = re.compile(rb"/\*|\*/")
+_E_STRING_REST_RE = re.compile(rb"(?:[^'\\]|\\.|'')*'", re.DOTALL)
+
+
+def psql_include_lines(data: bytes) -> list[re.Match[bytes]]:
+    """The include lines of a script that psql would run: those starting outside a quoted
+    string, quoted identifier, dollar quote and comment."""
+    found = []
+    pos = 0
+    for match in INCLUDE_LINE_RE.finditer(data):
+        if match.start() < pos:
+            continue
+        pos = _skip_quoted(data, pos, match.start())
+        if pos <= match.start():
+            found.append(match)
+            pos = match.end()
+    return found
+
+
+def _skip_quoted(data: bytes, pos: int, limit: int) -> int:
+    """Scan SQL from ``pos`` (outside any quote) towards ``limit``: ``limit`` when it is
+    reached outside quotes and comments, else where the quote or comment around it ends."""
+    while (opener := _SQL_OPENER_RE.search(data, pos, limit)) is not None:
+        pos = _quote_end(data, opener)
+        if pos > limit:
+            return pos
+    return limit
+
+
+def _quote_end(data: bytes, opener: re.Match[bytes]) -> int:
+    """Where the quote or comment that ``opener`` opens ends (the end of data if it never
+    does)."""
+    token, at = opener.group(), opener.end()
+    if token == b"--":
+        end = data.find(b"\n", at)
+        return len(data) if end < 0 else end
+    if token == b"/*":
+        depth = 1
+        while depth and (mark := _BLOCK_COMMENT_RE.search(data, at)) is not None:
+            depth += 1 if mark.group() == b"/*" else -1
+            at = mark.end()
+        return at if not depth else len(data)
+    if token.startswith(b"$"):
+        end = data.find(token, at)
+        return len(data) if end < 0 else end + len(token)
+    if token[:1] in (b"E", b"e"):
+        end_match = _E_STRING_REST_RE.match(data, at)
+        return end_match.end() if end_match else len(data)
+    while (end := data.find(token, at)) >= 0:  # '' or "" inside is the quote itself
+        if data[end + 1:end + 2] != token:
+            return end + 1
+        at = end + 2
+    return len(data)
 
 
 def _normalise_lines(data: bytes) -> bytes:
@@ -4604,6 +4912,7 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 HEARTBEAT_SECONDS = 0.5
 HEARTBEATS_AT_FULL_RATE = 20  #: repeats per quiet stretch before they slow down ten-fold
 LOG_LINES_IN_FULL = 200
+HEARTBEAT_MESSAGE_CHARS = 200
 OUTPUT_TAIL_BYTES = 64 * 1024
 STATE_MARKER = ".build.ok"
 
@@ -4637,7 +4946,7 @@ class EventEmitter:
             self._closed = not applied or job_fields.get("status") in TERMINAL_STATUSES
             if event["type"] == "log" or (event["type"] == "task" and
                                           event.get("status") == "running"):
-                self._last = event
+                self._last = heartbeat_of(event)
             elif event["type"] == "task":
                 self._last = None
             self._last_at, self._repeats = time.monotonic(), 0
@@ -4684,6 +4993,16 @@ class EventEmitter:
                 if due and self._last is not None and not self._closed:
                     self.jobs.append_event(self.job_id, {**self._last, "ts": format_ts()})
                     self._last_at, self._repeats = time.monotonic(), self._repeats + 1
+
+
+def heartbeat_of(event: JsonDict) -> JsonDict:
+    """What a heartbeat repeats of ``event``: the event with its message cut to its first
+    HEARTBEAT_MESSAGE_CHARS characters (a heartbeat says "still here", it never stores a
+    long line of output again)."""
+    message = event.get("message")
+    if isinstance(message, str) and len(message) > HEARTBEAT_MESSAGE_CHARS:
+        return {**event, "message": message[:HEARTBEAT_MESSAGE_CHARS] + " …"}
+    return event
 
 
 @dataclass
@@ -4785,13 +5104,14 @@ class LiquibaseRunner:
              ) -> tuple[str, int]:
         """Liquibase's exit status and its stdout, or its output's tail when it failed."""
         password = self.instances.set_password(handle)
-        env = {**os.environ, "JAVA_OPTS": java_opts, **lb.env,
-               "LIQUIBASE_SHOW_BANNER": "false",
-               "LIQUIBASE_COMMAND_URL": f"jdbc:postgresql://127.0.0.1:{handle.port}/postgres",
-               "LIQUIBASE_COMMAND_USERNAME": SUPERUSER, "LIQUIBASE_COMMAND_PASSWORD": password}
+        env = self.dbms.server_env(**{
+            **{key: os.environ[key] for key in ("JAVA_HOME",) if key in os.environ},
+            "JAVA_OPTS": java_opts, **lb.env, "LIQUIBASE_SHOW_BANNER": "false",
+            "LIQUIBASE_COMMAND_URL": f"jdbc:postgresql://127.0.0.1:{handle.port}/postgres",
+            "LIQUIBASE_COMMAND_USERNAME": SUPERUSER, "LIQUIBASE_COMMAND_PASSWORD": password})
         as_user = self.dbms.as_server_user()
         if as_user:
-            env.update(HOME=tempfile.gettempdir(), USER=self.dbms.user.name)
+            env["HOME"] = tempfile.gettempdir()
         argv = [lb.exec_path, *args]
         note(f"liquibase: exec {shlex.join(argv)}")
         note("liquibase: start")
@@ -4977,15 +5297,14 @@ class Executor:
             emit.emit({"type": "status", "status": "succeeded"}, *more, **fields)
         except EngineStopping:
             self._interrupt(job, run, emit)
-        except JobFailure as exc:
-            self._retain_finishing(run, retain)
-            self._fail(job.job_id, run, emit, exc.error)
-        except ApiError as exc:
+        except EngineError as exc:
             self._retain_finishing(run, retain)
             self._fail(job.job_id, run, emit, exc.body())
-        except sqlite3.OperationalError as exc:
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                log.exception("job %s crashed", job.job_id)
             code, message = (("cache_limit_too_small", "no space left for the build")
-                             if "full" in str(exc) else ("internal_error", "internal error"))
+                             if exc.errno == errno.ENOSPC else ("internal_error", "internal error"))
             self._fail(job.job_id, run, emit, internal_error(str(exc), message, code).body())
         except Exception as exc:
             log.exception("job %s crashed", job.job_id)
@@ -5162,9 +5481,9 @@ class Executor:
                 size_bytes=size, last_used_at=None, use_count=0,
                 state_dir=final_dir,
             ))
-        except OSError as exc:
-            remove_tree(final_dir)
-            if exc.errno == errno.ENOSPC:
+        except BaseException as exc:  # a full disk (files or SQLite) or anything else:
+            remove_tree(final_dir)      # no state directory without its row
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise JobFailure("cache_limit_too_small", "no space left for the new state",
                                  {"state_id": step.state_id}) from exc
             raise
@@ -5203,22 +5522,25 @@ class Executor:
 
 
 def collect_output(proc: ClientProcess, log_line: Callable[[str], None], prefix: str) -> str:
-    """Forward output lines as log events (every line at first, then at most two a second)
+    """Forward output lines as log events (every line at first, then at most two a second,
+    each forwarded line saying how many it stands for; the last line is always forwarded)
     and return the output's tail for error details."""
     tail = bytearray()
     skipped = 0
     last_flush = time.monotonic()
+    line = ""
     for count, (_stream, raw) in enumerate(proc.lines(), start=1):
         tail += raw
         if len(tail) > OUTPUT_TAIL_BYTES:
             del tail[: len(tail) - OUTPUT_TAIL_BYTES]
         line = raw.decode("utf-8", "replace").rstrip("\n")
         if count <= LOG_LINES_IN_FULL or time.monotonic() - last_flush >= 0.5:
-            suffix = f" (+{skipped} lines)" if skipped else ""
-            log_line(prefix + line + suffix)
+            log_line(prefix + line + (f" (+{skipped} lines)" if skipped else ""))
             skipped, last_flush = 0, time.monotonic()
         else:
             skipped += 1
+    if skipped:  # the end of a step's output always arrives
+        log_line(prefix + line + (f" (+{skipped - 1} lines)" if skipped > 1 else ""))
     return tail.decode("utf-8", "replace")
 
 
@@ -5639,9 +5961,11 @@ class RunManager:
             return 127
         finished = False
         try:
-            for stream, line in proc.lines():
+            decoders = {name: codecs.getincrementaldecoder("utf-8")("replace")
+                        for name in ("stdout", "stderr")}  # a long line comes in pieces
+            for stream, line in proc.lines(cut=False):
                 yield json_line(RunEvent(type=stream, ts=format_ts(),
-                                         data=line.decode("utf-8", "replace")))
+                                         data=decoders[stream].decode(line)))
             finished = True
         finally:
             if not finished:
@@ -5658,6 +5982,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 READ_TIMEOUT_SECONDS = 30.0
 LINGER_SECONDS = 2.0
+DEFAULT_MAX_CONNECTIONS = 128
 NOT_FOUND_TEXT = b"404 page not found\n"
 STREAM_POLL_SECONDS = 0.5
 
@@ -6367,11 +6692,7 @@ class Api:
         return json_response(HTTPStatus.OK, self.cache.status())
 
     def cache_explain(self, req: Request) -> Response:
-        try:
-            return json_response(HTTPStatus.OK, self.prepare.explain(req.json()))
-        except JobFailure as exc:
-            raise internal_error(exc.error.get("details"), exc.error["message"],
-                                 exc.error["code"]) from None
+        return json_response(HTTPStatus.OK, self.prepare.explain(req.json()))
 
     # runs ---------------------------------------------------------------------------------
     def runs_create(self, req: Request) -> Response:
@@ -6433,7 +6754,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         """Nothing: ``_serve`` logs each request once, with its duration."""
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.info("http: " + format, *args)
+        log.info("http: %s", printable(format % args))
 
     def handle_one_request(self) -> None:
         self.server.watch.reading(self.connection)
@@ -6443,43 +6764,68 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.server.watch.done(self.connection)
 
     def _serve(self) -> None:
-        """Read the whole request, then answer it; only the answering counts as activity, so
-        a client that sends slowly neither keeps the engine awake nor holds it longer than
-        the read timeout."""
+        """Answer one request. Host, route, token and method are checked from the headers
+        alone, so nobody without the token makes the engine read (or hold) a body; then the
+        body is read whole and the route answers. Only the answering counts as activity: a
+        client that sends slowly neither keeps the engine awake nor holds it longer than the
+        read timeout."""
         started = time.monotonic()
         try:
-            length = body_length(self.headers)
-            body = self.rfile.read(length)
-        except ApiError as exc:
+            target = self._route()
+            declared = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
+                self.headers.get("Transfer-Encoding") is not None
+            if declared and (isinstance(target, Response) or not target[2]):
+                self.close_connection = True  # a body never read must not become a request
+            if isinstance(target, Response):
+                response = target
+            else:
+                body = self._read_body() if target[2] else b""
+                if body is None:
+                    return
+                with self.server.activity.request():
+                    response = self._answer(target, body)
+        except EngineError as exc:
             self.close_connection = True
             response = json_response(exc.status, exc.body())
-        except OSError as exc:  # timed out or reset while reading: nobody to answer
-            log.info("http request method=%s body not received: %s", self.command, exc)
-            self.close_connection = True
-            return
-        else:
-            self.server.watch.done(self.connection)
-            if len(body) < length:
-                self.close_connection = True
-                return
-            with self.server.activity.request():
-                response = self._answer(body)
         sent = self._send(response)
         log.info("http request method=%s path=%s status=%d bytes=%d dur=%.6fs remote=%s",
-                 self.command, urllib.parse.urlsplit(self.path).path, response.status, sent,
-                 time.monotonic() - started, self.client_address[0])
+                 self.command, printable(urllib.parse.urlsplit(self.path).path),
+                 response.status, sent, time.monotonic() - started, self.client_address[0])
 
-    def _answer(self, body: bytes) -> Response:
+    def _read_body(self) -> bytes | None:
+        """The request body (413 above the limit before a byte of it is read); None when the
+        client went away or timed out before sending it all (nobody to answer)."""
+        length = body_length(self.headers)
         try:
-            return self._dispatch(body)
-        except ApiError as exc:
+            body = self.rfile.read(length)
+        except OSError as exc:
+            log.info("http request method=%s body not received: %s", self.command, exc)
+            body = b""
+        self.server.watch.done(self.connection)
+        if len(body) < length:
+            self.close_connection = True
+            return None
+        return body
+
+    def _answer(self, target: tuple[Operation, tuple[str, ...], bool], body: bytes) -> Response:
+        operation, groups, _ = target
+        parts = urllib.parse.urlsplit(self.path)
+        request = Request(self.command, parts.path,
+                          urllib.parse.parse_qs(parts.query, keep_blank_values=True),
+                          self.headers.get, body)
+        try:
+            return operation.handler(request, *groups)
+        except EngineError as exc:
             return json_response(exc.status, exc.body())
         except Exception as exc:
-            log.exception("request %s %s failed", self.command, self.path)
+            log.exception("request %s %s failed", self.command, printable(self.path))
             return json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
                                  internal_error(str(exc)).body())
 
-    def _dispatch(self, body: bytes) -> Response:
+    def _route(self) -> Response | tuple[Operation, tuple[str, ...], bool]:
+        """The operation that answers this request (with its path parameters, and whether it
+        takes a body: only with the token), or the answer refusing it, decided from the
+        request line and headers only."""
         if not self.server.guard.host_allowed(self.headers.get("Host")):
             return json_response(HTTPStatus.FORBIDDEN,
                                  {"code": "forbidden", "message": "host not allowed"})
@@ -6499,11 +6845,10 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         operation = route.operations.get("GET" if self.command == "HEAD" else self.command)
         if operation is None:
             return Response(HTTPStatus.METHOD_NOT_ALLOWED)
-        decoded = tuple(urllib.parse.unquote(group) for group in groups)
-        request = Request(self.command, parts.path,
-                          urllib.parse.parse_qs(parts.query, keep_blank_values=True),
-                          self.headers.get, body)
-        return operation.handler(request, *decoded)
+        if not route.auth:
+            body_length(self.headers)  # framing is checked even where no body is read
+        return (operation, tuple(urllib.parse.unquote(group) for group in groups),
+                route.auth)
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
@@ -6530,6 +6875,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(response.status)
         for key, value in response.headers.items():
             self.send_header(key, value)
+        if self.close_connection and "Connection" not in response.headers:
+            self.send_header("Connection", "close")  # the client opens a new one
         if response.content_type:
             self.send_header("Content-Type", response.content_type)
         if response.stream is None:
@@ -6566,7 +6913,10 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
 
 class EngineHttpServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer carrying the engine's Api, Guard and Activity."""
+    """ThreadingHTTPServer carrying the engine's Api, Guard and Activity, with a bound on
+    connections served at once (``max_connections``, SQLRS_ENGINE_MAX_CONNECTIONS): past it,
+    a new connection is answered 503 ``too_many_connections`` and closed, so no local user can
+    make the engine start a thread per connection without limit."""
 
     daemon_threads = True
     request_queue_size = 128
@@ -6574,6 +6924,51 @@ class EngineHttpServer(http.server.ThreadingHTTPServer):
     api: Api
     guard: Guard
     activity: Activity
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    #: counts connections being served (taken on accept, released when its thread ends)
+    _slots: threading.BoundedSemaphore | None = None
+    #: counts refusals still lingering (each a short thread); past it a refusal just closes
+    _refusals = threading.BoundedSemaphore(16)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self._slots is None:
+            self._slots = threading.BoundedSemaphore(self.max_connections)
+        if not self._slots.acquire(blocking=False):
+            log.warning("http: %d connections open: refusing one", self.max_connections)
+            if self._refusals.acquire(blocking=False):
+                threading.Thread(target=self._refuse, args=(request,), daemon=True,
+                                 name="http-refuse").start()
+            else:
+                self.close_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            assert self._slots is not None
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            body = json.dumps(ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "too_many_connections",
+                "too many connections", f"the engine serves at most {self.max_connections}"
+                " connections at once").body()).encode() + b"\n"
+            request.settimeout(LINGER_SECONDS)
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                            b"application/json\r\nConnection: close\r\nContent-Length: " +
+                            str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError as exc:
+            log.debug("http: refusal not delivered: %s", exc)
+        finally:
+            self.shutdown_request(request)
+            self._refusals.release()
 
     def shutdown_request(self, request: Any) -> None:
         """Lingering close: read what the client still sends (for a bounded time) before
@@ -6696,9 +7091,13 @@ def expose_root_for(store_root: str) -> str | None:
     base = "/run" if os.path.isdir("/run") else tempfile.gettempdir()
     digest = hashlib.sha256(store_root.encode()).hexdigest()[:12]
     root = os.path.join(base, "sqlrs-engine", digest)
-    os.makedirs(root, mode=0o711, exist_ok=True)
     for path in (os.path.dirname(root), root):
-        os.chmod(path, 0o711)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        problem = private_dir_problem(path, follow=False)
+        if problem:
+            raise ValueError(f"refusing an unsafe directory: {problem}")
+        os.chmod(path, 0o711)  # the engine's own (checked): servers pass through to their data
     return root
 
 
@@ -6765,7 +7164,15 @@ class Engine:
             log.info("removed %d leftover containers", len(removed))
 
     def _remove_half_states(self) -> None:
+        """Remove what interrupted work left in the store: base clusters half initialised
+        (``.init-*``), states half published (``.tmp-*``, no marker, no row) and states no
+        engine may reuse."""
         engines = os.path.join(self.store_root, "engines")
+        for engine_dir in _glob_dirs(engines, 2, ""):
+            for name in os.listdir(engine_dir):
+                if name.startswith(".init-"):
+                    log.info("removing an interrupted base initialisation %s", name)
+                    remove_tree(os.path.join(engine_dir, name))
         known = {row.state_dir for row in self.store.list_states()}
         for states_dir in _glob_dirs(engines, 2, "states"):
             for name in os.listdir(states_dir):
@@ -6794,10 +7201,10 @@ def _trusts_tcp(state_dir: str) -> bool:
     """A full-copy state built by an engine that let TCP clients in without a password: it
     is never reused (layered host states have new ids: the auth set-up is in their image id)."""
     try:
-        with open(os.path.join(state_dir, "pgdata", "pg_hba.conf"), encoding="utf-8") as hba:
-            return bool(re.search(r"^\s*host\S*\s.*\btrust\b", hba.read(), re.MULTILINE))
+        hba = read_regular_file(os.path.join(state_dir, "pgdata", "pg_hba.conf"))
     except OSError:
         return False
+    return bool(re.search(rb"^\s*host\S*\s.*\btrust\b", hba, re.MULTILINE))
 
 
 def _glob_dirs(root: str, depth: int, leaf: str) -> list[str]:
@@ -6837,25 +7244,30 @@ def watch_idle(server: EngineHttpServer, engine: Engine, timeout: float,
 def run_engine(options: Options) -> int:
     engine_json = os.path.abspath(options.engine_json)
     state_dir = os.path.dirname(engine_json)
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    os.chmod(state_dir, 0o700)
-    if options.run_dir:
-        os.makedirs(options.run_dir, mode=0o700, exist_ok=True)
+    store_root = os.path.abspath(os.environ.get("SQLRS_STATE_STORE") or
+                                 os.path.join(state_dir, "state-store"))
+    for path in (state_dir, store_root, *([options.run_dir] if options.run_dir else [])):
+        ensure_private_dir(path)
+    for inner in (os.path.join(state_dir, "logs"), os.path.join(store_root, "instances"),
+                  os.path.join(store_root, "engines")):  # the engine never makes these links
+        if os.path.lexists(inner) and (problem := private_dir_problem(inner, follow=False)):
+            raise ValueError(f"refusing an unsafe directory: {problem}")
     setup_logging(state_dir)
     log.info("sqlrs-engine version=%s build=%s", options.version, __version__)
     host, port = split_listen(options.listen)
+    max_connections = int(os.environ.get("SQLRS_ENGINE_MAX_CONNECTIONS") or
+                          DEFAULT_MAX_CONNECTIONS)
+    if max_connections < 1:
+        raise ValueError("SQLRS_ENGINE_MAX_CONNECTIONS must be at least 1")
     server_class = EngineHttpServer6 if ":" in host else EngineHttpServer
     server = server_class((host, port), HttpHandler)
-    store_root = os.path.abspath(os.environ.get("SQLRS_STATE_STORE") or
-                                 os.path.join(state_dir, "state-store"))
-    os.makedirs(store_root, mode=0o700, exist_ok=True)
-    os.chmod(store_root, 0o700)
     engine = Engine(options, state_dir, store_root)
     server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
                      engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
                      engine.prepare, engine.runs, engine.pool)
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
+    server.max_connections = max_connections
     server.activity = Activity()
     server.watch = ReadWatch(float(os.environ.get("SQLRS_ENGINE_READ_TIMEOUT") or
                                    READ_TIMEOUT_SECONDS))
