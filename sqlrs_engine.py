@@ -5021,12 +5021,43 @@ class JobRun:
     #: the image's base cluster, initialised while the job plans (only jobs that build)
     base: Future[str] | None = None
     signature: str | None = None
+    #: guards ``processes`` and orders a registration against a cancel or stop: a client
+    #: registered after one is killed at once, one registered before is killed by it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def check(self) -> None:
         if self.stopping.is_set():
             raise EngineStopping()
         if self.cancel.is_set():
             raise JobCancelled()
+
+    @contextlib.contextmanager
+    def client(self, proc: ClientProcess) -> Iterator[ClientProcess]:
+        """Register a client process of the job for the block; on any exit from it the
+        process is unregistered, and killed unless the block ran to its end. A cancel or stop
+        before or during the block kills it."""
+        with self._lock:
+            self.processes.add(proc)
+            ended = self.cancel.is_set() or self.stopping.is_set()
+        if ended:
+            proc.kill()
+        finished = False
+        try:
+            yield proc
+            finished = True
+        finally:
+            with self._lock:
+                self.processes.discard(proc)
+            if not finished:
+                proc.kill()
+
+    def end(self, stopping: bool = False) -> None:
+        """Cancel the job (or stop it for a restart) and kill its client processes."""
+        with self._lock:
+            (self.stopping if stopping else self.cancel).set()
+            running = list(self.processes)
+        for proc in running:
+            proc.kill()
 
 
 #: ~40 % less JVM start; the JVM's own warnings about its class archive stay quiet
@@ -5118,19 +5149,17 @@ class LiquibaseRunner:
         proc = subprocess.Popen(argv, cwd=lb.work_dir, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **as_user)
-        client = HostClient(proc, None)
-        if run:
-            run.processes.add(client)
         stdout: list[str] = []
         lines: list[str] = []
-        for stream, raw in client.lines():
-            line = raw.decode("utf-8", "replace").rstrip("\n").replace(password, "*****")
-            (stdout if stream == "stdout" else lines).append(line)
-            if line.strip():
-                note(f"liquibase: {line.strip()}")
-        code = client.wait()
+        with run.client(HostClient(proc, None)) if run else contextlib.nullcontext(
+                HostClient(proc, None)) as client:
+            for stream, raw in client.lines():
+                line = raw.decode("utf-8", "replace").rstrip("\n").replace(password, "*****")
+                (stdout if stream == "stdout" else lines).append(line)
+                if line.strip():
+                    note(f"liquibase: {line.strip()}")
+            code = client.wait()
         if run:
-            run.processes.discard(client)
             run.check()
         if code != 0:
             return "\n".join([*stdout, *lines])[-OUTPUT_TAIL_BYTES:], code
@@ -5439,15 +5468,11 @@ class Executor:
             args[-1] = "-"
         emit.log("psql: start")
         assert request.plan is not None
-        proc = runtime.client(handle, "psql", args, step.script, request.plan.work_dir)
-        run.processes.add(proc)
-        try:
+        spawned = runtime.client(handle, "psql", args, step.script, request.plan.work_dir)
+        pause_point("psql-spawned")
+        with run.client(spawned) as proc:
             output = collect_output(proc, emit.log, "psql: ")
-        except BaseException:
-            proc.kill()
-            raise
-        code = proc.wait()
-        run.processes.discard(proc)
+            code = proc.wait()
         run.check()
         if code != 0 and re.search(r"No space left on device|could not extend file", output):
             raise JobFailure("cache_limit_too_small", "no space left for the build",
@@ -5677,7 +5702,7 @@ class PrepareManager:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            self._cancel_run(run, stopping=True)
+            run.end(stopping=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # queries ------------------------------------------------------------------------------
@@ -5719,10 +5744,6 @@ class PrepareManager:
         ))
 
     # cancel / delete / retention ------------------------------------------------------------
-    def _cancel_run(self, run: JobRun, stopping: bool = False) -> None:
-        (run.stopping if stopping else run.cancel).set()
-        for process in list(run.processes):
-            process.kill()
 
     def cancel(self, job_id: str) -> tuple[int, PrepareJobStatus]:
         job = self.get(job_id)
@@ -5734,7 +5755,7 @@ class PrepareManager:
         with self._lock:
             run = self._runs.get(job_id)
         if run:
-            self._cancel_run(run)
+            run.end()
         elif not self._fail_stored(job_id, JobCancelled().error):
             log.info("cancel of job %s came after it ended", job_id)
         current = self.get(job_id)
@@ -5759,7 +5780,7 @@ class PrepareManager:
         with self._lock:
             run = self._runs.get(job_id)
         if run:
-            self._cancel_run(run)
+            run.end()
             run.done.wait(60)
         self.jobs.delete_job(job_id)
 

@@ -4,6 +4,11 @@ that forces an eviction, or a pause point inside the engine ($SQLRS_TEST_HOOKS_D
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -11,7 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EngineProcess, HttpResult, poll, psql, spawn_engine, stop_engine
+from conftest import (
+    DOCKER_IMAGE,
+    HOST_IMAGE,
+    EngineProcess,
+    HttpResult,
+    expose_root,
+    mounts_below,
+    poll,
+    post_run,
+    postgres_pids_below,
+    psql,
+    spawn_engine,
+    stop_engine,
+)
 
 HOOK_DEADLINE = 60.0
 
@@ -62,7 +80,8 @@ def hooked(tmp_path: Path) -> Iterator[tuple[EngineProcess, Hooks]]:
     try:
         yield engine, hooks
     finally:
-        for name in ("cancel.after_check", "instances.before_name", "clone", "destroy"):
+        for name in ("cancel.after_check", "instances.before_name", "clone", "destroy",
+                     "run-restart", "psql-spawned"):
             hooks.release(name)  # never leave a request paused
         stop_engine(engine)
 
@@ -107,6 +126,32 @@ def test_cancel_never_overwrites_a_finished_job(hooked: tuple[EngineProcess, Hoo
     events = engine.get(f"/v1/prepare-jobs/{job_id}/events").ndjson()
     assert [e["type"] for e in events[-2:]] == ["status", "result"], events[-3:]
     assert not any(e["type"] == "error" for e in events)
+
+
+def test_a_cancel_between_spawn_and_registration_kills_the_client(
+        hooked: tuple[EngineProcess, Hooks], tmp_path: Path) -> None:
+    """A cancel that arrives after psql was started but before the job registered it still
+    kills it: the script never runs to its end (issue 19, defect 5)."""
+    engine, hooks = hooked
+    shared = Path(tempfile.mkdtemp(prefix="sqlrs-cancel-"))  # where the server user may write
+    shared.chmod(0o777)
+    marker = shared / "ran-to-the-end"
+    script = tmp_path / "slow.sql"
+    script.write_text(f"select pg_sleep(5);\n\\! touch {marker}\n")
+    hooks.arm("psql-spawned")
+    job_id = engine.submit(["-f", str(script)])
+    hooks.wait_reached("psql-spawned")
+    cancel = engine.post(f"/v1/prepare-jobs/{job_id}/cancel")
+    assert cancel.status == 202, cancel.body
+    hooks.release("psql-spawned")
+    job = engine.wait_job(job_id, 60)
+    assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
+    assert engine.get("/v1/states").json() == []
+    try:
+        assert not marker.exists(), "the cancelled script ran to its end"
+    finally:
+        shutil.rmtree(shared)
+    assert not [pid for pid in postgres_pids_below(engine.store)]
 
 
 def test_a_name_held_by_a_live_instance_is_not_taken(
@@ -255,3 +300,87 @@ def test_head_and_options_are_served(engine: EngineProcess) -> None:
     assert engine.request("OPTIONS", "/v1/runs").headers["allow"] == "OPTIONS, POST"
     assert engine.request("OPTIONS", "/v1/nowhere").status == 404
     assert engine.request("HEAD", "/v1/runs").status == 405
+
+
+def kill_server(engine: EngineProcess, instance_id: str) -> None:
+    """Kill an instance's server behind the engine's back (a superuser can: ``COPY … TO
+    PROGRAM 'kill -9 …'``) and wait until the engine sees it gone."""
+    entry = engine.get(f"/v1/instances/{instance_id}").json()
+    runtime_id = str(entry["runtime_id"])
+    if runtime_id.startswith("host:"):
+        os.kill(int(runtime_id.split(":", 1)[1]), signal.SIGKILL)
+    else:
+        subprocess.run(["docker", "exec", "-u", "postgres", runtime_id, "pg_ctl", "-D",
+                        "/var/lib/postgresql/data/pgdata", "stop", "-m", "immediate"],
+                       check=True, capture_output=True)
+    poll(lambda: engine.get(f"/v1/instances/{instance_id}").json()["status"] == "orphaned",
+         30, what="the engine to see the server gone")
+
+
+RACE_RUNTIMES = pytest.mark.parametrize("image", [HOST_IMAGE, DOCKER_IMAGE],
+                                        ids=["host", "docker"])
+
+
+@RACE_RUNTIMES
+def test_a_delete_waits_for_a_runs_restart(hooked: tuple[EngineProcess, Hooks],
+                                           image: str) -> None:
+    """A run restarting a dead server holds the instance's lock: a DELETE arriving meanwhile
+    waits, then stops what the restart started; nothing is left mounted or running, and
+    neither side answers 500 (issue 18, defect 7)."""
+    engine, hooks = hooked
+    engine.image = image
+    job = engine.prepare(["-c", "create table t(x int)"])
+    assert job["status"] == "succeeded", job
+    instance_id = job["result"]["instance_id"]
+    kill_server(engine, instance_id)
+    hooks.arm("run-restart")
+    run = Background(lambda: post_run(engine, instance_id, "-XAt", "-c", "select 1")).start()
+    hooks.wait_reached("run-restart")
+    deletion = Background(lambda: engine.delete(
+        f"/v1/instances/{instance_id}?force=true", timeout=120)).start()
+    hooks.release("run-restart")
+    deleted, ran = deletion.result(), run.result()
+    assert deleted.status == 200, deleted.body
+    assert ran.status in (200, 404, 409), ran.body  # never 500: a clear answer either way
+    assert engine.get(f"/v1/instances/{instance_id}").status == 404
+    assert not [point for point in mounts_below(expose_root(engine.store))
+                if instance_id in point]
+    assert not postgres_pids_below(engine.store / "instances" / instance_id)
+    if image == DOCKER_IMAGE:
+        poll(lambda: not containers_of_instance(engine, instance_id), 30,
+             what="the instance's container to go")
+
+
+def containers_of_instance(engine: EngineProcess, instance_id: str) -> list[str]:
+    out = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=sqlrs.runtime={instance_id}"],
+                         capture_output=True, text=True, check=False)
+    return out.stdout.split()
+
+
+@RACE_RUNTIMES
+def test_concurrent_runs_share_one_restart(hooked: tuple[EngineProcess, Hooks],
+                                           image: str) -> None:
+    """Three runs on a dead server: one restarts it, the others wait for that restart and
+    use it; all three succeed (issue 18, defect 7)."""
+    engine, hooks = hooked
+    engine.image = image
+    job = engine.prepare(["-c", "create table t(x int)"])
+    assert job["status"] == "succeeded", job
+    instance_id = job["result"]["instance_id"]
+    kill_server(engine, instance_id)
+    hooks.arm("run-restart")
+    runs = [Background(lambda: post_run(engine, instance_id, "-XAt", "-c", "select 41 + 1"))
+            .start()]
+    hooks.wait_reached("run-restart")  # the first holds the restart: the others queue up
+    runs += [Background(lambda: post_run(engine, instance_id, "-XAt", "-c", "select 41 + 1"))
+             .start() for _ in range(2)]
+    hooks.release("run-restart")
+    restarts = 0
+    for background in runs:
+        result = background.result()
+        assert result.status == 200, result.body
+        events = result.ndjson()
+        assert events[-1] == {**events[-1], "type": "exit", "exit_code": 0}, events
+        assert "42" in "".join(e.get("data", "") for e in events if e["type"] == "stdout")
+        restarts += any("restarting" in e.get("data", "") for e in events if e["type"] == "log")
+    assert restarts == 1
