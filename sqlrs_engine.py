@@ -4678,8 +4678,9 @@ def plan_liquibase(body: Mapping[str, Any], cwd: str) -> LiquibasePlan:
                 if not tokens:
                     raise invalid_argument("missing value for flag", name)
                 value = tokens.pop(0)
-            token = _absolute_lb_option(name, value, work_dir)
-        elif not token.startswith("-") and not command:
+            before.append(_absolute_lb_option(name, value, work_dir))  # global options, in
+            continue                       # front of the command wherever they were written
+        if not token.startswith("-") and not command:
             command = token
             continue
         (after if command else before).append(token)
@@ -4786,22 +4787,27 @@ def lb_plan_files_hashed(lb: LiquibasePlan, changesets: Sequence[Changeset]) -> 
     return True
 
 
+def lb_files(root: str) -> Iterator[str]:
+    """The files under ``root`` a Liquibase plan depends on (its key hashes them, a staged
+    workspace copies them): every file outside dot-directories, in a stable order."""
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(names):
+            yield os.path.join(directory, name)
+
+
 def _hash_lb_files(lb: LiquibasePlan, records: list[tuple[str, str]]) -> str | None:
     files, total = 0, 0
     for root in lb_roots(lb):
-        for directory, subdirs, names in os.walk(root):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for name in sorted(names):
-                path = os.path.join(directory, name)
-                try:
-                    with open(path, "rb") as handle:
-                        data = handle.read(LB_PLAN_CACHE_LIMITS[1] + 1)
-                except OSError:
-                    continue
-                files, total = files + 1, total + len(data)
-                if files > LB_PLAN_CACHE_LIMITS[0] or total > LB_PLAN_CACHE_LIMITS[1]:
-                    return None
-                records.append((path, hashlib.sha256(data).hexdigest()))
+        for path in lb_files(root):
+            try:  # a FIFO or socket is skipped, never waited on
+                data = read_regular_file(path, LB_PLAN_CACHE_LIMITS[1] + 1, follow=True)
+            except OSError:
+                continue
+            files, total = files + 1, total + len(data)
+            if files > LB_PLAN_CACHE_LIMITS[0] or total > LB_PLAN_CACHE_LIMITS[1]:
+                return None
+            records.append((path, hashlib.sha256(data).hexdigest()))
     return hash_records(*records)
 
 
@@ -5065,6 +5071,60 @@ LIQUIBASE_JAVA_OPTS = ("-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -Xlog:cds=off"
                        " -Xlog:cds+dynamic=off")
 
 
+LB_STAGE_PREFIX = ".lb-stage-"
+LB_STAGE_LIMITS = (20_000, 256 << 20)  #: files and bytes a staged workspace may hold
+
+
+def stage_files(root: str, target: str, roots: Sequence[str]) -> int:
+    """Copy the files of ``root`` a plan depends on (``lb_files``) to ``target``, readable
+    by everyone but writable by no one else (the stage itself is private to the server
+    user); a symlink is copied as its target's content only when that lies under ``roots``.
+    Returns how many files were copied; a file that cannot be read is named in the error."""
+    real_roots = [os.path.realpath(r).rstrip("/") + "/" for r in roots]
+    copied, total = 0, 0
+    for path in lb_files(root):
+        real = os.path.realpath(path)
+        if not any(real.startswith(r) for r in real_roots):
+            log.info("liquibase stage: %s leads outside the workspace: not staged", path)
+            continue
+        try:
+            data = read_regular_file(path, LB_STAGE_LIMITS[1] + 1, follow=True)
+        except OSError as exc:
+            if os.path.exists(real) and not os.path.isfile(real):
+                continue  # a FIFO or socket is no changelog
+            raise invalid_argument("cannot read a Liquibase file",
+                                   f"{path}: {exc.strerror or exc}") from None
+        copied, total = copied + 1, total + len(data)
+        if copied > LB_STAGE_LIMITS[0] or total > LB_STAGE_LIMITS[1]:
+            raise invalid_argument(
+                "workspace too large to stage for Liquibase",
+                f"{root} holds more than {LB_STAGE_LIMITS[0]} files or {LB_STAGE_LIMITS[1]}"
+                " bytes; make it readable by the server user instead")
+        dest = os.path.join(target, os.path.relpath(path, root))
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        write_file_in(os.path.dirname(dest), os.path.basename(dest), data, 0o644)
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    for directory, subdirs, _names in os.walk(target):
+        for name in [directory, *(os.path.join(directory, d) for d in subdirs)]:
+            os.chmod(name, 0o755)
+    return copied
+
+
+def relocate_lb_option(token: str, moved: Mapping[str, str]) -> str:
+    """``token`` with the paths of its workspace options moved to their staged copies."""
+    name, eq, value = token.partition("=")
+    if not eq or name not in LB_PATH_FLAGS + LB_SEARCH_FLAGS:
+        return token
+
+    def move(path: str) -> str:
+        for root in sorted(moved, key=len, reverse=True):
+            if path == root or path.startswith(root.rstrip("/") + "/"):
+                return moved[root] + path[len(root):]
+        return path
+
+    return f"{name}={','.join(map(move, value.split(',')))}"
+
+
 class LiquibaseRunner:
     """Runs Liquibase on this machine against a started runtime: as the server's OS user
     when the engine is root, in the request's work dir, connected over JDBC to 127.0.0.1 with
@@ -5074,10 +5134,13 @@ class LiquibaseRunner:
     ``archive_dir`` (owned by the user Liquibase runs as); later runs map it instead of
     loading them again (≈ 15 % less JVM start). A JVM that cannot use it ignores it."""
 
-    def __init__(self, instances: InstanceManager, archive_dir: str) -> None:
+    def __init__(self, instances: InstanceManager, archive_dir: str,
+                 stage_root: str | None = None) -> None:
         self.instances = instances
         self.dbms = instances.runtimes.host.dbms
         self.archive_dir = archive_dir
+        #: where workspaces the server user may not enter are staged (None: never needed)
+        self.stage_root = stage_root
         #: guards ``_recording`` (archive paths a run is writing right now)
         self._lock = threading.Lock()
         self._recording: set[str] = set()
@@ -5122,7 +5185,8 @@ class LiquibaseRunner:
         java_opts, archive, recording = self._java_opts(lb)
         code = -1
         try:
-            output, code = self._run(lb, handle, args, java_opts, note, run)
+            with self._staged(lb, args, note) as (cwd, staged_args):
+                output, code = self._run(lb, handle, staged_args, cwd, java_opts, note, run)
         finally:
             if recording:
                 self._keep_archive(archive, recording, succeeded=code == 0)
@@ -5130,7 +5194,30 @@ class LiquibaseRunner:
             raise JobFailure("internal_error", "liquibase execution failed", output)
         return output
 
-    def _run(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
+    @contextlib.contextmanager
+    def _staged(self, lb: LiquibasePlan, args: Sequence[str], note: Callable[[str], None]
+                ) -> Iterator[tuple[str, list[str]]]:
+        """The directory Liquibase runs in and its arguments. When the server user may not
+        enter the work dir or a search path (a private workspace of a root engine), they are
+        a read-only copy, made for this run, of exactly the files the plan key hashes, with
+        their relative paths (so the paths Liquibase records do not change)."""
+        roots = lb_roots(lb)
+        if self.stage_root is None or all(map(self.dbms.user.can_enter, roots)):
+            yield lb.work_dir, list(args)
+            return
+        stage = os.path.join(self.stage_root, f"{LB_STAGE_PREFIX}{random_hex(8)}")
+        os.mkdir(stage, 0o700)
+        try:
+            moved = {root: os.path.join(stage, str(index)) for index, root in enumerate(roots)}
+            count = sum(stage_files(root, target, roots) for root, target in moved.items())
+            os.chown(stage, self.dbms.user.uid, self.dbms.user.gid)  # only it may enter
+            note(f"liquibase: staged {count} files of a workspace the server user can not"
+                 " read")
+            yield moved[lb.work_dir], [relocate_lb_option(token, moved) for token in args]
+        finally:
+            remove_tree(stage)
+
+    def _run(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str], cwd: str,
              java_opts: str, note: Callable[[str], None], run: JobRun | None
              ) -> tuple[str, int]:
         """Liquibase's exit status and its stdout, or its output's tail when it failed."""
@@ -5146,7 +5233,7 @@ class LiquibaseRunner:
         argv = [lb.exec_path, *args]
         note(f"liquibase: exec {shlex.join(argv)}")
         note("liquibase: start")
-        proc = subprocess.Popen(argv, cwd=lb.work_dir, env=env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **as_user)
         stdout: list[str] = []
@@ -5182,7 +5269,7 @@ class Executor:
         self.snapshots = snapshots
         self.engine_version = engine_version
         self.liquibase = LiquibaseRunner(instances, os.path.join(
-            snapshots.expose_root or layout.root, ".liquibase"))
+            snapshots.expose_root or layout.root, ".liquibase"), snapshots.expose_root)
 
     # planning -----------------------------------------------------------------------------
     def state_ready(self, state_id: str) -> bool:
@@ -7161,6 +7248,10 @@ class Engine:
         """Clean up after an earlier process: instances first, then half-built states, then
         resume jobs."""
         self.instances.recover()
+        if self.snapshots.expose_root:  # Liquibase workspaces staged by an interrupted run
+            for name in os.listdir(self.snapshots.expose_root):
+                if name.startswith(LB_STAGE_PREFIX):
+                    remove_tree(os.path.join(self.snapshots.expose_root, name))
         self._remove_half_states()
         try:
             self.cache.enforce("startup")

@@ -525,3 +525,65 @@ def test_relative_changelog_is_normalised_against_work_dir(engine: EngineProcess
     assert job["status"] == "succeeded", job.get("error")
     assert [s["changeset_path"] for s in steps_of(job)] == ["cl.sql"]
 
+
+
+# --- private workspaces and upstream's argument order (issue 19, defects 1 and 2) ------------
+
+
+@pytest.fixture
+def private_dir(tmp_path: Path) -> Path:
+    """A workspace below a directory only root may enter (what ``mktemp -d`` makes)."""
+    outer = Path(tempfile.mkdtemp(prefix="sqlrs-private-", dir=tmp_path))
+    assert stat.S_IMODE(outer.stat().st_mode) == 0o700
+    work = outer / "work"
+    (work / "changes").mkdir(parents=True)
+    return work
+
+
+@RUNTIMES
+def test_liquibase_runs_in_a_private_workspace(engine: EngineProcess, private_dir: Path) -> None:
+    (private_dir / "master.yaml").write_text(
+        "databaseChangeLog:\n  - include:\n      file: changes/cl.sql\n")
+    (private_dir / "changes" / "cl.sql").write_text(formatted_sql(CHANGESETS))
+    (private_dir / "changes" / "cl.sql").chmod(0o600)
+    job = lb_prepare(engine, private_dir, "update",
+                     f"--changelog-file={private_dir}/master.yaml")
+    assert job["status"] == "succeeded", job.get("error")
+    dsn = job["result"]["dsn"]
+    assert psql(dsn, "select id, label from items order by id") == "1|one\n2|two"
+    # the staged copy keeps relative paths, so Liquibase records the same file names
+    assert psql(dsn, "select distinct filename from databasechangelog") == "changes/cl.sql"
+    events = events_of(engine, job["job_id"])
+    assert any("staged" in m for m in messages(events))
+    stages = [p for p in expose_root(engine.store).glob(".lb-stage-*")]
+    assert stages == [], "a staged workspace outlived its run"
+
+
+@RUNTIMES
+def test_an_unreadable_liquibase_file_is_named(engine: EngineProcess, private_dir: Path) -> None:
+    write(private_dir / "cl.sql", formatted_sql(CHANGESETS))
+    os.mkfifo(private_dir / "changes" / "pipe")  # not a changelog: skipped, never waited on
+    (private_dir / "secret.sql").symlink_to("/etc/shadow")  # leads outside: never staged
+    job = lb_prepare(engine, private_dir, plan_only=True)
+    assert job["status"] == "succeeded", job.get("error")
+
+
+def test_upstream_argument_order_prepares_the_same(engine: EngineProcess, lb_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """``update --searchPath X --changelog-file Y`` (how upstream writes its examples) and
+    ``--searchPath X --changelog-file Y update`` give the same states and data."""
+    changes = lb_dir / "db"
+    changes.mkdir()
+    changes.chmod(0o755)
+    write(changes / "cl.sql", formatted_sql(CHANGESETS))
+    upstream = lb_prepare(engine, lb_dir, "update", "--searchPath", str(changes),
+                          "--changelog-file", "cl.sql")
+    assert upstream["status"] == "succeeded", upstream.get("error")
+    ours = lb_prepare(engine, lb_dir, "--searchPath", str(changes), "--changelog-file",
+                      "cl.sql", "update")
+    assert ours["status"] == "succeeded", ours.get("error")
+    assert [s["output_state_id"] for s in steps_of(ours)] == [
+        s["output_state_id"] for s in steps_of(upstream)]
+    assert [s["cached"] for s in steps_of(ours)] == [True, True, True]
+    for job in (upstream, ours):
+        assert psql(job["result"]["dsn"], "select count(*) from items") == "2"
