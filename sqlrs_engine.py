@@ -2700,30 +2700,37 @@ class DockerRuntime:
         return bool(os.environ.get("DOCKER_HOST")) or os.path.exists(self.socket_path)
 
     def docker(self) -> Any:
-        """The SDK client, created on first use (the import is slow and often not needed)."""
+        """The SDK client, created on first use (the import is slow and often not needed).
+        It is made and pinged without the lock, so a hung daemon holds up only the callers
+        that need Docker, never one that merely checks for a client; two first uses at once
+        may both make one, and the first kept wins."""
+        with self._lock:
+            if self._client is not None:
+                return self._client
+        client = self._connect()
         with self._lock:
             if self._client is None:
-                import docker
-                import requests.exceptions
-                from docker.utils import kwargs_from_env
-
-                try:
-                    options: dict[str, Any] = {"timeout": 60, "num_pools": 256,
-                                               "max_pool_size": 64,
-                                               "base_url": f"unix://{self.socket_path}",
-                                               **kwargs_from_env()}
-                    client = docker.DockerClient(**options)
-                    client.ping()
-                except (docker.errors.DockerException,
-                        requests.exceptions.ConnectionError) as exc:
-                    raise RuntimeUnavailable(str(exc)) from None
-                except (requests.exceptions.RequestException, ValueError) as exc:
-                    log.warning("docker client: %s", exc)
-                    raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error",
-                                   "cannot talk to docker", str(exc)
-                                   ) from None
                 self._client = client
             return self._client
+
+    def _connect(self) -> Any:
+        import docker
+        import requests.exceptions
+        from docker.utils import kwargs_from_env
+
+        try:
+            options: dict[str, Any] = {"timeout": 60, "num_pools": 256, "max_pool_size": 64,
+                                       "base_url": f"unix://{self.socket_path}",
+                                       **kwargs_from_env()}
+            client = docker.DockerClient(**options)
+            client.ping()
+            return client
+        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
+            raise RuntimeUnavailable(str(exc)) from None
+        except (requests.exceptions.RequestException, ValueError) as exc:
+            log.warning("docker client: %s", exc)
+            raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error", "cannot talk to docker",
+                           str(exc)) from None
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         import docker.errors
@@ -3691,6 +3698,12 @@ class WarmPool:
                                              rss_bytes=sum(tree_rss(h.pid or 0) for h in ready))
                                    for s, ready, starting in entries if ready or starting])
 
+    def states(self) -> set[str]:
+        """The states with pooled runtimes, ready or starting."""
+        with self._changed:
+            return {s for s, ready in self._ready.items() if ready} | {
+                s for s, count in self._starting.items() if count}
+
     def mount_points(self) -> set[str]:
         """Where the ready pooled runtimes' data dirs are mounted."""
         with self._changed:
@@ -4051,34 +4064,58 @@ class CacheManager:
                 "SELECT summary_json FROM cache_evictions ORDER BY seq DESC LIMIT 1").fetchone()
         return json.loads(row["summary_json"]) if row else None
 
-    def enforce(self, trigger: str, incoming: int = 0) -> CacheUsage:
+    def enforce(self, trigger: str, incoming: int = 0, wait: bool = True) -> CacheUsage:
         """Evict while under pressure (counting ``incoming`` bytes about to be added)."""
         try:
-            return self._enforce(trigger, incoming)
+            return self._enforce(trigger, incoming, wait)
         except OSError as exc:
             raise JobFailure("cache_enforcement_unavailable", "cannot measure the cache",
                              {"trigger": trigger, "error": str(exc)}) from exc
 
-    def _enforce(self, trigger: str, incoming: int) -> CacheUsage:
-        with self._lock, file_lock(os.path.join(self.root, ".evict.lock")):
-            before = self.measure()
-            before.usage += incoming
-            if not before.reasons:
-                return before
-            eligible, blocked = self._classify()
-            target = before.effective_max * before.low
-            evicted = freed = 0
-            for state in eligible:
-                current = self.measure()
-                current.usage += incoming
-                if current.usage <= target and current.free >= current.reserve:
-                    break
-                if self._evict(state):
-                    evicted, freed = evicted + 1, freed + (state.size_bytes or 0)
-            after = self.measure()
-            after.usage += incoming
-            self._record(trigger, before, after, evicted, freed, blocked, eligible)
-            return after
+    def _enforce(self, trigger: str, incoming: int, wait: bool = True) -> CacheUsage:
+        """One eviction pass: the warm pool's runtimes first (the cheapest to give back: a
+        server, not a build), then unused states by last use, down to the low watermark.
+        With ``wait`` false, a pass already running elsewhere is not waited for (its result
+        is what this caller would get)."""
+        if not self._lock.acquire(blocking=wait):
+            usage = self.measure()
+            usage.usage += incoming
+            return usage
+        try:
+            with file_lock(os.path.join(self.root, ".evict.lock")):
+                return self._evict_down(trigger, incoming)
+        finally:
+            self._lock.release()
+
+    def _evict_down(self, trigger: str, incoming: int) -> CacheUsage:
+        before = self.measure()
+        before.usage += incoming
+        if not before.reasons:
+            return before
+        target = before.effective_max * before.low
+
+        def under_target() -> bool:
+            current = self.measure()
+            current.usage += incoming
+            return current.usage <= target and current.free >= current.reserve
+
+        pooled = self.pool.states()
+        if pooled:
+            held = self.pool.disk_bytes()
+            self.pool.drain(pooled)
+            log.info("cache pressure: warm pool of %d states stopped (%d bytes)", len(pooled),
+                     held)
+        eligible, blocked = self._classify()
+        evicted = freed = 0
+        for state in eligible:
+            if under_target():
+                break
+            if self._evict(state):
+                evicted, freed = evicted + 1, freed + (state.size_bytes or 0)
+        after = self.measure()
+        after.usage += incoming
+        self._record(trigger, before, after, evicted, freed, blocked, eligible)
+        return after
 
     def _evict(self, state: StateRow) -> bool:
         """Remove one candidate, unless something started to use it since it was chosen."""
@@ -4112,8 +4149,9 @@ class CacheManager:
         log.info("cache eviction trigger=%s evicted=%d freed=%d", trigger, evicted, freed)
 
     def before_build(self) -> None:
-        """Fail the job early when the cache cannot take another state."""
-        usage = self.enforce("before_build")
+        """Fail the job early when the cache cannot take another state (without waiting for
+        an eviction pass another job runs: the snapshot waits for it)."""
+        usage = self.enforce("before_build", wait=False)
         details = {"usage_bytes": usage.usage, "effective_max_bytes": usage.effective_max,
                    "reserve_bytes": usage.reserve, "store_free_bytes": usage.free}
         if usage.effective_max <= 0:

@@ -277,3 +277,92 @@ def test_a_failed_refill_leaves_no_pin_and_no_start(tmp_path: Path, error: Excep
     threading.Thread(target=lambda: (pool.drain({state_id}, 30.0), drained.set()),
                      daemon=True).start()
     assert drained.wait(10.0), "drain waited for a start that had already failed"
+
+
+# cache: pooled runtimes are reclaimed before eviction gives up ----------------------------
+
+class DrainablePool:
+    """A warm pool holding ``held`` bytes for one state until it is drained."""
+
+    def __init__(self, state_id: str, held: int) -> None:
+        self.state_id, self.held = state_id, held
+        self.drained: list[set[str]] = []
+
+    def states(self) -> set[str]:
+        return {self.state_id} if self.held else set()
+
+    def disk_bytes(self) -> int:
+        return self.held
+
+    def mount_points(self) -> set[str]:
+        return set()
+
+    def drain(self, state_ids: set[str]) -> None:
+        self.drained.append(set(state_ids))
+        if self.state_id in state_ids:
+            self.held = 0
+
+
+class NothingPinned:
+    def pinned(self, state_dir: str) -> bool:
+        return False
+
+
+def test_eviction_stops_the_warm_pool_before_giving_up(tmp_path: Path) -> None:
+    """Usage just over the limit, the only state held by an instance: stopping the pooled
+    runtimes (counted in the usage) brings it under the watermark (issue 19, defect 7)."""
+    db = se.Database(str(tmp_path / "state.db"))
+    store = se.MetadataStore(db)
+    state_id, size, pooled = "b" * 64, 80 << 20, 30 << 20
+    store.insert_state(se.StateRow(state_id, None, "host:15", "psql", "", "2020-01-01T00:00:00Z",
+                                   size, None, 0, str(tmp_path / "s")))
+    store.insert_instance(se.InstanceRow("c" * 32, state_id, "host:15", "2020-01-01T00:00:00Z",
+                                         None, None, None, "active", None, None))
+    config = se.ConfigManager(str(tmp_path / "config.json"))
+    config.set("cache.capacity.maxBytes", 100 << 20)  # high watermark at 90 MiB: 110 is over
+    pool = DrainablePool(state_id, pooled)
+    cache = se.CacheManager(db, store, config, str(tmp_path), cast(se.InstanceManager,
+                            NothingPinned()), cast(se.WarmPool, pool))
+    assert cache.measure().usage > 0.9 * (100 << 20)
+    after = cache.enforce("test")
+    assert pool.drained == [{state_id}]
+    assert after.usage == size <= 0.9 * (100 << 20)
+    assert store.get_state(state_id) is not None  # held by its instance: never evicted
+    db.close()
+
+
+# locks are not held over slow work (issue 19, defect 8) -------------------------------------
+
+def test_a_build_does_not_wait_for_another_jobs_eviction_pass(tmp_path: Path) -> None:
+    db = se.Database(str(tmp_path / "state.db"))
+    store = se.MetadataStore(db)
+    cache = se.CacheManager(db, store, se.ConfigManager(str(tmp_path / "config.json")),
+                            str(tmp_path), cast(se.InstanceManager, NothingPinned()),
+                            cast(se.WarmPool, DrainablePool("d" * 64, 0)))
+    done = threading.Event()
+    with cache._lock:  # another job's pass: draining a pool, removing a large state
+        threading.Thread(target=lambda: (cache.before_build(), done.set()), daemon=True).start()
+        assert done.wait(10.0), "before_build waited for an eviction pass"
+    db.close()
+
+
+def test_a_hung_docker_daemon_holds_no_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = se.DockerRuntime("label")
+    release, connecting = threading.Event(), threading.Event()
+
+    def hung_connect() -> Any:
+        connecting.set()
+        release.wait(30.0)
+        return "client"
+
+    monkeypatch.setattr(runtime, "_connect", hung_connect)
+    first = threading.Thread(target=runtime.docker, daemon=True)
+    first.start()
+    try:
+        assert connecting.wait(10.0)
+        assert runtime._lock.acquire(timeout=5.0), "the client's creation held the lock"
+        runtime._lock.release()
+    finally:
+        release.set()
+        first.join(10.0)
+    assert runtime.docker() == "client"
