@@ -17,6 +17,34 @@ ids, errors, config, store, queue, registry, auth, stream, snapshot, dbms, runti
 instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, cli/main.
 Every section may call ids and errors; each banner names what else it may call, and
 tests/test_layers.py holds the module to that.
+
+Where things happen:
+
+- A request: ``HttpHandler._serve`` checks Host, route and token from the headers
+  (``_route``), only then reads the body, calls the route's handler (``Api``, route table in
+  ``Api._routes``) and renders any ``EngineError`` at its one catch point (``_answer``).
+- A prepare: ``PrepareManager.submit`` validates (``PrepareRequest``; psql arguments in
+  ``plan_psql``, Liquibase's in ``plan_liquibase``) and queues a job row; a worker runs
+  ``Executor.run``: plan (``plan_steps`` / ``Executor.plan`` for Liquibase, which asks
+  Liquibase for the pending changesets), then per step: cached state? else clone the input
+  (``InstanceManager.new_runtime`` → ``SnapshotManager.clone``), start, run psql or Liquibase
+  (``_run_psql`` / ``LiquibaseRunner``), stop, publish (``Executor._snapshot`` →
+  ``SnapshotManager.publish`` or ``publish_layer``), record the state row; last, an instance
+  (``_prepare_instance``, from the warm pool when one is ready). Every change is a job event
+  (``EventEmitter``), persisted before it is announced.
+- A state id: ``state_id_for`` (the recipe, for psql and Liquibase, is its docstring).
+- An instance: ``InstanceManager.create`` (clone + start + row) or ``WarmPool.instance`` (a
+  pooled runtime + row); a run (``RunManager``) restarts a dead one (``ensure_running``);
+  deletion trees (``DeletionManager``) and eviction (``CacheManager``) never remove what a
+  row, a pin or a claim protects.
+- Background threads (started by ``run_engine``, stopped with the server): the warm pool's
+  refill (``WarmPool.run``), the read watchdog that cuts slow clients (``ReadWatch.run``),
+  the TTL reaper (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
+  (``EventEmitter._beat``), and the job workers (``PrepareManager``'s pool).
+- Start-up: ``run_engine`` checks the state dir, store and run dir are the engine's own,
+  builds ``Engine`` (every manager, in dependency order), recovers (``Engine.recover``:
+  re-adopt live instances, sweep half-built states and crash leftovers, resume jobs), then
+  writes ``engine.json``.
 """
 
 from __future__ import annotations
@@ -443,6 +471,13 @@ class JobFailure(EngineError):
     def __init__(self, code: str, message: str, details: Any = None) -> None:
         super().__init__(FAILURE_STATUS.get(code, HTTPStatus.INTERNAL_SERVER_ERROR), code,
                          message, details)
+
+
+def disk_full(message: str, cause: str, **context: str) -> JobFailure:
+    """The one failure for a full disk, however it showed (a client's "No space left on
+    device", ``ENOSPC`` from the file system, SQLite's "database or disk is full"): details
+    ``{"cause": what reported it, ...context}``."""
+    return JobFailure("cache_limit_too_small", message, {"cause": cause, **context})
 
 
 class JobCancelled(JobFailure):
@@ -1567,8 +1602,8 @@ def validate_name(name: str) -> None:
 
 
 ###############################################################################
-# auth: bearer token and Host header checks.
-# Owns the token and the allowed host names; may call only the standard library.
+# auth: bearer token and Host header checks (both made from the headers, before a body is
+# read). Owns the token and the allowed host names; may call only the standard library.
 ###############################################################################
 
 
@@ -4224,12 +4259,6 @@ class PsqlPlan:
     work_dir: str
     stdin: str | None
 
-    @property
-    def scripts_dir(self) -> str:
-        """The common parent of every script file (mounted read-only into containers)."""
-        dirs = [os.path.dirname(item.value) for item in self.inputs if item.kind == "file"]
-        return os.path.commonpath(dirs) if dirs else self.work_dir
-
     def step_args(self, index: int) -> list[str]:
         if not self.inputs:
             return list(self.shared)
@@ -4514,6 +4543,22 @@ def psql_task_hash(content_hash: str, engine_version: str) -> str:
 
 
 def state_id_for(input_kind: str, input_id: str, task_hash: str) -> str:
+    """The id of the state a step builds: a content address of what went in, so the same
+    step on the same input is the same state everywhere.
+
+    ``state_id = H(input_kind, input_id, task_hash)`` where H is ``hash_records`` (SHA-256 over
+    ``key=<length>:<value>`` lines) and the input is the resolved image id (``image``) for the
+    first step, else the previous state's id (``state``), so a state id covers its whole chain.
+
+    - psql: ``task_hash = psql_task_hash(content_hash, engine_version)``; the content hash is
+      the step's script text with its includes expanded (``ContentHasher``), so an edited
+      include is a new state, and the engine version is mixed in (a new engine may build
+      differently).
+    - Liquibase: ``task_hash = lb_task_hash(previous state id, changeset)``: the changeset's
+      own checksum and its ``path::id::author``, as Liquibase records them. No engine version
+      and no argument order: Liquibase itself decides whether a changeset ran, by checksum,
+      so the reference engine's ids (and states already built) stay valid across engines.
+    """
     return hash_records(("input_kind", input_kind), ("input_id", input_id),
                         ("task_hash", task_hash))
 
@@ -5051,7 +5096,10 @@ def heartbeat_of(event: JsonDict) -> JsonDict:
 
 @dataclass
 class JobRun:
-    """In-memory companion of a running job: its cancel flag and, while building, runtime."""
+    """In-memory companion of a running job (lost on restart, where the job row resumes):
+    its cancel and stop flags, its end, the runtime it builds in, step 0 run ahead while
+    Liquibase planned, its client processes (``client``), the base cluster being initialised
+    and its signature."""
 
     job_id: str
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -5457,9 +5505,9 @@ class Executor:
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 log.exception("job %s crashed", job.job_id)
-            code, message = (("cache_limit_too_small", "no space left for the build")
-                             if exc.errno == errno.ENOSPC else ("internal_error", "internal error"))
-            self._fail(job.job_id, run, emit, internal_error(str(exc), message, code).body())
+            failure = disk_full("no space left for the build", str(exc)) \
+                if exc.errno == errno.ENOSPC else internal_error(str(exc))
+            self._fail(job.job_id, run, emit, failure.body())
         except Exception as exc:
             log.exception("job %s crashed", job.job_id)
             self._fail(job.job_id, run, emit,
@@ -5600,8 +5648,7 @@ class Executor:
             code = proc.wait()
         run.check()
         if code != 0 and re.search(r"No space left on device|could not extend file", output):
-            raise JobFailure("cache_limit_too_small", "no space left for the build",
-                             {"output": output[-4000:]})
+            raise disk_full("no space left for the build", output[-4000:])
         if code != 0:
             raise JobFailure("internal_error", "psql execution failed", output)
 
@@ -5634,8 +5681,8 @@ class Executor:
         except BaseException as exc:  # a full disk (files or SQLite) or anything else:
             remove_tree(final_dir)      # no state directory without its row
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise JobFailure("cache_limit_too_small", "no space left for the new state",
-                                 {"state_id": step.state_id}) from exc
+                raise disk_full("no space left for the new state", str(exc),
+                                state_id=step.state_id) from exc
             raise
         handle.content_id = step.state_id
         emit.log("snapshot: complete")
@@ -6066,7 +6113,8 @@ def _string_list(value: Any, name: str) -> list[str]:
 
 
 class RunManager:
-    """Executes runs on the host next to the instance's server and streams their output."""
+    """Executes runs (psql, pgbench) where the instance's server runs (this machine, or the
+    instance's container on Docker) and streams their output live."""
 
     def __init__(self, registry: Registry, instances: InstanceManager) -> None:
         self.registry = registry

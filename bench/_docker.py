@@ -6,9 +6,7 @@ exec as ``postgres`` + psycopg2 connects polled every 2 ms to the published port
 its pg_hba.conf, which lets TCP clients in without a password like the host floor's
 ``start_server``) is made untimed; the container is removed untimed.
 
-This module is named ``_docker`` so that it does not shadow the Docker SDK; the SDK itself is
-imported by :func:`docker_sdk`, because ``bench/docker.py`` (a script in this directory, which
-is ``sys.path[0]``) would shadow it.
+No module in bench/ is named ``docker``, so the Docker SDK imports as itself.
 """
 
 from __future__ import annotations
@@ -46,23 +44,8 @@ DOCKER_TRUST_HBA = "local all all trust\nhost all all 0.0.0.0/0 trust\nhost all 
 
 
 def docker_sdk() -> Any:
-    """The Docker SDK package, not bench/docker.py: this directory (``sys.path[0]`` when a
-    benchmark runs) is dropped from the path while importing (and from ``PYTHONPATH``, which
-    the engine inherits)."""
-    here = Path(__file__).resolve().parent
-    if os.environ.get("PYTHONPATH"):
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in os.environ["PYTHONPATH"].split(os.pathsep)
-            if Path(p or ".").resolve() != here)
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    try:
-        loaded = sys.modules.get("docker")
-        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").parent == here:
-            del sys.modules["docker"]
-        return importlib.import_module("docker")
-    finally:
-        sys.path[:] = saved
+    """The Docker SDK package (imported on first use: most benchmarks never need it)."""
+    return importlib.import_module("docker")
 
 
 def docker_client() -> Any:

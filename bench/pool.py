@@ -12,7 +12,7 @@
 (2) The fully cached prepare of the same script (its last step is cached, so the engine takes
     a pooled instance): POST /v1/prepare-jobs → result event → GET the job (the DSN with its
     password) → the DSN accepts. Goal <= 0.35x the floor; with the pool off as a comparison.
-(3) (1) and (2) on Docker (``sqlrs-test/postgres:15``) against bench/docker.py's floor:
+(3) (1) and (2) on Docker (``sqlrs-test/postgres:15``) against bench/docker_prepare.py's floor:
     ``docker run`` (``sleep infinity``, a fresh ``cp -a`` of the state's pgdata bind-mounted,
     copied untimed, its pg_hba.conf trusting TCP like the host floor's) + ``pg_ctl start``
     through exec as ``postgres`` + connect to the published port. Goals: the same ratios

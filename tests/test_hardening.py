@@ -317,6 +317,16 @@ def kill_server(engine: EngineProcess, instance_id: str) -> None:
          30, what="the engine to see the server gone")
 
 
+def dead_instance(engine: EngineProcess, image: str) -> str:
+    """A prepared instance on ``image`` whose server was killed."""
+    engine.image = image
+    job = engine.prepare(["-c", "create table t(x int)"])
+    assert job["status"] == "succeeded", job
+    instance_id = str(job["result"]["instance_id"])
+    kill_server(engine, instance_id)
+    return instance_id
+
+
 RACE_RUNTIMES = pytest.mark.parametrize("image", [HOST_IMAGE, DOCKER_IMAGE],
                                         ids=["host", "docker"])
 
@@ -328,11 +338,7 @@ def test_a_delete_waits_for_a_runs_restart(hooked: tuple[EngineProcess, Hooks],
     waits, then stops what the restart started; nothing is left mounted or running, and
     neither side answers 500 (issue 18, defect 7)."""
     engine, hooks = hooked
-    engine.image = image
-    job = engine.prepare(["-c", "create table t(x int)"])
-    assert job["status"] == "succeeded", job
-    instance_id = job["result"]["instance_id"]
-    kill_server(engine, instance_id)
+    instance_id = dead_instance(engine, image)
     hooks.arm("run-restart")
     run = Background(lambda: post_run(engine, instance_id, "-XAt", "-c", "select 1")).start()
     hooks.wait_reached("run-restart")
@@ -363,11 +369,7 @@ def test_concurrent_runs_share_one_restart(hooked: tuple[EngineProcess, Hooks],
     """Three runs on a dead server: one restarts it, the others wait for that restart and
     use it; all three succeed (issue 18, defect 7)."""
     engine, hooks = hooked
-    engine.image = image
-    job = engine.prepare(["-c", "create table t(x int)"])
-    assert job["status"] == "succeeded", job
-    instance_id = job["result"]["instance_id"]
-    kill_server(engine, instance_id)
+    instance_id = dead_instance(engine, image)
     hooks.arm("run-restart")
     runs = [Background(lambda: post_run(engine, instance_id, "-XAt", "-c", "select 41 + 1"))
             .start()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import pwd
 import re
@@ -128,16 +127,6 @@ def give_to_nobody(*paths: Path) -> None:
 # ----------------------------------------------------------------------- raw HTTP
 
 
-@dataclass
-class RawAnswer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 def request_head(engine: EngineProcess, method: str, path: str, *, host: str | None = None,
                  token: str | None = None, length: int | None = None) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{engine.port}'}"]
@@ -159,7 +148,7 @@ def _recv(sock: socket.socket) -> bytes:
         return b""
 
 
-def read_answer(sock: socket.socket) -> RawAnswer:
+def read_answer(sock: socket.socket) -> HttpResult:
     """One HTTP answer from ``sock`` (each read waits for the socket's timeout): its status
     line, headers and Content-Length body (as much of it as came before the connection
     closed)."""
@@ -188,7 +177,7 @@ def read_answer(sock: socket.socket) -> RawAnswer:
     except TimeoutError:
         raise AssertionError(f"no complete answer within the socket's timeout: {data[:200]!r}"
                              ) from None
-    return RawAnswer(int(match[1]), headers, body[:length])
+    return HttpResult(int(match[1]), headers, body[:length])
 
 
 def memory_kb(pid: int, field: str) -> int:
@@ -295,7 +284,7 @@ def test_bodies_of_foreign_host_requests_are_never_buffered(engine: EngineProces
     payload = b"x" * FLOOD_BODY
     head = request_head(engine, "POST", "/v1/prepare-jobs", host="evil.example",
                         length=FLOOD_BODY)
-    answers: dict[int, RawAnswer | str] = {}
+    answers: dict[int, HttpResult | str] = {}
     all_connected = threading.Barrier(FLOOD_CONNECTIONS, timeout=120)
 
     def read_into(index: int, sock: socket.socket) -> None:
@@ -330,7 +319,7 @@ def test_bodies_of_foreign_host_requests_are_never_buffered(engine: EngineProces
     assert not any(thread.is_alive() for thread in threads), "a flooding client hung"
     growth = memory_kb(pid, "VmHWM") - baseline
     assert growth < FLOOD_GROWTH_LIMIT_KB, f"the engine grew by {growth // 1024} MiB"
-    statuses = {n: a.status if isinstance(a, RawAnswer) else a for n, a in answers.items()}
+    statuses = {n: a.status if isinstance(a, HttpResult) else a for n, a in answers.items()}
     assert len(statuses) == FLOOD_CONNECTIONS, statuses
     assert all(isinstance(s, int) and 400 <= s < 500 for s in statuses.values()), statuses
     assert engine.get("/v1/health", auth=False).status == 200

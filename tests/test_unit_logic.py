@@ -67,7 +67,6 @@ def test_plan_psql_no_args_adds_defaults(tmp_path: Path) -> None:
     assert plan.work_dir == str(tmp_path)
     assert plan.step_count == 1
     assert plan.step_args(0) == DEFAULT_SHARED
-    assert plan.scripts_dir == str(tmp_path)
 
 
 def test_plan_psql_single_file_matches_contract_example(sql_file: str) -> None:
@@ -122,7 +121,6 @@ def test_plan_psql_mixed_inputs_become_steps(tmp_path: Path) -> None:
     assert plan.step_args(1) == [*shared, "-c", "select 3"]
     assert plan.step_args(2) == [*shared, "-f", second]
     assert plan.work_dir == os.path.dirname(first)  # the first file's directory
-    assert plan.scripts_dir == str(tmp_path)  # common parent of every file
 
 
 @pytest.mark.parametrize("args, expected_shared", [

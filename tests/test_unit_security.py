@@ -366,3 +366,11 @@ def test_a_hung_docker_daemon_holds_no_lock(monkeypatch: pytest.MonkeyPatch) -> 
         release.set()
         first.join(10.0)
     assert runtime.docker() == "client"
+
+
+def test_a_full_disk_has_one_shape_however_it_showed() -> None:
+    for failure in (se.disk_full("no space left for the build", "psql: could not extend file"),
+                    se.disk_full("no space left for the new state", "ENOSPC", state_id="e" * 64)):
+        body = failure.body()
+        assert body["code"] == "cache_limit_too_small" and failure.status == 507
+        assert "cause" in se.json.loads(body["details"])
