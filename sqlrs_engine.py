@@ -2300,10 +2300,12 @@ class ResolvedImage:
 
 @dataclass
 class RuntimeHandle:
-    """One live (or stopped) Postgres runtime: its data, socket dir, process and port."""
+    """One live (or stopped) Postgres runtime: the runtime it lives in (``runtime``: every
+    operation on it goes there), its data, socket dir, process and port."""
 
     key: str
     image: ResolvedImage
+    runtime: Runtime
     runtime_dir: str
     data_dir: str
     socket_dir: str
@@ -2465,6 +2467,8 @@ class HostRuntime:
     """Postgres from this machine's binaries: ``host:<major>`` or ``host:<absolute bindir>``."""
 
     kind = "host"
+    #: a step's state is the overlay layer it wrote (when the snapshot backend is overlay)
+    layered = True
 
     def __init__(self, dbms: PostgresDbms) -> None:
         self.dbms = dbms
@@ -2623,6 +2627,7 @@ class Runtime(Protocol):
     """What the engine needs from a place where Postgres runs (host or container)."""
 
     kind: str
+    layered: bool  #: whether its states can be layers (else full copies)
 
     def resolve(self, image_id: str, note: Callable[[str], None] | None = None
                 ) -> ResolvedImage: ...
@@ -2713,6 +2718,7 @@ class DockerRuntime:
     """
 
     kind = "docker"
+    layered = False  #: every state is a full copy of its data directory
 
     def __init__(self, engine_label: str, engine_kind: str = "auto") -> None:
         self.engine_label = engine_label
@@ -3269,7 +3275,8 @@ class InstanceManager:
     def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
         runtime_dir = self.layout.instance_dir(key)
         return RuntimeHandle(
-            key=key, image=image, runtime_dir=runtime_dir,
+            key=key, image=image, runtime=self.runtimes.for_image(image.requested),
+            runtime_dir=runtime_dir,
             data_dir=self.snapshots.data_dir_for(runtime_dir, key),
             socket_dir=self.snapshots.socket_dir_for(key),
         )
@@ -3280,7 +3287,7 @@ class InstanceManager:
         interrupted earlier attempt left under that key goes first."""
         handle = self._handle(key, image)
         handle.job_id = job_id
-        self.runtimes.for_image(image.requested).discard(handle)
+        handle.runtime.discard(handle)
         self.snapshots.release(handle.runtime_dir, key)
         pause_point("clone")
         try:
@@ -3292,20 +3299,20 @@ class InstanceManager:
         return handle
 
     def start(self, handle: RuntimeHandle) -> None:
-        self.runtimes.for_image(handle.image.requested).start(handle)
+        handle.runtime.start(handle)
 
     def stop(self, handle: RuntimeHandle) -> None:
-        self.runtimes.for_image(handle.image.requested).stop(handle)
+        handle.runtime.stop(handle)
 
     def discard(self, handle: RuntimeHandle) -> None:
         """Kill the server and remove every trace of the runtime."""
-        self.runtimes.for_image(handle.image.requested).discard(handle)
+        handle.runtime.discard(handle)
         self.snapshots.release(handle.runtime_dir, handle.key)
         with self._lock:
             self._handles.pop(handle.key, None)
 
     def _admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
-        return self.runtimes.for_image(handle.image.requested).admin_endpoint(handle)
+        return handle.runtime.admin_endpoint(handle)
 
     def set_password(self, handle: RuntimeHandle) -> str:
         """Give a started runtime its own random superuser password (over the private
@@ -3365,7 +3372,7 @@ class InstanceManager:
     def live_handle(self, row: InstanceRow) -> RuntimeHandle | None:
         with self._lock:
             handle = self._handles.get(row.instance_id)
-        if handle and self.runtimes.for_image(handle.image.requested).alive(handle):
+        if handle and handle.runtime.alive(handle):
             return handle
         return None
 
@@ -3405,11 +3412,10 @@ class InstanceManager:
         image = self.runtimes.resolve(row.image_id)
         handle = self._handle(row.instance_id, image)
         note("run: runtime missing - restarting")
-        runtime = self.runtimes.for_image(image.requested)
-        runtime.discard(handle)
+        handle.runtime.discard(handle)
         self.snapshots.reattach(handle.runtime_dir, handle.key)
         note("run: restoring runtime")
-        runtime.start(handle)
+        handle.runtime.start(handle)
         self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
                                            "active")
         with self._lock:
@@ -3456,7 +3462,7 @@ class InstanceManager:
                 self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
                 continue
             handle = self._handle(row.instance_id, image)
-            if self.runtimes.for_image(image.requested).adopt(handle, row.runtime_id):
+            if handle.runtime.adopt(handle, row.runtime_id):
                 with self._lock:
                     self._handles[row.instance_id] = handle
                 self.store.update_instance_runtime(row.instance_id, handle.runtime_id,
@@ -3564,7 +3570,7 @@ class WarmPool:
             handle = ready.pop(0)[0] if ready else None
             if handle:
                 self._quiet_until = time.monotonic() + REFILL_PAUSE_S
-        if handle and not self.instances.runtimes.for_image(handle.image.requested).alive(
+        if handle and not handle.runtime.alive(
                 handle):
             self._discard(handle)
             return None
@@ -3581,12 +3587,25 @@ class WarmPool:
 
     def instance(self, state: StateRow, ttl_seconds: int | None) -> InstanceRow:
         """A new instance of ``state``: a pooled runtime when one is ready, else a fresh one."""
-        handle = self.take(state.state_id)
-        if handle is None:
-            return self.instances.create(state, ttl_seconds)
-        try:
+        with self.handout(state.state_id) as handle:
+            if handle is None:
+                return self.instances.create(state, ttl_seconds)
             return self.instances.register(handle, state.state_id, None, ttl_seconds,
                                            handle.password or self.instances.set_password(handle))
+
+    @contextlib.contextmanager
+    def handout(self, state_id: str, take: bool = True) -> Iterator[RuntimeHandle | None]:
+        """The one way a pooled runtime leaves the pool: a ready runtime of ``state_id`` (None
+        when none is ready, or without ``take``) for the block, which makes it an instance
+        (its row then protects the state). If the block raises, the runtime is discarded;
+        either way the pool's own pin on it ends with the block. The state counts as used."""
+        handle = self.take(state_id) if take else None
+        if handle is None:
+            self.used(state_id)
+            yield None
+            return
+        try:
+            yield handle
         except BaseException:
             self._discard(handle)
             raise
@@ -5628,14 +5647,14 @@ class Executor:
                 derived_instance_id(job.job_id), image, source, input_id, job.job_id)
             self.instances.pin_runtime(job.job_id, run.runtime)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
-        if not self.runtimes.for_image(image.requested).alive(run.runtime):
+        if not run.runtime.runtime.alive(run.runtime):
             self.instances.start(run.runtime)
             emit.log(f"{image.runtime_kind}: postgres ready on port {run.runtime.port}")
         return run.runtime
 
     def _run_psql(self, request: PrepareRequest, handle: RuntimeHandle, step: StepPlan,
                   run: JobRun, emit: EventEmitter) -> None:
-        runtime = self.runtimes.for_image(handle.image.requested)
+        runtime = handle.runtime
         args = list(step.args)
         if step.script is not None:  # ends with -f <path or ->
             args[-1] = "-"
@@ -5656,7 +5675,7 @@ class Executor:
                   kind: str, emit: EventEmitter) -> None:
         emit.log("pg_ctl: stop for snapshot")
         self.instances.stop(handle)
-        layer = self.snapshots.layer_size(handle.runtime_dir) if image.runtime_kind == "host" \
+        layer = self.snapshots.layer_size(handle.runtime_dir) if handle.runtime.layered \
             else None
         self.cache.before_snapshot(dir_size(handle.data_dir) if layer is None else layer)
         emit.log("snapshot: start")
@@ -5665,7 +5684,7 @@ class Executor:
         try:
             if layer is None:
                 size = self.snapshots.publish(handle.data_dir, final_dir, STATE_MARKER)
-                if image.runtime_kind == "host" and self.snapshots.backend == "overlay":
+                if handle.runtime.layered and self.snapshots.backend == "overlay":
                     self.snapshots.rebase(handle.runtime_dir, handle.key, image.owner, final_dir)
             else:
                 size = self.snapshots.publish_layer(handle.runtime_dir, handle.key, image.owner,
@@ -5690,23 +5709,14 @@ class Executor:
 
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
-        pooled = self.pool.take(last.state_id) if run.runtime is None else None
-        self.pool.used(last.state_id)
-        if pooled:
-            emit.log("instance: from the warm pool")
-        handle = pooled or self._runtime_for(job, request, image, "state", last.state_id, run,
-                                             emit)
-        try:
+        with self.pool.handout(last.state_id, take=run.runtime is None) as pooled:
+            if pooled:
+                emit.log("instance: from the warm pool")
+            handle = pooled or self._runtime_for(job, request, image, "state", last.state_id,
+                                                 run, emit)
             row = self.instances.register(handle, last.state_id, job.job_id,
                                           request.ttl_seconds,
                                           handle.password or self.instances.set_password(handle))
-        except BaseException:
-            if pooled:
-                self.instances.discard(pooled)
-            raise
-        finally:
-            if pooled:
-                self.instances.unpin(POOL_PIN + pooled.key)
         run.runtime = None
         emit.log(f"instance created {row.instance_id}")
         emit.task("prepare-instance", "succeeded")
@@ -6145,7 +6155,7 @@ class RunManager:
 
     def _run_step(self, kind: str, step: RunStep,
                   handle: RuntimeHandle) -> Generator[bytes, None, int]:
-        runtime = self.instances.runtimes.for_image(handle.image.requested)
+        runtime = handle.runtime
         try:
             stdin = step.stdin.encode() if step.stdin is not None else None
             proc = runtime.client(handle, kind, step.args, stdin, "/")

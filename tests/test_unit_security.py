@@ -374,3 +374,63 @@ def test_a_full_disk_has_one_shape_however_it_showed() -> None:
         body = failure.body()
         assert body["code"] == "cache_limit_too_small" and failure.status == 507
         assert "cause" in se.json.loads(body["details"])
+
+
+# resources released by construction (issue 20, item 2) ------------------------------------
+
+class KillCountingClient(se.ClientProcess):
+    def __init__(self) -> None:
+        self.kills = 0
+
+    def kill(self) -> None:
+        self.kills += 1
+
+
+def test_a_client_is_unregistered_and_killed_whatever_ends_its_block() -> None:
+    run = se.JobRun("f" * 32)
+    proc = KillCountingClient()
+    with pytest.raises(KeyError), run.client(proc):
+        assert run.processes == {proc}
+        raise KeyError("an exception no one listed")
+    assert run.processes == set() and proc.kills == 1
+    finished = KillCountingClient()
+    with run.client(finished):
+        pass
+    assert run.processes == set() and finished.kills == 0
+    run.end()  # a cancel: a client registered afterwards is killed at once
+    late = KillCountingClient()
+    with run.client(late):
+        assert late.kills == 1
+
+
+class AliveRuntime:
+    def alive(self, handle: Any) -> bool:
+        return True
+
+
+class PinningInstances:
+    def __init__(self) -> None:
+        self.pins: dict[str, set[str]] = {}
+        self.discarded: list[str] = []
+
+    def unpin(self, owner: str) -> None:
+        self.pins.pop(owner, None)
+
+    def discard(self, handle: Any) -> None:
+        self.discarded.append(handle.key)
+
+
+def test_a_handout_that_fails_leaves_no_pin_and_no_server(tmp_path: Path) -> None:
+    instances = PinningInstances()
+    pool = se.WarmPool(cast(se.InstanceManager, instances), cast(se.MetadataStore, None),
+                       se.ConfigManager(str(tmp_path / "config.json")))
+    handle = se.RuntimeHandle(key="k", image=cast(se.ResolvedImage, None),
+                              runtime=cast(se.Runtime, AliveRuntime()), runtime_dir="",
+                              data_dir="", socket_dir="")
+    instances.pins[se.POOL_PIN + "k"] = {"/state"}
+    pool._ready["s"] = [(handle, 0.0)]
+    with pytest.raises(sqlite3.OperationalError), pool.handout("s") as taken:
+        assert taken is handle
+        raise sqlite3.OperationalError("the row could not be written")
+    assert instances.pins == {} and instances.discarded == ["k"]
+    assert pool._ready["s"] == []
