@@ -3089,6 +3089,11 @@ class Runtimes:
         self.layout = layout
         self.snapshots = snapshots
 
+    def check_image(self, image_id: str) -> None:
+        """Refuse at once (400) an image id no job could use: host binaries others may swap."""
+        if image_id.startswith(HOST_IMAGE_PREFIX):
+            self.host.bindir_for(image_id)
+
     def for_image(self, image_id: str) -> Runtime:
         return self.host if image_id.startswith(HOST_IMAGE_PREFIX) else self.docker
 
@@ -3391,6 +3396,15 @@ class InstanceManager:
             runtime_id=row.runtime_id, status=self.status(row, handle),
             dsn=handle.dsn(row.password) if handle else None,
         ))
+
+    def dsn(self, instance_id: str) -> str | None:
+        """The DSN (with its password) of a running instance; None otherwise."""
+        row = self.store.get_instance(instance_id)
+        return self.entry(row).get("dsn") if row else None
+
+    def written_bytes(self, handle: RuntimeHandle) -> int:
+        """What a runtime's own writes take on disk (0 when it is a full copy)."""
+        return self.snapshots.layer_size(handle.runtime_dir) or 0
 
     def ensure_running(self, row: InstanceRow, note: Callable[[str], None]) -> RuntimeHandle:
         """The instance's live runtime, restarted from its own data if the server is gone.
@@ -3767,7 +3781,7 @@ class WarmPool:
         """What the pooled runtimes' own writes take on disk (counted in the cache's usage)."""
         with self._changed:
             handles = [e[0] for entries in self._ready.values() for e in entries]
-        return sum(self.instances.snapshots.layer_size(h.runtime_dir) or 0 for h in handles)
+        return sum(map(self.instances.written_bytes, handles))
 
 
 
@@ -5377,6 +5391,10 @@ class Executor:
             snapshots.expose_root or layout.root, ".liquibase"), snapshots.expose_root)
 
     # planning -----------------------------------------------------------------------------
+    def check_image(self, image_id: str) -> None:
+        """Refuse at submission an image id no job could use (see ``Runtimes.check_image``)."""
+        self.runtimes.check_image(image_id)
+
     def state_ready(self, state_id: str) -> bool:
         state = self.store.get_state(state_id)
         return bool(state and os.path.exists(os.path.join(state.state_dir, STATE_MARKER)))
@@ -5824,8 +5842,7 @@ class PrepareManager:
     # submit / run -------------------------------------------------------------------------
     def submit(self, body: Any) -> JobRow:
         request = PrepareRequest.parse(body, self.cwd)
-        if request.image_id.startswith(HOST_IMAGE_PREFIX):  # refuse untrusted binaries now
-            self.executor.runtimes.host.bindir_for(request.image_id)
+        self.executor.check_image(request.image_id)
         job = JobRow(
             job_id=random_hex(16), status="queued", prepare_kind=request.prepare_kind,
             image_id=request.image_id, plan_only=request.plan_only,
@@ -5897,8 +5914,7 @@ class PrepareManager:
         if not job.result_json:
             return None
         result: PrepareJobResult = json.loads(job.result_json)
-        row = self.instances.store.get_instance(result["instance_id"])
-        dsn = self.instances.entry(row).get("dsn") if row else None
+        dsn = self.instances.dsn(result["instance_id"])
         if dsn:
             result["dsn"] = dsn
         return result

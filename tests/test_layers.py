@@ -82,3 +82,29 @@ def test_sections_use_only_what_their_banner_allows() -> None:
                 continue
             problems.add(f"{user.name} uses {used} from {home.name}")
     assert not problems, "\n".join(sorted(problems))
+
+
+#: ``self.<part>.<collaborator>.<method>(…)`` chains that stay inside one object's own parts:
+#: a request handler's server, a server manager's OS user, the engine wiring its runtimes
+OWN_PARTS = {"server", "dbms", "runtimes"}
+
+
+def test_no_reach_through_chains() -> None:
+    """A section asks its collaborator, never the collaborator's collaborator: no call
+    ``self.a.b.m(...)`` reaches through another object's parts (it would tie the caller to
+    that object's private wiring)."""
+    tree = ast.parse(MODULE.read_text())
+    chains = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        hops: list[str] = []
+        target: ast.expr = node.func.value
+        while isinstance(target, ast.Attribute):
+            hops.append(target.attr)
+            target = target.value
+        if isinstance(target, ast.Name) and target.id == "self" and len(hops) >= 2 \
+                and hops[-1] not in OWN_PARTS:
+            chains.add(f"line {node.lineno}: self.{'.'.join(reversed(hops))}."
+                       f"{node.func.attr}(...)")
+    assert not chains, "\n".join(sorted(chains))
