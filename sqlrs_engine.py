@@ -4765,8 +4765,15 @@ class LiquibasePlan:
                 return f"{name}={os.path.relpath(value, self.work_dir)}"
             return token
 
-        after = [t for t in self.after if t.partition("=")[0] not in LB_COUNTING_FLAGS]
-        return [*map(local, self.before), command, *map(local, after), *extra]
+        def option(token: str) -> str:
+            return token.partition("=")[0]
+
+        moved = [t for t in self.after if option(t) in LB_PATH_FLAGS + LB_SEARCH_FLAGS]
+        after = [t for t in self.after if t not in moved and option(t) not in LB_COUNTING_FLAGS]
+        # global options go in front of the command wherever they were written (Liquibase
+        # 4.28 refuses --searchPath after it; upstream's examples put it there)
+        return [*map(local, self.before), *map(local, moved), command, *map(local, after),
+                *extra]
 
 
 def plan_liquibase(body: Mapping[str, Any], cwd: str) -> LiquibasePlan:
@@ -4794,9 +4801,8 @@ def plan_liquibase(body: Mapping[str, Any], cwd: str) -> LiquibasePlan:
                 if not tokens:
                     raise invalid_argument("missing value for flag", name)
                 value = tokens.pop(0)
-            before.append(_absolute_lb_option(name, value, work_dir))  # global options, in
-            continue                       # front of the command wherever they were written
-        if not token.startswith("-") and not command:
+            token = _absolute_lb_option(name, value, work_dir)
+        elif not token.startswith("-") and not command:
             command = token
             continue
         (after if command else before).append(token)

@@ -585,5 +585,7 @@ def test_upstream_argument_order_prepares_the_same(engine: EngineProcess, lb_dir
     assert [s["output_state_id"] for s in steps_of(ours)] == [
         s["output_state_id"] for s in steps_of(upstream)]
     assert [s["cached"] for s in steps_of(ours)] == [True, True, True]
+    assert execs(events_of(engine, ours["job_id"]), "update-sql") == []  # one plan for both
+    assert upstream["prepare_args_normalized"].startswith("update ")  # as written
     for job in (upstream, ours):
         assert psql(job["result"]["dsn"], "select count(*) from items") == "2"
