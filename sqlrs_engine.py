@@ -384,6 +384,8 @@ def in_background(name: str, work: Callable[P, T], *args: P.args,
 def printable(text: str) -> str:
     """``text`` with control characters escaped, for a log line (which also reaches
     terminals): a request path or a client's output can not forge lines or escapes."""
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
                    for ch in text)
 
@@ -6998,9 +7000,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         try:
             target = self._route()
-            declared = self.headers.get("Content-Length", "0").strip() not in ("", "0") or \
-                self.headers.get("Transfer-Encoding") is not None
-            if declared and (isinstance(target, Response) or not target[2]):
+            if (isinstance(target, Response) or not target[2]) and (
+                    self.headers.get("Content-Length", "0").strip() not in ("", "0")
+                    or self.headers.get("Transfer-Encoding") is not None):
                 self.close_connection = True  # a body never read must not become a request
             if isinstance(target, Response):
                 response = target
