@@ -560,7 +560,10 @@ def test_liquibase_runs_in_a_private_workspace(engine: EngineProcess, private_di
 
 
 @RUNTIMES
-def test_an_unreadable_liquibase_file_is_named(engine: EngineProcess, private_dir: Path) -> None:
+def test_fifos_and_links_leading_out_of_a_private_workspace_are_not_staged(
+        engine: EngineProcess, private_dir: Path) -> None:
+    """A FIFO is skipped (never waited on) and a link to a file outside the workspace is not
+    copied where the server user can read it; the prepare still plans."""
     write(private_dir / "cl.sql", formatted_sql(CHANGESETS))
     os.mkfifo(private_dir / "changes" / "pipe")  # not a changelog: skipped, never waited on
     (private_dir / "secret.sql").symlink_to("/etc/shadow")  # leads outside: never staged
