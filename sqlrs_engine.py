@@ -2722,8 +2722,15 @@ class DockerRuntime:
     kind = "docker"
     layered = False  #: every state is a full copy of its data directory
 
-    def __init__(self, engine_label: str, engine_kind: str = "auto") -> None:
+    def __init__(self, engine_label: str, engine_kind: str = "auto",
+                 passwd_dir: str | None = None) -> None:
         self.engine_label = engine_label
+        #: when the engine is not root, the container's server runs as the engine's own uid
+        #: and gid (so every file it writes in the bind-mounted data directory is the engine
+        #: user's to copy, layer and delete); ``passwd_dir`` holds the /etc/passwd mounted
+        #: over the image's, naming that uid ``postgres`` (initdb needs a name for it)
+        self.as_self = os.geteuid() != 0
+        self.passwd_dir = passwd_dir
         #: the container engine's API socket: DOCKER_HOST wins; ``container.runtime=podman``
         #: means Podman's Docker-compatible socket; otherwise Docker's default socket
         self.socket_path = "/var/run/docker.sock"
@@ -2857,7 +2864,10 @@ class DockerRuntime:
                              str(exc)) from None
 
     def _postgres_owner(self, image_ref: str) -> tuple[int, int]:
-        """The uid/gid of the image's postgres user (cached: an image id never changes)."""
+        """The uid/gid the container's server runs as: the engine's own when it is not root,
+        else the image's postgres user (cached: an image id never changes)."""
+        if self.as_self:
+            return os.geteuid(), os.getegid()
         cached = self._owners.get(image_ref)
         if cached:
             return cached
@@ -2868,16 +2878,36 @@ class DockerRuntime:
         self._owners[image_ref] = (int(match.group(1)), int(match.group(2)))
         return self._owners[image_ref]
 
+    def _server_user(self, image: ResolvedImage) -> str:
+        """Who the server and its clients run as in the container (``uid:gid``)."""
+        return f"{image.owner[0]}:{image.owner[1]}"
+
+    def _volumes(self, pgdata: str | None) -> dict[str, dict[str, str]]:
+        """The bind mounts of a container: its data directory and, when the engine is not
+        root, the passwd file that names the engine's uid."""
+        volumes = {pgdata: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}} if pgdata else {}
+        if self.as_self:
+            volumes[self._passwd_file()] = {"bind": "/etc/passwd", "mode": "ro"}
+        return volumes
+
+    def _passwd_file(self) -> str:
+        assert self.passwd_dir, "a docker runtime for a non-root engine needs passwd_dir"
+        path = os.path.join(self.passwd_dir, "docker-passwd")
+        content = (f"root:x:0:0:root:/root:/bin/sh\n"
+                   f"postgres:x:{os.geteuid()}:{os.getegid()}:sqlrs-engine:/tmp:/bin/sh\n")
+        if not os.path.exists(path):
+            write_file_in(self.passwd_dir, "docker-passwd", content.encode(), 0o644, None)
+        return path
+
     def _run_helper(self, image_ref: str, command: list[str], pgdata: str | None,
                     user: str = "root") -> bytes:
         import docker.errors
 
-        volumes = {pgdata: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}} if pgdata else {}
         try:
             output: bytes = self._call(
                 self.docker().containers.run, image_ref, command, user=user, remove=True,
-                volumes=volumes, labels={LABEL_ENGINE: self.engine_label}, stdout=True,
-                stderr=True)
+                volumes=self._volumes(pgdata), labels={LABEL_ENGINE: self.engine_label},
+                stdout=True, stderr=True)
             return output
         except docker.errors.ContainerError as exc:
             raise DbmsError(f"{' '.join(command)} failed: {exc.stderr!r}") from None
@@ -2885,11 +2915,11 @@ class DockerRuntime:
     def init_base(self, image: ResolvedImage, pgdata: str) -> None:
         self._run_helper(self._image_ref(image),
                          ["initdb", "-D", PGDATA_IN_CONTAINER, *INITDB_OPTIONS], pgdata,
-                         user="postgres")
+                         user=self._server_user(image))
 
     # lifecycle ----------------------------------------------------------------------------
     def _create(self, handle: RuntimeHandle) -> Any:
-        volumes = {handle.data_dir: {"bind": PGDATA_IN_CONTAINER, "mode": "rw"}}
+        volumes = self._volumes(handle.data_dir)
         labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
         if handle.job_id:
             labels[LABEL_JOB] = handle.job_id
@@ -2897,6 +2927,9 @@ class DockerRuntime:
         container = self._call(
             self.docker().containers.run, self._image_ref(handle.image), ["sleep", "infinity"],
             detach=True, name=name, labels=labels, volumes=volumes,
+            # as the server user when the engine is not: it may then see the container's
+            # processes (the postmaster's host pid) as its own
+            user=self._server_user(handle.image) if self.as_self else None,
             ports={"5432/tcp": ("127.0.0.1", None)}, environment={"PGDATA": PGDATA_IN_CONTAINER})
         handle.container_id = container.id
         return container
@@ -2915,9 +2948,10 @@ class DockerRuntime:
                 os.unlink(os.path.join(handle.data_dir, "postmaster.pid"))
         write_hba(handle.data_dir, handle.image.owner)
         options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
-        self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log",
-                               "-W", "-o", f"-c listen_addresses=* -p 5432 -k {PGDATA_IN_CONTAINER}"
-                               f" {options}", "start"])
+        self._exec(container, handle.image,
+                   ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log", "-W", "-o",
+                    f"-c listen_addresses=* -p 5432 -k {PGDATA_IN_CONTAINER} {options}",
+                    "start"])
         container.reload()
         deadline = time.monotonic() + 60
         while True:
@@ -2927,17 +2961,17 @@ class DockerRuntime:
                 if handle.pid:
                     break
             if time.monotonic() > deadline:
-                log_tail = self._exec(container, ["tail", "-n", "20", "/tmp/postgres.log"],
-                                      check=False)
+                log_tail = self._exec(container, handle.image,
+                                      ["tail", "-n", "20", "/tmp/postgres.log"], check=False)
                 raise DbmsError(f"postgres did not start in the container: {log_tail}")
             time.sleep(READY_POLL_SECONDS)
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
 
-    def _exec(self, container: Any, command: list[str], user: str = "postgres",
+    def _exec(self, container: Any, image: ResolvedImage, command: list[str],
               check: bool = True) -> str:
-        """Run ``command`` in the container; its output. A failure raises DbmsError, or with
-        ``check=False`` is logged and its output returned."""
-        result = self._call(container.exec_run, command, user=user)
+        """Run ``command`` in the container as the server's user; its output. A failure
+        raises DbmsError, or with ``check=False`` is logged and its output returned."""
+        result = self._call(container.exec_run, command, user=self._server_user(image))
         output = result.output.decode("utf-8", "replace") if result.output else ""
         if result.exit_code not in (0, None):
             if check:
@@ -2949,8 +2983,8 @@ class DockerRuntime:
     def stop(self, handle: RuntimeHandle) -> None:
         container = self._container(handle.container_id)
         if container is not None:
-            self._exec(container, ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m", "fast", "-W",
-                                   "stop"])
+            self._exec(container, handle.image,
+                       ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m", "fast", "-W", "stop"])
             deadline = time.monotonic() + 60
             while read_postmaster_pid(handle.data_dir) and time.monotonic() < deadline:
                 time.sleep(READY_POLL_SECONDS)
@@ -3040,7 +3074,7 @@ class DockerRuntime:
         host's ``workdir`` does not exist in there: it runs in /)."""
         api = self.docker().api
         created = self._call(api.exec_create, handle.container_id, [program, *args],
-                             stdin=True, user="postgres", workdir="/",
+                             stdin=True, user=self._server_user(handle.image), workdir="/",
                              environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
         sock = self._call(api.exec_start, created["Id"], socket=True)
         return DockerClient(api, created["Id"], sock, stdin)
@@ -7351,7 +7385,7 @@ class Engine:
                                          expose_root_for(store_root))
         dbms = PostgresDbms(user)
         docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12],
-                               self.config.value("container.runtime"))
+                               self.config.value("container.runtime"), store_root)
         self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())

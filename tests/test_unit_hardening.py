@@ -131,8 +131,10 @@ class FailingExec:
 
 def test_a_failing_exec_is_an_error_or_logged(caplog: pytest.LogCaptureFixture) -> None:
     runtime = se.DockerRuntime("label")
+    image = se.ResolvedImage("img", "img@sha256:0", "docker", "img", owner=(100, 102))
     with pytest.raises(se.DbmsError, match="cannot open"):
-        runtime._exec(FailingExec(), ["pg_ctl", "stop"])
+        runtime._exec(FailingExec(), image, ["pg_ctl", "stop"])
     with caplog.at_level(logging.WARNING, logger="sqlrs-engine"):
-        assert runtime._exec(FailingExec(), ["tail", "x"], check=False) == "tail: cannot open"
+        assert runtime._exec(FailingExec(), image, ["tail", "x"], check=False) \
+            == "tail: cannot open"
     assert "docker exec tail exited 1" in caplog.text
