@@ -348,10 +348,28 @@ def ensure_private_dir(path: str) -> None:
 
 
 def remove_tree(path: str) -> None:
+    """Remove ``path`` and everything below it without following links; a directory of our
+    own that we may not list (an overlay's ``work/work`` is mode 000) is opened up first."""
     if os.path.lexists(path):
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, onerror=_open_up_and_retry)
         if os.path.lexists(path):
             raise OSError(errno.EBUSY, f"cannot remove {path}")
+
+
+def _open_up_and_retry(function: Callable[..., Any], path: str, _exc: Any) -> None:
+    """``rmtree``'s error hook: give a directory of our own (never a link) its owner's rwx and
+    remove it again; anything else stays, and ``remove_tree`` says so."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, onerror=_open_up_and_retry)
+            return
+        if function in (os.unlink, os.rmdir):  # its directory was just opened up
+            parent = os.path.dirname(path)
+            if os.lstat(parent).st_uid == os.geteuid():
+                os.chmod(parent, 0o700)
+                function(path)
 
 
 @contextlib.contextmanager
@@ -1684,30 +1702,84 @@ def event_index(digits: str) -> int:
 ###############################################################################
 
 MNT_DETACH = 2
+MS_RDONLY = 1
+MS_BIND = 4096
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+FICLONE = 0x40049409
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 
 
 class Libc:
-    """``mount(2)``/``umount2(2)`` through ctypes: no process spawn on the hot path."""
+    """``mount(2)``, ``umount2(2)`` and ``unshare(2)`` through ctypes: no process spawn on the
+    hot path. The bound functions are looked up once, so a child between fork and exec
+    (``NamespaceMount``) only makes the calls."""
 
     def __init__(self) -> None:
         import ctypes
 
         self._ctypes = ctypes
-        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.c_ulong = ctypes.c_ulong
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.mount_fn = libc.mount
+        self.umount2_fn = libc.umount2
+        self.unshare_fn = libc.unshare
 
     def mount(self, source: str, target: str, fstype: str, flags: int, data: str) -> None:
-        ok = self._libc.mount(source.encode(), target.encode(), fstype.encode(),
-                              self._ctypes.c_ulong(flags), data.encode())
+        ok = self.mount_fn(source.encode(), target.encode(), fstype.encode(),
+                           self._ctypes.c_ulong(flags), data.encode())
         if ok != 0:
             err = self._ctypes.get_errno()
             raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
 
     def umount(self, target: str, lazy: bool = True) -> None:
-        if self._libc.umount2(target.encode(), MNT_DETACH if lazy else 0) != 0:
+        if self.umount2_fn(target.encode(), MNT_DETACH if lazy else 0) != 0:
             err = self._ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOENT):
                 raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+    def errno(self) -> int:
+        return int(self._ctypes.get_errno())
+
+
+class NamespaceMount:
+    """What a process does between fork and exec to see an overlay when the engine is not
+    root: enter a user and mount namespace of its own, map the engine's uid and gid to
+    themselves (so Postgres runs as the engine's user, never as uid 0 of the namespace, and
+    loses every capability at exec), and mount the overlay there (``userxattr``: whiteouts
+    are 0/0 character devices and opaque directories carry ``user.overlay.opaque``). The
+    mount dies with the last process of the namespace. Everything is computed before the
+    fork; the child makes only system calls and, on failure, writes one line to its stderr."""
+
+    def __init__(self, libc: Libc, target: str, options: str, flags: int = 0) -> None:
+        self._libc = libc
+        self._target = target.encode()
+        self._options = options.encode()
+        self._flags = libc.c_ulong(flags)
+        uid, gid = os.geteuid(), os.getegid()
+        self._maps = ((b"/proc/self/setgroups", b"deny"),
+                      (b"/proc/self/uid_map", f"{uid} {uid} 1".encode()),
+                      (b"/proc/self/gid_map", f"{gid} {gid} 1".encode()))
+
+    def __call__(self) -> None:
+        if self._libc.unshare_fn(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+            self._fail("unshare(CLONE_NEWUSER|CLONE_NEWNS)")
+        for path, line in self._maps:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        if self._libc.mount_fn(b"overlay", self._target, b"overlay", self._flags,
+                               self._options) != 0:
+            self._fail("mount overlay")
+
+    def _fail(self, what: str) -> None:
+        err = self._libc.errno()
+        message = f"sqlrs-engine: {what}: {os.strerror(err)}"
+        with contextlib.suppress(OSError):
+            os.write(2, message.encode() + b"\n")
+        raise OSError(err, message)
 
 
 def mounts_under(prefix: str) -> list[str]:
@@ -1756,90 +1828,204 @@ def fsync_tree(path: str) -> None:
         os.close(fd)
 
 
-
-
-
-def copy_tree(source: str, dest: str) -> None:
-    """``cp -a`` with reflinks where the filesystem has them (ownership and modes kept)."""
+def copy_tree(source: str, dest: str, enter: Callable[[], None] | None = None) -> None:
+    """``cp -a`` with reflinks where the filesystem has them (ownership and modes kept);
+    ``enter`` runs in the child before ``cp`` (a ``NamespaceMount`` that makes ``source``)."""
     proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
-                          capture_output=True, text=True, check=False, env=child_env())
+                          capture_output=True, text=True, check=False, env=child_env(),
+                          preexec_fn=enter)
     if proc.returncode != 0:
         code = errno.ENOSPC if "No space left" in proc.stderr else errno.EIO
         raise OSError(code, f"copy {source} -> {dest}: {proc.stderr.strip()}")
 
 
+def reflinks_work(directory: str) -> bool:
+    """Whether files in ``directory`` can share their blocks (``FICLONE``: btrfs, XFS)."""
+    probe = os.path.join(directory, f".reflink-probe-{random_hex(4)}")
+    try:
+        with open(probe, "wb") as source, open(probe + ".clone", "wb") as clone:
+            source.write(b"x")
+            source.flush()
+            fcntl.ioctl(clone.fileno(), FICLONE, source.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        for path in (probe, probe + ".clone"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def userns_off_reason() -> str | None:
+    """The kernel setting that forbids unprivileged user namespaces here, if one does."""
+    settings = (("/proc/sys/user/max_user_namespaces", "0", "user.max_user_namespaces=0"),
+                ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+                 "kernel.unprivileged_userns_clone=0"),
+                ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+                 "kernel.apparmor_restrict_unprivileged_userns=1 (AppArmor)"))
+    for path, value, setting in settings:
+        with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
+            if handle.read().strip() == value:
+                return f"unprivileged user namespaces are switched off ({setting})"
+    return None
+
+
 class SnapshotManager:
     """Clones states into writable data directories and publishes immutable states.
 
-    ``overlay`` mounts the immutable directory as the lower layer of a fresh overlay (root
-    only); ``copy`` copies it. When the engine is root the store stays 0700, so every data
-    directory the server must reach is mounted under ``expose_root`` (0711) instead.
+    Backends (``backend``; ``reason`` says why when it is not the best one here):
+
+    - ``overlay`` (root): the state is the lower layer of an overlay mounted under
+      ``expose_root`` (0711; the store stays 0700), a step's state is its upper layer.
+    - ``overlay-userns`` (not root, Linux 5.11+): the same layers, but the overlay is mounted
+      by the server process itself in a user and mount namespace of its own
+      (``NamespaceMount``): outside, the runtime's ``data`` directory stays empty and the
+      engine reads and writes server files (``pg_hba.conf``, ``postmaster.pid``) in the
+      upper layer while the overlay is not mounted (``files_dir_for``). Only runtimes that
+      exec their server here (``namespaced``) use it; a container gets a copy.
+    - ``reflink`` / ``copy``: ``cp -a --reflink=auto`` (blocks shared where the filesystem can).
     """
 
-    def __init__(self, backend: str, expose_root: str | None) -> None:
+    def __init__(self, wanted: str, expose_root: str | None, store_root: str) -> None:
         self.expose_root = expose_root
-        self._libc = Libc() if os.geteuid() == 0 else None
-        self.backend = self._choose_backend(backend)
+        self._libc = Libc()
+        self._root = os.geteuid() == 0
+        self.backend, self.reason = self._choose_backend(wanted, store_root)
 
-    def _choose_backend(self, wanted: str) -> str:
-        if wanted == "copy" or self._libc is None:
-            return "copy"
-        if wanted == "overlay" or self._overlay_works():
-            return "overlay"
-        return "copy"
+    # backends -----------------------------------------------------------------------------
+    def _choose_backend(self, wanted: str, store_root: str) -> tuple[str, str | None]:
+        reason = None
+        if wanted == "copy":
+            reason = "snapshot.backend is copy"
+        elif self._root:
+            reason = self._probe(self._probe_root)
+            if reason is None:
+                return "overlay", None
+        else:
+            reason = userns_off_reason() or self._probe(self._probe_userns)
+            if reason is None:
+                return "overlay-userns", None
+        if reflinks_work(store_root):
+            return "reflink", reason
+        return "copy", f"{reason}; the store's filesystem has no reflinks"
 
-    def _overlay_works(self) -> bool:
-        assert self.expose_root
-        probe = os.path.join(self.expose_root, f".probe-{random_hex(4)}")
+    def _probe(self, mount: Callable[[str], None]) -> str | None:
+        """Why an overlay cannot be mounted here (None when one can): one tried for real."""
+        parent = self.expose_root or tempfile.gettempdir()
+        probe = tempfile.mkdtemp(prefix=".probe-", dir=parent)
         try:
             for sub in ("lower", "upper", "work", "merged"):
                 os.makedirs(os.path.join(probe, sub))
-            self._mount_overlay(os.path.join(probe, "lower"), probe, os.path.join(probe, "merged"))
-            self.unmount(os.path.join(probe, "merged"))
-            return True
-        except OSError:
-            return False
+            mount(probe)
+            return None
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"overlay cannot be mounted: {exc}"
         finally:
             remove_tree(probe)
 
+    def _probe_root(self, probe: str) -> None:
+        merged = os.path.join(probe, "merged")
+        self._mount_overlay(os.path.join(probe, "lower"), probe, merged)
+        self._libc.umount(merged)
+
+    def _probe_userns(self, probe: str) -> None:
+        enter = NamespaceMount(self._libc, os.path.join(probe, "merged"),
+                               self._overlay_options(os.path.join(probe, "lower"), probe))
+        proc = subprocess.run(["true"], capture_output=True, text=True, check=False,
+                              env=child_env(), preexec_fn=enter)
+        if proc.returncode != 0:
+            raise OSError(errno.EPERM, proc.stderr.strip())
+
+    @property
+    def layers(self) -> bool:
+        """Whether a step's state can be what it wrote (an overlay layer)."""
+        return self.backend in ("overlay", "overlay-userns")
+
+    def _in_namespace(self, runtime_dir: str) -> bool:
+        """Whether this runtime's overlay is mounted by its own processes, not here."""
+        return self.backend == "overlay-userns" and os.path.isdir(
+            os.path.join(runtime_dir, "upper"))
+
+    def _overlay_options(self, lower: str, runtime_dir: str | None) -> str:
+        options = f"lowerdir={lower}"
+        if runtime_dir:
+            options += f",upperdir={runtime_dir}/upper,workdir={runtime_dir}/work"
+        if not self._root:
+            options += ",userxattr"
+        return options
+
     def _mount_overlay(self, lower: str, runtime_dir: str, target: str) -> None:
-        assert self._libc
-        base = f"lowerdir={lower},upperdir={runtime_dir}/upper,workdir={runtime_dir}/work"
+        base = self._overlay_options(lower, runtime_dir)
         try:
             self._libc.mount("overlay", target, "overlay", 0, base + ",volatile")
         except OSError:
             self._libc.mount("overlay", target, "overlay", 0, base)
 
+    def namespace_for(self, runtime_dir: str, data_dir: str) -> Callable[[], None] | None:
+        """What a server process of this runtime does before exec (see ``NamespaceMount``);
+        None when its data directory is already there. Called before every start: the work
+        directory of the last mount goes first (a volatile overlay refuses a used one)."""
+        if not self._in_namespace(runtime_dir):
+            return None
+        work = os.path.join(runtime_dir, "work")
+        remove_tree(work)
+        os.makedirs(work, mode=0o700)
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            lower = handle.read()
+        return NamespaceMount(self._libc, data_dir,
+                              self._overlay_options(lower, runtime_dir) + ",volatile")
+
+    def files_dir_for(self, runtime_dir: str, data_dir: str, namespaced: bool) -> str:
+        """Where the engine reads and writes the server's own files from outside (for a
+        runtime that execs its server here when ``namespaced``)."""
+        if self.backend == "overlay-userns" and namespaced:
+            return os.path.join(runtime_dir, "upper")
+        return data_dir
+
     def exposed_path(self, key: str) -> str:
         return os.path.join(self.expose_root, key) if self.expose_root else ""
 
-    def clone(self, source: str, runtime_dir: str, key: str, owner: tuple[int, int]) -> str:
-        """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
+    # clones -------------------------------------------------------------------------------
+    def clone(self, source: str, runtime_dir: str, key: str, owner: tuple[int, int],
+              namespaced: bool = True) -> str:
+        """Make a writable copy of ``source`` for runtime ``key``; return its data dir.
+        ``namespaced``: the runtime execs its server here (a container cannot enter a
+        namespace the engine made, so it gets a copy when only that kind of overlay works)."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
         atomic_write(os.path.join(runtime_dir, "boot_id"), boot_id().encode(), 0o600)
-        if self.backend == "overlay":
+        if self.backend == "overlay" or (self.backend == "overlay-userns" and namespaced):
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
             upper = os.path.join(runtime_dir, "upper")
-            os.chown(upper, *owner)
+            if owner != (os.geteuid(), os.getegid()):
+                os.chown(upper, *owner)
             os.chmod(upper, 0o700)
+            if self.backend == "overlay-userns":
+                target = os.path.join(runtime_dir, "data")
+                os.makedirs(target, mode=0o700, exist_ok=True)
+                return target
             target = self._mount_point(key)
             self._mount_overlay(source, runtime_dir, target)
             return target
         private = os.path.join(runtime_dir, "data")
         if ":" in source:
-            self._copy_layers(source, private, key)
+            self._copy_layers(source, private, key, runtime_dir)
         else:
             copy_tree(source, private)
         return self.expose(private, key)
 
-    def _copy_layers(self, source: str, dest: str, key: str) -> None:
-        """Copy a layered state through a read-only overlay of its layers."""
-        assert self._libc
-        view = os.path.join(self.exposed_path(key), "view")
+    def _copy_layers(self, lowers: str, dest: str, key: str, runtime_dir: str) -> None:
+        """Copy a layered state through a read-only overlay of its layers (mounted here when
+        root, in the copying process's own namespace when not)."""
+        view = os.path.join(self.exposed_path(key) or runtime_dir, "view")
         os.makedirs(view, mode=0o700, exist_ok=True)
-        self._libc.mount("overlay", view, "overlay", 1, f"lowerdir={source}")  # MS_RDONLY
+        if not self._root:
+            copy_tree(view, dest, NamespaceMount(
+                self._libc, view, self._overlay_options(lowers, None), MS_RDONLY))
+            os.rmdir(view)
+            return
+        self._libc.mount("overlay", view, "overlay", MS_RDONLY, f"lowerdir={lowers}")
         try:
             copy_tree(view, dest)
         finally:
@@ -1853,6 +2039,8 @@ class SnapshotManager:
                 raise conflict("instance data did not survive a reboot",
                                "the instance's writes were never flushed; delete it")
         self.unexpose(key)
+        if self._in_namespace(runtime_dir):
+            return os.path.join(runtime_dir, "data")  # mounted by the server's next start
         if os.path.isdir(os.path.join(runtime_dir, "upper")):
             with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
                 source = handle.read()
@@ -1866,10 +2054,10 @@ class SnapshotManager:
 
     def expose(self, private: str, key: str) -> str:
         """Make ``private`` reachable by the server user (bind mount when root)."""
-        if self._libc is None:
+        if not self.expose_root:
             return private
         target = self._mount_point(key)
-        self._libc.mount(private, target, "", 4096, "")  # MS_BIND
+        self._libc.mount(private, target, "", MS_BIND, "")
         return target
 
     def _mount_point(self, key: str) -> str:
@@ -1879,11 +2067,11 @@ class SnapshotManager:
         return target
 
     def unmount(self, target: str) -> None:
-        if self._libc:
+        if self._root:
             self._libc.umount(target)
 
     def data_dir_for(self, runtime_dir: str, key: str) -> str:
-        if self._libc is None:
+        if not self.expose_root:
             return os.path.join(runtime_dir, "data")
         return os.path.join(self.exposed_path(key), "data")
 
@@ -1905,11 +2093,28 @@ class SnapshotManager:
         self.unexpose(key)
         remove_tree(runtime_dir)
 
-    def publish(self, data_dir: str, final_dir: str, marker: str) -> int:
-        """Copy ``data_dir`` into ``final_dir/pgdata`` atomically; return its size in bytes."""
+    # publication --------------------------------------------------------------------------
+    def content_size(self, runtime_dir: str, data_dir: str) -> int:
+        """Bytes a full copy of a stopped runtime's data would take (at most)."""
+        if not self._in_namespace(runtime_dir):
+            return dir_size(data_dir)
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            lowers = handle.read().split(":")
+        return sum(dir_size(path) for path in [os.path.join(runtime_dir, "upper"), *lowers])
+
+    def publish(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str) -> int:
+        """Copy a stopped runtime's data into ``final_dir/pgdata`` atomically; return its size
+        in bytes (a namespaced overlay is copied through a read-only view of its layers)."""
+        enter = None
+        source = data_dir
+        if self._in_namespace(runtime_dir):
+            with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+                lowers = f"{runtime_dir}/upper:{handle.read()}"
+            enter = NamespaceMount(self._libc, data_dir, self._overlay_options(lowers, None),
+                                   MS_RDONLY)
 
         def fill(tmp: str) -> None:
-            copy_tree(data_dir, os.path.join(tmp, "pgdata"))
+            copy_tree(source, os.path.join(tmp, "pgdata"), enter)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
 
@@ -1946,9 +2151,9 @@ class SnapshotManager:
 
     def layer_size(self, runtime_dir: str) -> int | None:
         """Bytes a layered publication of this runtime would add; None when it can't layer
-        (copy backend, or a stack of lower layers too long for one mount)."""
+        (no overlay, or a stack of lower layers too long for one mount)."""
         upper = os.path.join(runtime_dir, "upper")
-        if self.backend != "overlay" or not os.path.isdir(upper):
+        if not self.layers or not os.path.isdir(upper):
             return None
         with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
             if len(handle.read()) > MAX_LOWER_CHARS:
@@ -1961,8 +2166,8 @@ class SnapshotManager:
         mount the runtime again on top of the new state; return the layer's size."""
         with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
             lowers = handle.read()
-        assert self._libc
-        self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
+        if not self._in_namespace(runtime_dir):  # a namespace's mount died with its server
+            self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
 
         def fill(tmp: str) -> None:
             os.rename(os.path.join(runtime_dir, "upper"), os.path.join(tmp, "layer"))
@@ -1978,17 +2183,20 @@ class SnapshotManager:
         """Mount a stopped overlay runtime afresh on the flat state just copied from it (the
         same content): its stack of layers starts again from one directory, so a long chain
         costs one copy every so many steps instead of one at every step."""
-        assert self._libc
-        self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
+        if not self._in_namespace(runtime_dir):
+            self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
         self._remount(runtime_dir, key, owner, self.source_of(state_dir))
 
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
+        namespaced = self.backend == "overlay-userns"
         for sub in ("upper", "work"):
             remove_tree(os.path.join(runtime_dir, sub))
             os.makedirs(os.path.join(runtime_dir, sub), mode=0o700)
-        os.chown(os.path.join(runtime_dir, "upper"), *owner)
+        if owner != (os.geteuid(), os.getegid()):
+            os.chown(os.path.join(runtime_dir, "upper"), *owner)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
-        self._mount_overlay(source, runtime_dir, self._mount_point(key))
+        if not namespaced:
+            self._mount_overlay(source, runtime_dir, self._mount_point(key))
 
 
 def fsync_dir(path: str) -> None:
@@ -2180,17 +2388,20 @@ class PostgresDbms:
         if proc.returncode != 0:
             raise DbmsError(f"initdb failed: {proc.stdout}{proc.stderr}".strip())
 
-    def start(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
+    def start(self, bindir: str, data_dir: str, files_dir: str, socket_dir: str,
+              log_path: str, enter: Callable[[], None] | None = None,
               deadline_s: float = 60.0) -> tuple[int, int]:
-        """Start a server on a free loopback port; return (pid, port) once it accepts."""
+        """Start a server on a free loopback port; return (pid, port) once it accepts.
+        ``files_dir`` is where the engine sees the server's own files (its data dir, unless
+        ``enter``, run in the server process before exec, mounts that in a namespace)."""
         os.makedirs(socket_dir, mode=0o700, exist_ok=True)
         os.chown(socket_dir, self.user.uid, self.user.gid)
-        write_hba(data_dir, (self.user.uid, self.user.gid))
+        write_hba(files_dir, (self.user.uid, self.user.gid))
         last_error = ""
         for _attempt in range(5):
             port = free_port()
-            pid = self._spawn(bindir, data_dir, socket_dir, log_path, port)
-            outcome = self._wait_ready(pid, data_dir, port, time.monotonic() + deadline_s)
+            pid = self._spawn(bindir, data_dir, socket_dir, log_path, port, enter)
+            outcome = self._wait_ready(pid, files_dir, port, time.monotonic() + deadline_s)
             if outcome == "ready":
                 return pid, port
             last_error = tail_file(log_path)
@@ -2200,17 +2411,22 @@ class PostgresDbms:
         raise DbmsError(f"postgres did not start: {last_error.strip()[-2000:]}")
 
     def _spawn(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
-               port: int) -> int:
+               port: int, enter: Callable[[], None] | None) -> int:
         argv = [os.path.join(bindir, "postgres"), "-D", data_dir, "-p", str(port),
                 "-k", socket_dir]
         for setting in SERVER_SETTINGS:
             argv += ["-c", setting]
         with open(log_path, "ab") as log_file:
             os.chmod(log_path, 0o600)
-            proc: subprocess.Popen[bytes] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
-                start_new_session=True, env=self.server_env(), **self.as_server_user(),
-            )
+            try:
+                proc: subprocess.Popen[bytes] = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
+                    start_new_session=True, env=self.server_env(), preexec_fn=enter,
+                    **self.as_server_user(),
+                )
+            except subprocess.SubprocessError as exc:  # ``enter`` failed; its line is logged
+                raise DbmsError(f"postgres could not be started: {tail_file(log_path, 400)}"
+                                .strip()) from exc
         with self._lock:
             self._children[proc.pid] = proc
         return proc.pid
@@ -2311,6 +2527,9 @@ class RuntimeHandle:
     runtime_dir: str
     data_dir: str
     socket_dir: str
+    #: where the engine reads and writes the server's own files (the data dir, or the upper
+    #: layer when the overlay is mounted in the server's own namespace)
+    files_dir: str = ""
     pid: int | None = None
     port: int | None = None
     content_id: str = ""
@@ -2471,9 +2690,12 @@ class HostRuntime:
     kind = "host"
     #: a step's state is the overlay layer it wrote (when the snapshot backend is overlay)
     layered = True
+    #: its server is exec'd here, so it can mount its data in a namespace of its own
+    namespaced = True
 
-    def __init__(self, dbms: PostgresDbms) -> None:
+    def __init__(self, dbms: PostgresDbms, snapshots: SnapshotManager) -> None:
         self.dbms = dbms
+        self.snapshots = snapshots
         self._fingerprints: dict[tuple[str, float, int], str] = {}
         #: guards ``_fingerprints`` (binary fingerprints by path, mtime and size)
         self._lock = threading.Lock()
@@ -2536,8 +2758,9 @@ class HostRuntime:
         self.dbms.initdb(image.bindir, pgdata)
 
     def start(self, handle: RuntimeHandle) -> None:
-        pid, port = self.dbms.start(handle.image.bindir, handle.data_dir, handle.socket_dir,
-                                    handle.log_path)
+        pid, port = self.dbms.start(
+            handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
+            handle.log_path, self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir))
         handle.pid, handle.port = pid, port
 
     def stop(self, handle: RuntimeHandle) -> None:
@@ -2549,7 +2772,7 @@ class HostRuntime:
         if handle.pid:
             self.dbms.kill(handle.pid)
         else:
-            self.dbms.stop_by_data_dir(handle.data_dir)
+            self.dbms.stop_by_data_dir(handle.files_dir)
         handle.pid = None
 
     def alive(self, handle: RuntimeHandle) -> bool:
@@ -2577,7 +2800,7 @@ class HostRuntime:
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
-        lines = read_postmaster_pid(handle.data_dir)
+        lines = read_postmaster_pid(handle.files_dir)
         if not runtime_id or not lines or f"host:{lines[0].strip()}" != runtime_id:
             return False
         pid = int(lines[0].strip())
@@ -2630,6 +2853,7 @@ class Runtime(Protocol):
 
     kind: str
     layered: bool  #: whether its states can be layers (else full copies)
+    namespaced: bool  #: whether its server is exec'd by the engine (may enter a namespace)
 
     def resolve(self, image_id: str, note: Callable[[str], None] | None = None
                 ) -> ResolvedImage: ...
@@ -2721,6 +2945,7 @@ class DockerRuntime:
 
     kind = "docker"
     layered = False  #: every state is a full copy of its data directory
+    namespaced = False  #: the daemon starts its processes: it sees only the host's mounts
 
     def __init__(self, engine_label: str, engine_kind: str = "auto",
                  passwd_dir: str | None = None) -> None:
@@ -3315,11 +3540,12 @@ class InstanceManager:
     # runtimes -----------------------------------------------------------------------------
     def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
         runtime_dir = self.layout.instance_dir(key)
+        runtime = self.runtimes.for_image(image.requested)
+        data_dir = self.snapshots.data_dir_for(runtime_dir, key)
         return RuntimeHandle(
-            key=key, image=image, runtime=self.runtimes.for_image(image.requested),
-            runtime_dir=runtime_dir,
-            data_dir=self.snapshots.data_dir_for(runtime_dir, key),
+            key=key, image=image, runtime=runtime, runtime_dir=runtime_dir, data_dir=data_dir,
             socket_dir=self.snapshots.socket_dir_for(key),
+            files_dir=self.snapshots.files_dir_for(runtime_dir, data_dir, runtime.namespaced),
         )
 
     def new_runtime(self, key: str, image: ResolvedImage, source_pgdata: str,
@@ -3332,7 +3558,8 @@ class InstanceManager:
         self.snapshots.release(handle.runtime_dir, key)
         pause_point("clone")
         try:
-            self.snapshots.clone(source_pgdata, handle.runtime_dir, key, image.owner)
+            self.snapshots.clone(source_pgdata, handle.runtime_dir, key, image.owner,
+                                 handle.runtime.namespaced)
         except BaseException:
             self.snapshots.release(handle.runtime_dir, key)
             raise
@@ -3533,7 +3760,9 @@ class InstanceManager:
                 continue
             data_dir = os.path.join(self.snapshots.exposed_path(key) or
                                     os.path.join(root, key), "data")
-            self.runtimes.host.dbms.stop_by_data_dir(data_dir)
+            for files_dir in {data_dir, self.snapshots.files_dir_for(
+                    os.path.join(root, key), data_dir, namespaced=True)}:
+                self.runtimes.host.dbms.stop_by_data_dir(files_dir)
             self.snapshots.release(os.path.join(root, key), key)
             removed.append(key)
         return removed
@@ -4060,6 +4289,13 @@ class CacheStatus(TypedDict):
     pressure_reasons: list[Annotated[str, Doc(enum=["usage_above_high_watermark",
                                                       "physical_free_below_reserve"])]]
     last_eviction: NotRequired[CacheEvictionSummary | None]
+    snapshot_backend: Annotated[str, Doc(
+        "How states are stored: overlay layers (mounted by the engine as root, or by each"
+        " server in a user namespace of its own), reflinked or plain copies.",
+        enum=["overlay", "overlay-userns", "reflink", "copy"])]
+    snapshot_reason: NotRequired[Annotated[str | None, Doc(
+        "Why the backend is not overlay layers (a kernel setting, the configuration);"
+        " omitted when it is.")]]
 
 
 @dataclass
@@ -4101,8 +4337,11 @@ class CacheManager:
     use, down to the low watermark, whenever usage or free space crosses its limits."""
 
     def __init__(self, db: Database, store: MetadataStore, config: ConfigManager,
-                 root: str, instances: InstanceManager, pool: WarmPool) -> None:
+                 root: str, instances: InstanceManager, pool: WarmPool,
+                 snapshot_backend: tuple[str, str | None] = ("copy", None)) -> None:
         self.db = db
+        #: the snapshot backend in use and why it is not overlay layers (for the status)
+        self.snapshot_backend = snapshot_backend
         self.pool = pool
         self.store = store
         self.config = config
@@ -4159,7 +4398,8 @@ class CacheManager:
             state_count=len(eligible) + len(blocked),
             reclaimable_bytes=sum(s.size_bytes or 0 for s in eligible),
             blocked_count=len(blocked), pressure_reasons=usage.reasons,
-            last_eviction=self.last_eviction(),
+            last_eviction=self.last_eviction(), snapshot_backend=self.snapshot_backend[0],
+            snapshot_reason=self.snapshot_backend[1],
         ))
 
     def last_eviction(self) -> CacheEvictionSummary | None:
@@ -5737,14 +5977,17 @@ class Executor:
         self.instances.stop(handle)
         layer = self.snapshots.layer_size(handle.runtime_dir) if handle.runtime.layered \
             else None
-        self.cache.before_snapshot(dir_size(handle.data_dir) if layer is None else layer)
+        self.cache.before_snapshot(
+            self.snapshots.content_size(handle.runtime_dir, handle.data_dir) if layer is None
+            else layer)
         emit.log("snapshot: start")
         final_dir = self.layout.state_dir(image, step.state_id)
         remove_tree(final_dir)
         try:
             if layer is None:
-                size = self.snapshots.publish(handle.data_dir, final_dir, STATE_MARKER)
-                if handle.runtime.layered and self.snapshots.backend == "overlay":
+                size = self.snapshots.publish(handle.runtime_dir, handle.data_dir, final_dir,
+                                              STATE_MARKER)
+                if handle.runtime.layered and self.snapshots.layers:
                     self.snapshots.rebase(handle.runtime_dir, handle.key, image.owner, final_dir)
             else:
                 size = self.snapshots.publish_layer(handle.runtime_dir, handle.key, image.owner,
@@ -7382,17 +7625,18 @@ class Engine:
         self.layout = StoreLayout(store_root)
         user = ServerUser.detect()
         self.snapshots = SnapshotManager(self.config.value("snapshot.backend"),
-                                         expose_root_for(store_root))
+                                         expose_root_for(store_root), store_root)
         dbms = PostgresDbms(user)
         docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12],
                                self.config.value("container.runtime"), store_root)
-        self.runtimes = Runtimes(HostRuntime(dbms), docker, self.layout, self.snapshots)
+        self.runtimes = Runtimes(HostRuntime(dbms, self.snapshots), docker, self.layout,
+                                 self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,
                                          ConnectionTracker())
         self.pool = WarmPool(self.instances, self.store, self.config)
         self.deletion = DeletionManager(self.store, self.instances, self.pool)
         self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances,
-                                  self.pool)
+                                  self.pool, (self.snapshots.backend, self.snapshots.reason))
         executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
                             self.snapshots, self.cache, self.pool, self.version)
         self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
@@ -7528,6 +7772,8 @@ def run_engine(options: Options) -> int:
     server_class = EngineHttpServer6 if ":" in host else EngineHttpServer
     server = server_class((host, port), HttpHandler)
     engine = Engine(options, state_dir, store_root)
+    backend, reason = engine.snapshots.backend, engine.snapshots.reason
+    log.info("snapshots: %s%s", backend, f" ({reason})" if reason else "")
     server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
                      engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
                      engine.prepare, engine.runs, engine.pool)

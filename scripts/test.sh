@@ -8,6 +8,7 @@ if [ "${SQLRS_SKIP_DOCKER_TESTS:-}" != "1" ]; then
   bash scripts/setup-docker.sh
   bash scripts/setup-registry.sh
 fi
+bash scripts/setup-nonroot.sh  # the sqlrs-dev account and its venv: the engine as yourself
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[test]'
 ruff check .
 mypy
