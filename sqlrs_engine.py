@@ -356,20 +356,24 @@ def remove_tree(path: str) -> None:
             raise OSError(errno.EBUSY, f"cannot remove {path}")
 
 
-def _open_up_and_retry(function: Callable[..., Any], path: str, _exc: Any) -> None:
-    """``rmtree``'s error hook: give a directory of our own (never a link) its owner's rwx and
-    remove it again; anything else stays, and ``remove_tree`` says so."""
+def _open_up_and_retry(function: Callable[..., Any], path: str, exc_info: Any) -> None:
+    """``rmtree``'s error hook for what we may remove but not list or change: a directory of
+    our own we may not enter (an overlay's work directory is mode 000) is opened up and
+    removed; an empty one of another's (a container root's) is removed from our directory;
+    a file in a directory of ours we may not write is removed once it is opened up. Anything
+    else stays, and ``remove_tree`` says so."""
     with contextlib.suppress(OSError):
         st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
-            os.chmod(path, 0o700)
-            shutil.rmtree(path, onerror=_open_up_and_retry)
-            return
-        if function in (os.unlink, os.rmdir):  # its directory was just opened up
-            parent = os.path.dirname(path)
-            if os.lstat(parent).st_uid == os.geteuid():
-                os.chmod(parent, 0o700)
-                function(path)
+        if function in (os.open, os.scandir) and stat.S_ISDIR(st.st_mode):
+            if st.st_uid == os.geteuid():
+                os.chmod(path, 0o700)
+                shutil.rmtree(path, onerror=_open_up_and_retry)
+            else:
+                os.rmdir(path)
+        elif function in (os.unlink, os.rmdir) and getattr(exc_info[1], "errno", None) \
+                == errno.EACCES and os.lstat(os.path.dirname(path)).st_uid == os.geteuid():
+            os.chmod(os.path.dirname(path), 0o700)
+            function(path)
 
 
 @contextlib.contextmanager
@@ -1879,15 +1883,26 @@ class SnapshotManager:
       ``expose_root`` (0711; the store stays 0700), a step's state is its upper layer.
     - ``overlay-userns`` (not root, Linux 5.11+): the same layers, but the overlay is mounted
       by the server process itself in a user and mount namespace of its own
-      (``NamespaceMount``): outside, the runtime's ``data`` directory stays empty and the
-      engine reads and writes server files (``pg_hba.conf``, ``postmaster.pid``) in the
-      upper layer while the overlay is not mounted (``files_dir_for``). Only runtimes that
-      exec their server here (``namespaced``) use it; a container gets a copy.
+      (``NamespaceMount``).
     - ``reflink`` / ``copy``: ``cp -a --reflink=auto`` (blocks shared where the filesystem can).
+
+    How one runtime's data is made (its ``mount`` file; no file: a private copy):
+
+    - ``engine``: an overlay mounted here, as root (a layer per step).
+    - ``engine-flat``: the same, for a container that binds it: a remount would not reach the
+      container, so its steps are published as copies.
+    - ``namespace``: mounted by the host server in its own namespace (``namespace_for``).
+    - ``container``: mounted by the container, as its root, from the layers bound into it
+      (``container_mount``); the Docker daemon needs no help from the engine's user.
+
+    In the last two the runtime's ``data`` directory stays empty outside: the engine reads
+    and writes server files (``pg_hba.conf``, ``postmaster.pid``) in the upper layer while
+    the overlay is not mounted (``files_dir_for``).
     """
 
     def __init__(self, wanted: str, expose_root: str | None, store_root: str) -> None:
         self.expose_root = expose_root
+        self.wanted = wanted
         self._libc = Libc()
         self._root = os.geteuid() == 0
         self.backend, self.reason = self._choose_backend(wanted, store_root)
@@ -1936,15 +1951,18 @@ class SnapshotManager:
         if proc.returncode != 0:
             raise OSError(errno.EPERM, proc.stderr.strip())
 
-    @property
-    def layers(self) -> bool:
-        """Whether a step's state can be what it wrote (an overlay layer)."""
-        return self.backend in ("overlay", "overlay-userns")
+    @staticmethod
+    def mount_mode(runtime_dir: str) -> str:
+        """How the runtime's data is made (see the class docstring); "" for a private copy."""
+        try:
+            with open(os.path.join(runtime_dir, "mount"), encoding="ascii") as handle:
+                return handle.read().strip()
+        except FileNotFoundError:
+            return ""
 
     def _in_namespace(self, runtime_dir: str) -> bool:
         """Whether this runtime's overlay is mounted by its own processes, not here."""
-        return self.backend == "overlay-userns" and os.path.isdir(
-            os.path.join(runtime_dir, "upper"))
+        return self.mount_mode(runtime_dir) in ("namespace", "container")
 
     def _overlay_options(self, lower: str, runtime_dir: str | None) -> str:
         options = f"lowerdir={lower}"
@@ -1965,7 +1983,7 @@ class SnapshotManager:
         """What a server process of this runtime does before exec (see ``NamespaceMount``);
         None when its data directory is already there. Called before every start: the work
         directory of the last mount goes first (a volatile overlay refuses a used one)."""
-        if not self._in_namespace(runtime_dir):
+        if self.mount_mode(runtime_dir) != "namespace":
             return None
         work = os.path.join(runtime_dir, "work")
         remove_tree(work)
@@ -1975,10 +1993,23 @@ class SnapshotManager:
         return NamespaceMount(self._libc, data_dir,
                               self._overlay_options(lower, runtime_dir) + ",volatile")
 
-    def files_dir_for(self, runtime_dir: str, data_dir: str, namespaced: bool) -> str:
-        """Where the engine reads and writes the server's own files from outside (for a
-        runtime that execs its server here when ``namespaced``)."""
-        if self.backend == "overlay-userns" and namespaced:
+    def container_mount(self, runtime_dir: str) -> str:
+        """The overlay options a container mounts this runtime's data with (a fresh work
+        directory each time; no ``volatile``: its leftovers would be root's)."""
+        work = os.path.join(runtime_dir, "work")
+        remove_tree(work)
+        os.makedirs(work, mode=0o700)
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            return f"lowerdir={handle.read()},upperdir={runtime_dir}/upper,workdir={work}"
+
+    def container_view(self, runtime_dir: str) -> str:
+        """The options of a read-only overlay of a stopped container runtime's layers."""
+        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+            return f"ro,lowerdir={runtime_dir}/upper:{handle.read()}"
+
+    def files_dir_for(self, runtime_dir: str, data_dir: str) -> str:
+        """Where the engine reads and writes the server's own files from outside."""
+        if self._in_namespace(runtime_dir):
             return os.path.join(runtime_dir, "upper")
         return data_dir
 
@@ -1986,22 +2017,34 @@ class SnapshotManager:
         return os.path.join(self.expose_root, key) if self.expose_root else ""
 
     # clones -------------------------------------------------------------------------------
+    def _mode_for(self, mounter: str) -> str:
+        """How a runtime whose server is started by ``mounter`` gets its data: ``host`` (a
+        process exec'd here), ``container`` (a container that can mount an overlay itself) or
+        ``bind`` (a container that can only bind a directory)."""
+        if self.wanted == "copy":
+            return ""
+        if mounter == "container":
+            return "container"
+        if self.backend == "overlay":
+            return "engine" if mounter == "host" else "engine-flat"
+        return "namespace" if self.backend == "overlay-userns" and mounter == "host" else ""
+
     def clone(self, source: str, runtime_dir: str, key: str, owner: tuple[int, int],
-              namespaced: bool = True) -> str:
-        """Make a writable copy of ``source`` for runtime ``key``; return its data dir.
-        ``namespaced``: the runtime execs its server here (a container cannot enter a
-        namespace the engine made, so it gets a copy when only that kind of overlay works)."""
+              mounter: str = "host") -> str:
+        """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
         atomic_write(os.path.join(runtime_dir, "boot_id"), boot_id().encode(), 0o600)
-        if self.backend == "overlay" or (self.backend == "overlay-userns" and namespaced):
+        mode = self._mode_for(mounter)
+        if mode:
+            atomic_write(os.path.join(runtime_dir, "mount"), mode.encode(), 0o600)
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
             upper = os.path.join(runtime_dir, "upper")
             if owner != (os.geteuid(), os.getegid()):
                 os.chown(upper, *owner)
             os.chmod(upper, 0o700)
-            if self.backend == "overlay-userns":
+            if mode in ("namespace", "container"):
                 target = os.path.join(runtime_dir, "data")
                 os.makedirs(target, mode=0o700, exist_ok=True)
                 return target
@@ -2071,7 +2114,7 @@ class SnapshotManager:
             self._libc.umount(target)
 
     def data_dir_for(self, runtime_dir: str, key: str) -> str:
-        if not self.expose_root:
+        if not self.expose_root or self._in_namespace(runtime_dir):
             return os.path.join(runtime_dir, "data")
         return os.path.join(self.exposed_path(key), "data")
 
@@ -2102,19 +2145,30 @@ class SnapshotManager:
             lowers = handle.read().split(":")
         return sum(dir_size(path) for path in [os.path.join(runtime_dir, "upper"), *lowers])
 
-    def publish(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str) -> int:
+    def publish(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str,
+                copy_out: Callable[[str], None] | None = None) -> int:
         """Copy a stopped runtime's data into ``final_dir/pgdata`` atomically; return its size
-        in bytes (a namespaced overlay is copied through a read-only view of its layers)."""
+        in bytes. A namespaced overlay is copied through a read-only view of its layers in a
+        namespace; a container's by ``copy_out`` (the runtime: it fills a new directory in
+        the runtime's directory, which is then moved into place)."""
         enter = None
-        source = data_dir
-        if self._in_namespace(runtime_dir):
+        if self.mount_mode(runtime_dir) == "namespace":
             with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
                 lowers = f"{runtime_dir}/upper:{handle.read()}"
             enter = NamespaceMount(self._libc, data_dir, self._overlay_options(lowers, None),
                                    MS_RDONLY)
 
         def fill(tmp: str) -> None:
-            copy_tree(source, os.path.join(tmp, "pgdata"), enter)
+            if self.mount_mode(runtime_dir) == "container":
+                assert copy_out, "a container's runtime is copied by its runtime"
+                flat = os.path.join(runtime_dir, f"flat-{random_hex(4)}")
+                try:
+                    copy_out(flat)
+                    os.rename(flat, os.path.join(tmp, "pgdata"))
+                finally:
+                    remove_tree(flat)
+            else:
+                copy_tree(data_dir, os.path.join(tmp, "pgdata"), enter)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
 
@@ -2153,7 +2207,7 @@ class SnapshotManager:
         """Bytes a layered publication of this runtime would add; None when it can't layer
         (no overlay, or a stack of lower layers too long for one mount)."""
         upper = os.path.join(runtime_dir, "upper")
-        if not self.layers or not os.path.isdir(upper):
+        if self.mount_mode(runtime_dir) in ("", "engine-flat") or not os.path.isdir(upper):
             return None
         with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
             if len(handle.read()) > MAX_LOWER_CHARS:
@@ -2182,20 +2236,22 @@ class SnapshotManager:
     def rebase(self, runtime_dir: str, key: str, owner: tuple[int, int], state_dir: str) -> None:
         """Mount a stopped overlay runtime afresh on the flat state just copied from it (the
         same content): its stack of layers starts again from one directory, so a long chain
-        costs one copy every so many steps instead of one at every step."""
+        costs one copy every so many steps instead of one at every step. Nothing to do for
+        a runtime that is not layered."""
+        if self.mount_mode(runtime_dir) in ("", "engine-flat"):
+            return
         if not self._in_namespace(runtime_dir):
             self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
         self._remount(runtime_dir, key, owner, self.source_of(state_dir))
 
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
-        namespaced = self.backend == "overlay-userns"
         for sub in ("upper", "work"):
             remove_tree(os.path.join(runtime_dir, sub))
             os.makedirs(os.path.join(runtime_dir, sub), mode=0o700)
         if owner != (os.geteuid(), os.getegid()):
             os.chown(os.path.join(runtime_dir, "upper"), *owner)
         atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
-        if not namespaced:
+        if not self._in_namespace(runtime_dir):
             self._mount_overlay(source, runtime_dir, self._mount_point(key))
 
 
@@ -2536,6 +2592,8 @@ class RuntimeHandle:
     container_id: str | None = None
     job_id: str | None = None
     password: str | None = field(default=None, repr=False)  #: a pooled runtime's, set ahead
+    #: whether a container's own overlay is mounted (None: not known, e.g. after a restart)
+    mounted: bool | None = None
 
     @property
     def runtime_id(self) -> str | None:
@@ -2688,10 +2746,8 @@ class HostRuntime:
     """Postgres from this machine's binaries: ``host:<major>`` or ``host:<absolute bindir>``."""
 
     kind = "host"
-    #: a step's state is the overlay layer it wrote (when the snapshot backend is overlay)
-    layered = True
-    #: its server is exec'd here, so it can mount its data in a namespace of its own
-    namespaced = True
+    #: its server is exec'd here: its data is mounted here or in a namespace of its own
+    mounter = "host"
 
     def __init__(self, dbms: PostgresDbms, snapshots: SnapshotManager) -> None:
         self.dbms = dbms
@@ -2798,6 +2854,10 @@ class HostRuntime:
     def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
         return handle.socket_dir, handle.port or 0
 
+    def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
+        """Never needed: the engine sees (or mounts a view of) a host runtime's data."""
+        raise DbmsError(f"runtime {handle.key} has no data the engine cannot reach")
+
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
         lines = read_postmaster_pid(handle.files_dir)
@@ -2852,8 +2912,10 @@ class Runtime(Protocol):
     """What the engine needs from a place where Postgres runs (host or container)."""
 
     kind: str
-    layered: bool  #: whether its states can be layers (else full copies)
-    namespaced: bool  #: whether its server is exec'd by the engine (may enter a namespace)
+
+    @property
+    def mounter(self) -> str:
+        """Who makes its server's data directory (``SnapshotManager._mode_for``)."""
 
     def resolve(self, image_id: str, note: Callable[[str], None] | None = None
                 ) -> ResolvedImage: ...
@@ -2867,16 +2929,26 @@ class Runtime(Protocol):
                stdin: bytes | None, workdir: str) -> ClientProcess: ...
     def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
         """(unix socket directory, port) of the engine's own sessions, seen from here."""
+    def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
+        """Copy a stopped runtime's data, whose overlay only it can mount, to the new
+        directory ``dest`` inside its runtime directory."""
 
 
 PGDATA_IN_CONTAINER = "/var/lib/postgresql/data/pgdata"
+#: the runtime's socket directory (0700, the server user's) is bound here: private to the
+#: server user inside the container, reachable from the host (a socket made inside an
+#: overlay could not be reached through its upper layer)
+SOCKET_IN_CONTAINER = "/var/run/sqlrs"
 LABEL_ENGINE = "sqlrs.engine"
 LABEL_KEY = "sqlrs.runtime"
 LABEL_JOB = "sqlrs.job"
-#: the socket lives in the data directory (0700, the postgres user's): private to the server
-#: user inside the container, and reachable from the host through the bind mount
-CLIENT_ENV = {"PGHOST": PGDATA_IN_CONTAINER, "PGPORT": "5432", "PGUSER": SUPERUSER,
+CLIENT_ENV = {"PGHOST": SOCKET_IN_CONTAINER, "PGPORT": "5432", "PGUSER": SUPERUSER,
               "PGDATABASE": "postgres"}
+#: what a container that mounts its own overlay may do: mount (CAP_SYS_ADMIN, used only by
+#: the engine's own execs as the container's root), and nothing may gain privileges
+#: (no-new-privileges: a setuid binary run by the server user gains nothing)
+MOUNTING_CONTAINER: dict[str, Any] = {"cap_add": ["SYS_ADMIN"],
+                                      "security_opt": ["no-new-privileges"]}
 
 
 class DockerClient(ClientProcess):
@@ -2944,12 +3016,16 @@ class DockerRuntime:
     """
 
     kind = "docker"
-    layered = False  #: every state is a full copy of its data directory
-    namespaced = False  #: the daemon starts its processes: it sees only the host's mounts
 
     def __init__(self, engine_label: str, engine_kind: str = "auto",
-                 passwd_dir: str | None = None) -> None:
+                 passwd_dir: str | None = None, snapshots: SnapshotManager | None = None,
+                 layers_dir: str | None = None) -> None:
         self.engine_label = engine_label
+        #: the store's states, bound read-only into a container that mounts its own overlay
+        self.snapshots = snapshots
+        self.layers_dir = layers_dir
+        #: whether containers may mount an overlay (tried once, at the first image resolved)
+        self._mounts: bool | None = None
         #: when the engine is not root, the container's server runs as the engine's own uid
         #: and gid (so every file it writes in the bind-mounted data directory is the engine
         #: user's to copy, layer and delete); ``passwd_dir`` holds the /etc/passwd mounted
@@ -3033,12 +3109,35 @@ class DockerRuntime:
         except docker.errors.NotFound:
             return None
 
+    @property
+    def mounter(self) -> str:
+        """``container`` when its containers mount their own overlay (a step's state is a
+        layer), else ``bind`` (they bind a directory made by the engine)."""
+        return "container" if self._mounts and self.snapshots and self.layers_dir else "bind"
+
+    def _probe_mounts(self, image_ref: str) -> None:
+        """Whether a container of this image may mount an overlay (an AppArmor profile or an
+        old kernel may forbid it): tried once, logged either way."""
+        if self._mounts is not None or not self.snapshots or not self.layers_dir:
+            return
+        try:
+            self._run_helper(image_ref, ["mount", "-t", "overlay", "overlay", "-o",
+                                         "lowerdir=/etc:/usr", "/mnt"], None,
+                             **MOUNTING_CONTAINER)
+            self._mounts = True
+            log.info("docker: containers mount their own overlay: states are layers")
+        except DbmsError as exc:
+            self._mounts = False
+            log.warning("docker: containers cannot mount an overlay, states are copies: %s",
+                        exc)
+
     # images -------------------------------------------------------------------------------
     def resolve(self, image_id: str, note: Callable[[str], None] | None = None) -> ResolvedImage:
         cached = self._resolved.get(image_id)
         if cached:
             return cached
         image = self._find_or_pull(image_id, note)
+        self._probe_mounts(image.id)
         name = image_id.split("@", 1)[0]
         repo = name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
         digests = [digest for digest in image.attrs.get("RepoDigests") or []
@@ -3125,14 +3224,18 @@ class DockerRuntime:
         return path
 
     def _run_helper(self, image_ref: str, command: list[str], pgdata: str | None,
-                    user: str = "root") -> bytes:
+                    user: str = "root", binds: Mapping[str, str] | None = None,
+                    **options: Any) -> bytes:
         import docker.errors
 
+        volumes = self._volumes(pgdata)
+        volumes.update({source: {"bind": target, "mode": "rw"}
+                        for source, target in (binds or {}).items()})
         try:
             output: bytes = self._call(
                 self.docker().containers.run, image_ref, command, user=user, remove=True,
-                volumes=self._volumes(pgdata), labels={LABEL_ENGINE: self.engine_label},
-                stdout=True, stderr=True)
+                volumes=volumes, labels={LABEL_ENGINE: self.engine_label},
+                stdout=True, stderr=True, **options)
             return output
         except docker.errors.ContainerError as exc:
             raise DbmsError(f"{' '.join(command)} failed: {exc.stderr!r}") from None
@@ -3143,8 +3246,20 @@ class DockerRuntime:
                          user=self._server_user(image))
 
     # lifecycle ----------------------------------------------------------------------------
+    def _mounts_own(self, handle: RuntimeHandle) -> bool:
+        """Whether the runtime's container mounts its own overlay."""
+        return self.snapshots is not None and \
+            self.snapshots.mount_mode(handle.runtime_dir) == "container"
+
     def _create(self, handle: RuntimeHandle) -> Any:
         volumes = self._volumes(handle.data_dir)
+        volumes[handle.socket_dir] = {"bind": SOCKET_IN_CONTAINER, "mode": "rw"}
+        options: dict[str, Any] = {}
+        if self._mounts_own(handle):  # its layers and its upper layer, at the same paths
+            assert self.layers_dir
+            volumes[handle.runtime_dir] = {"bind": handle.runtime_dir, "mode": "rw"}
+            volumes[self.layers_dir] = {"bind": self.layers_dir, "mode": "ro"}
+            options = MOUNTING_CONTAINER
         labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
         if handle.job_id:
             labels[LABEL_JOB] = handle.job_id
@@ -3152,10 +3267,8 @@ class DockerRuntime:
         container = self._call(
             self.docker().containers.run, self._image_ref(handle.image), ["sleep", "infinity"],
             detach=True, name=name, labels=labels, volumes=volumes,
-            # as the server user when the engine is not: it may then see the container's
-            # processes (the postmaster's host pid) as its own
-            user=self._server_user(handle.image) if self.as_self else None,
-            ports={"5432/tcp": ("127.0.0.1", None)}, environment={"PGDATA": PGDATA_IN_CONTAINER})
+            ports={"5432/tcp": ("127.0.0.1", None)}, environment={"PGDATA": PGDATA_IN_CONTAINER},
+            **options)
         handle.container_id = container.id
         return container
 
@@ -3164,23 +3277,35 @@ class DockerRuntime:
         return image.local_id or image.resolved_id.split("@", 1)[1]
 
     def start(self, handle: RuntimeHandle) -> None:
+        os.makedirs(handle.socket_dir, mode=0o700, exist_ok=True)
+        if handle.image.owner != (os.geteuid(), os.getegid()):
+            os.chown(handle.socket_dir, *handle.image.owner)
         container = self._container(handle.container_id)
         if container is None or container.status != "running":
             if container is not None:
                 self._call(container.remove, force=True)
             container = self._create(handle)
+            handle.mounted = False
             with contextlib.suppress(FileNotFoundError):  # left by a killed container
-                os.unlink(os.path.join(handle.data_dir, "postmaster.pid"))
-        write_hba(handle.data_dir, handle.image.owner)
+                os.unlink(os.path.join(handle.files_dir, "postmaster.pid"))
+        if self._mounts_own(handle):
+            assert self.snapshots
+            if handle.mounted is not False:  # after a crash of the server alone
+                self._unmount(container, handle, check=False)
+            options = self.snapshots.container_mount(handle.runtime_dir)
+            self._exec(container, handle.image, ["mount", "-t", "overlay", "overlay", "-o",
+                                                 options, PGDATA_IN_CONTAINER], user="root")
+            handle.mounted = True
+        write_hba(handle.files_dir, handle.image.owner)
         options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
         self._exec(container, handle.image,
                    ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log", "-W", "-o",
-                    f"-c listen_addresses=* -p 5432 -k {PGDATA_IN_CONTAINER} {options}",
+                    f"-c listen_addresses=* -p 5432 -k {SOCKET_IN_CONTAINER} {options}",
                     "start"])
         container.reload()
         deadline = time.monotonic() + 60
         while True:
-            lines = read_postmaster_pid(handle.data_dir)
+            lines = read_postmaster_pid(handle.files_dir)
             if len(lines) >= 8 and lines[7].strip() == "ready":
                 handle.pid = self._postmaster_host_pid(container, int(lines[0].strip()))
                 if handle.pid:
@@ -3193,10 +3318,11 @@ class DockerRuntime:
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
 
     def _exec(self, container: Any, image: ResolvedImage, command: list[str],
-              check: bool = True) -> str:
-        """Run ``command`` in the container as the server's user; its output. A failure
-        raises DbmsError, or with ``check=False`` is logged and its output returned."""
-        result = self._call(container.exec_run, command, user=self._server_user(image))
+              check: bool = True, user: str | None = None) -> str:
+        """Run ``command`` in the container as the server's user (or ``user``); its output.
+        A failure raises DbmsError, or with ``check=False`` is logged and its output
+        returned."""
+        result = self._call(container.exec_run, command, user=user or self._server_user(image))
         output = result.output.decode("utf-8", "replace") if result.output else ""
         if result.exit_code not in (0, None):
             if check:
@@ -3211,9 +3337,38 @@ class DockerRuntime:
             self._exec(container, handle.image,
                        ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m", "fast", "-W", "stop"])
             deadline = time.monotonic() + 60
-            while read_postmaster_pid(handle.data_dir) and time.monotonic() < deadline:
+            while read_postmaster_pid(handle.files_dir) and time.monotonic() < deadline:
                 time.sleep(READY_POLL_SECONDS)
+            if self._mounts_own(handle):  # its upper layer is then the engine's to publish
+                self._unmount(container, handle, check=True)
         handle.pid = None
+
+    def _unmount(self, container: Any, handle: RuntimeHandle, check: bool) -> None:
+        """Unmount a container's own overlay (``check=False``: it may not be mounted). When
+        the engine is not root the overlay's work directory, root's and holding a shared
+        whiteout, is emptied by the container too, so the engine can remove it."""
+        self._exec(container, handle.image, ["umount", PGDATA_IN_CONTAINER], check=check,
+                   user="root")
+        if self.as_self:
+            self._exec(container, handle.image,
+                       ["rm", "-rf", os.path.join(handle.runtime_dir, "work", "work")],
+                       user="root")
+        handle.mounted = False
+
+    def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
+        """The container mounts a read-only view of the stopped runtime's layers and copies
+        it (as its root, keeping owners) into ``dest``, bound at the same path."""
+        container = self._container(handle.container_id)
+        if container is None or not self.snapshots:
+            raise DbmsError("the runtime's container is gone: its data cannot be copied")
+        view = self.snapshots.container_view(handle.runtime_dir)
+        self._exec(container, handle.image, ["mount", "-t", "overlay", "overlay", "-o", view,
+                                             PGDATA_IN_CONTAINER], user="root")
+        try:
+            self._exec(container, handle.image, ["cp", "-a", f"{PGDATA_IN_CONTAINER}/.", dest],
+                       user="root")
+        finally:
+            self._exec(container, handle.image, ["umount", PGDATA_IN_CONTAINER], user="root")
 
     def discard(self, handle: RuntimeHandle) -> None:
         import docker.errors
@@ -3221,6 +3376,8 @@ class DockerRuntime:
         ids = {handle.container_id} if handle.container_id else set()
         try:
             ids |= {c.id for c in self._labelled({LABEL_KEY: handle.key})}
+            if self.as_self and self._mounts_own(handle):
+                self._empty_work_dir(handle, ids)
             for container_id in ids:
                 with contextlib.suppress(docker.errors.NotFound):
                     self._call(self.docker().api.remove_container, container_id, force=True)
@@ -3231,6 +3388,26 @@ class DockerRuntime:
         handle.container_id = None
         handle.pid = None
 
+    def _empty_work_dir(self, handle: RuntimeHandle, container_ids: set[str]) -> None:
+        """Before a runtime of a non-root engine goes: its container (or, when that is gone,
+        a short-lived one) empties the overlay work directory only root may empty."""
+        work = os.path.join(handle.runtime_dir, "work", "work")
+        if not os.path.lexists(work):
+            return
+        for container_id in container_ids:
+            container = self._container(container_id)
+            if container is not None and container.status == "running":
+                self._exec(container, handle.image, ["umount", "-l", PGDATA_IN_CONTAINER],
+                           check=False, user="root")
+                self._exec(container, handle.image, ["rm", "-rf", work], check=False,
+                           user="root")
+                return
+        try:
+            self._run_helper(self._image_ref(handle.image), ["rm", "-rf", work], None,
+                             binds={handle.runtime_dir: handle.runtime_dir})
+        except DbmsError as exc:
+            log.warning("runtime %s: its overlay work directory stays: %s", handle.key, exc)
+
     def _labelled(self, labels: Mapping[str, str]) -> list[Any]:
         filters = [f"{LABEL_ENGINE}={self.engine_label}"]
         filters += [f"{key}={value}" for key, value in labels.items()]
@@ -3240,21 +3417,20 @@ class DockerRuntime:
 
     @staticmethod
     def _postmaster_host_pid(container: Any, ns_pid: int) -> int | None:
-        """The host pid of the container's postmaster (its pid inside is ``ns_pid``)."""
-        try:
-            namespace = os.readlink(f"/proc/{container.attrs['State']['Pid']}/ns/pid")
-        except (OSError, KeyError):
-            return None
+        """The host pid of the container's postmaster (its pid inside is ``ns_pid``): the
+        process whose innermost pid is ``ns_pid`` in the container's cgroup (both readable
+        by any user, so an engine that is not root finds it too)."""
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
-                    continue
                 with open(f"/proc/{entry}/status", encoding="utf-8") as status:
-                    for line in status:
-                        if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid):
-                            return int(entry)
+                    if not any(line.startswith("NSpid:") and len(line.split()) > 2
+                               and line.split()[-1] == str(ns_pid) for line in status):
+                        continue
+                with open(f"/proc/{entry}/cgroup", encoding="utf-8") as cgroup:
+                    if container.id in cgroup.read():
+                        return int(entry)
         return None
 
     def alive(self, handle: RuntimeHandle) -> bool:
@@ -3267,7 +3443,7 @@ class DockerRuntime:
         if container is None or container.status != "running":
             return False
         handle.container_id = container.id
-        lines = read_postmaster_pid(handle.data_dir)
+        lines = read_postmaster_pid(handle.files_dir)
         if len(lines) < 8 or lines[7].strip() != "ready":
             return False
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
@@ -3305,7 +3481,7 @@ class DockerRuntime:
         return DockerClient(api, created["Id"], sock, stdin)
 
     def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
-        return handle.data_dir, 5432
+        return handle.socket_dir, 5432
 
 
 @dataclass(frozen=True)
@@ -3314,8 +3490,11 @@ class StoreLayout:
 
     root: str
 
+    def engines_root(self) -> str:
+        return os.path.join(self.root, "engines")
+
     def engine_dir(self, image: ResolvedImage) -> str:
-        return os.path.join(self.root, "engines", image.engine_dir)
+        return os.path.join(self.engines_root(), image.engine_dir)
 
     def base_dir(self, image: ResolvedImage) -> str:
         return os.path.join(self.engine_dir(image), "base")
@@ -3545,7 +3724,7 @@ class InstanceManager:
         return RuntimeHandle(
             key=key, image=image, runtime=runtime, runtime_dir=runtime_dir, data_dir=data_dir,
             socket_dir=self.snapshots.socket_dir_for(key),
-            files_dir=self.snapshots.files_dir_for(runtime_dir, data_dir, runtime.namespaced),
+            files_dir=self.snapshots.files_dir_for(runtime_dir, data_dir),
         )
 
     def new_runtime(self, key: str, image: ResolvedImage, source_pgdata: str,
@@ -3558,8 +3737,9 @@ class InstanceManager:
         self.snapshots.release(handle.runtime_dir, key)
         pause_point("clone")
         try:
-            self.snapshots.clone(source_pgdata, handle.runtime_dir, key, image.owner,
-                                 handle.runtime.namespaced)
+            handle.data_dir = self.snapshots.clone(source_pgdata, handle.runtime_dir, key,
+                                                   image.owner, handle.runtime.mounter)
+            handle.files_dir = self.snapshots.files_dir_for(handle.runtime_dir, handle.data_dir)
         except BaseException:
             self.snapshots.release(handle.runtime_dir, key)
             raise
@@ -3760,8 +3940,8 @@ class InstanceManager:
                 continue
             data_dir = os.path.join(self.snapshots.exposed_path(key) or
                                     os.path.join(root, key), "data")
-            for files_dir in {data_dir, self.snapshots.files_dir_for(
-                    os.path.join(root, key), data_dir, namespaced=True)}:
+            for files_dir in {data_dir, self.snapshots.files_dir_for(os.path.join(root, key),
+                                                                     data_dir)}:
                 self.runtimes.host.dbms.stop_by_data_dir(files_dir)
             self.snapshots.release(os.path.join(root, key), key)
             removed.append(key)
@@ -5975,8 +6155,7 @@ class Executor:
                   kind: str, emit: EventEmitter) -> None:
         emit.log("pg_ctl: stop for snapshot")
         self.instances.stop(handle)
-        layer = self.snapshots.layer_size(handle.runtime_dir) if handle.runtime.layered \
-            else None
+        layer = self.snapshots.layer_size(handle.runtime_dir)  # None: a copy is published
         self.cache.before_snapshot(
             self.snapshots.content_size(handle.runtime_dir, handle.data_dir) if layer is None
             else layer)
@@ -5986,9 +6165,9 @@ class Executor:
         try:
             if layer is None:
                 size = self.snapshots.publish(handle.runtime_dir, handle.data_dir, final_dir,
-                                              STATE_MARKER)
-                if handle.runtime.layered and self.snapshots.layers:
-                    self.snapshots.rebase(handle.runtime_dir, handle.key, image.owner, final_dir)
+                                              STATE_MARKER, partial(handle.runtime.copy_out,
+                                                                    handle))
+                self.snapshots.rebase(handle.runtime_dir, handle.key, image.owner, final_dir)
             else:
                 size = self.snapshots.publish_layer(handle.runtime_dir, handle.key, image.owner,
                                                     final_dir, STATE_MARKER)
@@ -7628,7 +7807,8 @@ class Engine:
                                          expose_root_for(store_root), store_root)
         dbms = PostgresDbms(user)
         docker = DockerRuntime(hashlib.sha256(store_root.encode()).hexdigest()[:12],
-                               self.config.value("container.runtime"), store_root)
+                               self.config.value("container.runtime"), store_root,
+                               self.snapshots, self.layout.engines_root())
         self.runtimes = Runtimes(HostRuntime(dbms, self.snapshots), docker, self.layout,
                                  self.snapshots)
         self.instances = InstanceManager(self.store, self.layout, self.snapshots, self.runtimes,

@@ -222,7 +222,9 @@ def log_tail(subject: Subject) -> str:
 
 def new_subject(account: Account, runtime: str) -> Subject:
     """A workspace (owned by the account, 0700) with its state dir, script dir and spawn log."""
-    workspace = Path(tempfile.mkdtemp(prefix=f"sqlrs-bench-nonroot-{account.name}-{runtime}-"))
+    # a short name: a server's Unix socket lives in its data dir below the workspace, and
+    # a socket path has at most 107 bytes
+    workspace = Path(tempfile.mkdtemp(prefix="sqlrs-nr-"))
     account.own(workspace, 0o700)
     subject = Subject(account, runtime, workspace)
     for directory in (subject.state_dir, workspace / "sql"):
