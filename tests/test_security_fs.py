@@ -114,7 +114,12 @@ def instance_entry(engine: EngineProcess, instance_id: str) -> dict[str, Any]:
 
 
 def data_dir_of(engine: EngineProcess, instance_id: str) -> Path:
-    """Where the instance's data directory is mounted for the server user (root engine)."""
+    """Where the engine reads and writes the instance's server files (root engine): the data
+    directory mounted for the server user, or the upper layer of an overlay the container
+    mounts itself (its ``mount`` file says ``container``)."""
+    runtime = engine.store / "instances" / instance_id
+    if (runtime / "mount").is_file() and (runtime / "mount").read_text() == "container":
+        return runtime / "upper"
     return expose_root(engine.store) / instance_id / "data"
 
 
@@ -250,9 +255,11 @@ def test_root_never_chowns_through_a_symlinked_pg_hba(engine: EngineProcess) -> 
     On the host the symlink points at a file in a root-owned directory outside the store. A
     Docker server resolves the symlink inside its container, where that path does not exist,
     so there the victim is a root-owned file the test puts into the data directory itself and
-    the symlink is relative (the same file for the engine on the host and for the server); the
-    attacker is a host process with the uid owning the data directory, the image's postgres
-    uid, because each restart replaces the container (and would kill a loop started in it)."""
+    the symlink is relative (the same file for the engine on the host and for the server).
+    There the container mounts its own overlay and the engine writes pg_hba.conf into its
+    upper layer, in the root-owned store, while the overlay is unmounted: no process of the
+    server's uid can reach it, so the attacker is a host process as root (stronger than any
+    real one), racing the engine's writes all the same."""
     without_warm_pool(engine)
     instance_id = str(prepared(engine, "-c", "create table t(x int)")["result"]["instance_id"])
     data = data_dir_of(engine, instance_id)
@@ -273,7 +280,8 @@ def test_root_never_chowns_through_a_symlinked_pg_hba(engine: EngineProcess) -> 
 
         successes = 0
         attempts = 0
-        with swapper(data / "pg_hba.conf", target, owner.st_uid, owner.st_gid) as attacker:
+        attacker_ids = (owner.st_uid, owner.st_gid) if on_host(engine) else (0, 0)
+        with swapper(data / "pg_hba.conf", target, *attacker_ids) as attacker:
             poll(lambda: (data / "pg_hba.conf").is_symlink() or attacker.poll() is not None,
                  30, what="the attacker's first swap")
             end = time.monotonic() + RESTART_BUDGET_S
@@ -337,12 +345,11 @@ def test_a_state_with_pg_hba_linked_to_a_device_neither_hangs_nor_breaks_a_start
     gets a regular pg_hba.conf and a working DSN. Engines run with an address-space cap, so a
     read of /dev/zero fails instead of exhausting the machine's memory."""
     engine: EngineProcess = engine_factory(argv0=LIMITED_ENGINE)
-    if on_host(engine):  # host states are layers by default; Docker states are full copies
-        result = engine.request("PATCH", "/v1/config",
-                                {"path": "snapshot.backend", "value": "copy"})
-        assert result.status == 200, result.body
-        engine.stop()
-        engine = engine_factory(state_dir=engine.state_dir, argv0=LIMITED_ENGINE)
+    result = engine.request("PATCH", "/v1/config",  # states are layers by default
+                            {"path": "snapshot.backend", "value": "copy"})
+    assert result.status == 200, result.body
+    engine.stop()
+    engine = engine_factory(state_dir=engine.state_dir, argv0=LIMITED_ENGINE)
     without_warm_pool(engine)
     job = prepared(engine, "-c", "copy (select 1) to program "
                    "'rm -f pg_hba.conf; ln -s /dev/zero pg_hba.conf'")
