@@ -1126,6 +1126,12 @@ class MetadataStore:
                 (runtime_id, port, status, instance_id),
             )
 
+    def update_instance_state(self, instance_id: str, state_id: str) -> None:
+        """The instance now holds ``state_id``'s data (a reset)."""
+        with self.db.write() as conn:
+            conn.execute("UPDATE instances SET state_id = ? WHERE instance_id = ?",
+                         (state_id, instance_id))
+
     def delete_instance(self, instance_id: str) -> None:
         with self.db.write() as conn:
             conn.execute("DELETE FROM names WHERE instance_id = ?", (instance_id,))
@@ -2244,6 +2250,49 @@ class SnapshotManager:
             self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
         self._remount(runtime_dir, key, owner, self.source_of(state_dir))
 
+    # resets -------------------------------------------------------------------------------
+    @staticmethod
+    def begin_reset(runtime_dir: str, intent: str) -> None:
+        """Record that a stopped runtime's data is being replaced (``intent``: the caller's
+        note of what by); from here on an interrupted reset is finished, never undone."""
+        atomic_write(os.path.join(runtime_dir, "reset"), intent.encode(), 0o600)
+
+    @staticmethod
+    def reset_intent(runtime_dir: str) -> str | None:
+        """The note of a reset that was begun and not finished, if any."""
+        try:
+            with open(os.path.join(runtime_dir, "reset"), encoding="utf-8") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
+    def finish_reset(self, runtime_dir: str, key: str, owner: tuple[int, int],
+                     source: str) -> None:
+        """Make a stopped runtime's data the state at ``source``: a fresh upper layer on it (an
+        overlay runtime), or its copy in place of the old one (the directory itself stays: a
+        container or a bind mount holds it). Idempotent, so an interrupted reset is finished
+        by doing it again; then the intent goes."""
+        mode = self.mount_mode(runtime_dir)
+        if mode in ("engine", "engine-flat"):
+            self._libc.umount(os.path.join(self.exposed_path(key), "data"))
+        if mode:
+            self._remount(runtime_dir, key, owner, source)
+        else:
+            data = os.path.join(runtime_dir, "data")
+            fresh = os.path.join(runtime_dir, "data.reset")
+            remove_tree(fresh)
+            if ":" in source:
+                self._copy_layers(source, fresh, key, runtime_dir)
+            else:
+                copy_tree(source, fresh)
+            for name in os.listdir(data):
+                remove_tree(os.path.join(data, name))
+            for name in os.listdir(fresh):
+                os.rename(os.path.join(fresh, name), os.path.join(data, name))
+            os.rmdir(fresh)
+            atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
+        os.unlink(os.path.join(runtime_dir, "reset"))
+
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
         for sub in ("upper", "work"):
             remove_tree(os.path.join(runtime_dir, sub))
@@ -2446,16 +2495,17 @@ class PostgresDbms:
 
     def start(self, bindir: str, data_dir: str, files_dir: str, socket_dir: str,
               log_path: str, enter: Callable[[], None] | None = None,
-              deadline_s: float = 60.0) -> tuple[int, int]:
-        """Start a server on a free loopback port; return (pid, port) once it accepts.
-        ``files_dir`` is where the engine sees the server's own files (its data dir, unless
-        ``enter``, run in the server process before exec, mounts that in a namespace)."""
+              port: int | None = None, deadline_s: float = 60.0) -> tuple[int, int]:
+        """Start a server on a free loopback port (``port`` first, when given: a reset keeps
+        the instance's); return (pid, port) once it accepts. ``files_dir`` is where the
+        engine sees the server's own files (its data dir, unless ``enter``, run in the server
+        process before exec, mounts that in a namespace)."""
         os.makedirs(socket_dir, mode=0o700, exist_ok=True)
         os.chown(socket_dir, self.user.uid, self.user.gid)
         write_hba(files_dir, (self.user.uid, self.user.gid))
         last_error = ""
-        for _attempt in range(5):
-            port = free_port()
+        for attempt in range(5):
+            port = port if port and attempt < 3 else free_port()
             pid = self._spawn(bindir, data_dir, socket_dir, log_path, port, enter)
             outcome = self._wait_ready(pid, files_dir, port, time.monotonic() + deadline_s)
             if outcome == "ready":
@@ -2816,7 +2866,8 @@ class HostRuntime:
     def start(self, handle: RuntimeHandle) -> None:
         pid, port = self.dbms.start(
             handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
-            handle.log_path, self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir))
+            handle.log_path, self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir),
+            handle.port)
         handle.pid, handle.port = pid, port
 
     def stop(self, handle: RuntimeHandle) -> None:
@@ -3252,6 +3303,8 @@ class DockerRuntime:
             self.snapshots.mount_mode(handle.runtime_dir) == "container"
 
     def _create(self, handle: RuntimeHandle) -> Any:
+        import docker.errors
+
         volumes = self._volumes(handle.data_dir)
         volumes[handle.socket_dir] = {"bind": SOCKET_IN_CONTAINER, "mode": "rw"}
         options: dict[str, Any] = {}
@@ -3263,12 +3316,23 @@ class DockerRuntime:
         labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
         if handle.job_id:
             labels[LABEL_JOB] = handle.job_id
-        name = f"sqlrs-{handle.key[:12]}-{random_hex(4)}"
-        container = self._call(
-            self.docker().containers.run, self._image_ref(handle.image), ["sleep", "infinity"],
-            detach=True, name=name, labels=labels, volumes=volumes,
-            ports={"5432/tcp": ("127.0.0.1", None)}, environment={"PGDATA": PGDATA_IN_CONTAINER},
-            **options)
+        # the instance's port first (a restart keeps its DSN), any free one if it is taken
+        for port in dict.fromkeys((handle.port, None)):
+            name = f"sqlrs-{handle.key[:12]}-{random_hex(4)}"
+            try:
+                container = self._call(
+                    self.docker().containers.run, self._image_ref(handle.image),
+                    ["sleep", "infinity"], detach=True, name=name, labels=labels,
+                    volumes=volumes, ports={"5432/tcp": ("127.0.0.1", port)},
+                    environment={"PGDATA": PGDATA_IN_CONTAINER}, **options)
+                break
+            except docker.errors.APIError as exc:
+                taken = "port is already allocated" in str(exc) or \
+                    "address already in use" in str(exc)
+                if port is None or not taken:
+                    raise
+                with contextlib.suppress(docker.errors.APIError):
+                    self._call(self.docker().api.remove_container, name, force=True)
         handle.container_id = container.id
         return container
 
@@ -3646,9 +3710,11 @@ class InstanceManager:
         self.snapshots = snapshots
         self.runtimes = runtimes
         self.conntrack = conntrack
-        #: Guards the four tables below; held only for dictionary work, never across I/O.
+        #: Guards the five tables below; held only for dictionary work, never across I/O.
         #: Lock order: an instance's lock (``locked``) before ``_lock``.
         self._lock = threading.Lock()
+        #: instance id → runs streaming on it now (a reset waits for none: it refuses)
+        self._runs: dict[str, int] = {}
         #: instance id → its live runtime handle (a cache; the truth is the instances table)
         self._handles: dict[str, RuntimeHandle] = {}
         #: owner (job or instance id) → state dirs it is reading and no row protects yet
@@ -3715,6 +3781,19 @@ class InstanceManager:
                 entry[1] -= 1
                 if not entry[1]:
                     del self._instance_locks[instance_id]
+
+    @contextlib.contextmanager
+    def running(self, instance_id: str) -> Iterator[None]:
+        """Mark the instance in use by a run for the block (a reset refuses it meanwhile)."""
+        with self._lock:
+            self._runs[instance_id] = self._runs.get(instance_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._runs[instance_id] -= 1
+                if not self._runs[instance_id]:
+                    del self._runs[instance_id]
 
     # runtimes -----------------------------------------------------------------------------
     def _handle(self, key: str, image: ResolvedImage) -> RuntimeHandle:
@@ -3868,17 +3947,96 @@ class InstanceManager:
             raise conflict("instance runtime_dir is missing")
         image = self.runtimes.resolve(row.image_id)
         handle = self._handle(row.instance_id, image)
+        handle.port = row.port  # the DSN stays the same when the port is still free
         note("run: runtime missing - restarting")
         handle.runtime.discard(handle)
+        self._finish_reset(row, handle)
         self.snapshots.reattach(handle.runtime_dir, handle.key)
         note("run: restoring runtime")
         handle.runtime.start(handle)
+        self._restore_password(handle, row)  # a reset finished above left the state's none
         self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
                                            "active")
         with self._lock:
             self._handles[row.instance_id] = handle
         note("run: runtime started")
         return handle
+
+    # resets -------------------------------------------------------------------------------
+    def reset(self, row: InstanceRow, state: StateRow) -> tuple[InstanceRow, int]:
+        """Give a live or orphaned instance ``state``'s data (its own or another state of its
+        image): the server stops (its clients are disconnected), the data is replaced and the
+        server starts again with the same port and password. Returns the instance's row and
+        how many client sessions were disconnected. A run on the instance, or a state of
+        another image, is a 409 and changes nothing; a kill at any point leaves the old data
+        (before the intent is written) or finishes to the new (``_finish_reset``)."""
+        with self.locked(row.instance_id):
+            current = self.store.get_instance(row.instance_id)
+            if current is None:
+                raise not_found("instance not found")
+            with self._lock:
+                if self._runs.get(row.instance_id):
+                    raise conflict("instance is in use by a run",
+                                   "wait for the run to end, then reset")
+            if state.image_id != current.image_id:
+                raise conflict("state belongs to another image",
+                               f"the instance runs {current.image_id}, the state is of"
+                               f" {state.image_id}")
+            owner = f"reset-{row.instance_id}"
+            self.pin(owner, {state.state_dir})  # until the row protects it
+            try:
+                return self._reset(current, state)
+            finally:
+                self.unpin(owner)
+
+    def _reset(self, row: InstanceRow, state: StateRow) -> tuple[InstanceRow, int]:
+        image, source = self.source_of(state)
+        handle = self.live_handle(row)
+        disconnected = 0
+        if handle is not None:
+            with contextlib.suppress(ConntrackError):
+                disconnected = self.conntrack.active(self._admin_endpoint(handle))
+            handle.runtime.stop(handle)  # a fast shutdown ends every session
+        else:
+            handle = self._handle(row.instance_id, image)
+            handle.runtime.discard(handle)
+            self.snapshots.reattach(handle.runtime_dir, handle.key)
+        handle.port = row.port
+        self.snapshots.begin_reset(handle.runtime_dir, state.state_id)
+        pause_point("reset")
+        self.store.update_instance_state(row.instance_id, state.state_id)
+        self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner, source)
+        handle.runtime.start(handle)
+        self._restore_password(handle, row)
+        self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
+                                           "active")
+        with self._lock:
+            self._handles[row.instance_id] = handle
+        reset = self.store.get_instance(row.instance_id)
+        assert reset is not None
+        return reset, disconnected
+
+    def _restore_password(self, handle: RuntimeHandle, row: InstanceRow) -> None:
+        """Give a started runtime the instance's password again (states hold none)."""
+        if row.password:
+            self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s",
+                           scram_verifier(row.password))
+
+    def _finish_reset(self, row: InstanceRow, handle: RuntimeHandle) -> None:
+        """Finish a reset a kill interrupted: its state becomes the instance's data (the
+        server is not running: the reset stopped it before it began)."""
+        state_id = self.snapshots.reset_intent(handle.runtime_dir)
+        if state_id is None:
+            return
+        state = self.store.get_state(state_id.strip()) if is_state_id(state_id.strip()) else None
+        if state is None:  # cannot be: the instance's row protected it since the intent
+            raise conflict("an interrupted reset cannot be finished",
+                           f"state {state_id} is gone; delete the instance")
+        log.info("instance %s: finishing an interrupted reset to %s", row.instance_id,
+                 state.state_id)
+        self.store.update_instance_state(row.instance_id, state.state_id)
+        self.snapshots.finish_reset(handle.runtime_dir, handle.key, handle.image.owner,
+                                    self.snapshots.source_of(state.state_dir))
 
     def connections(self, row: InstanceRow) -> int | None:
         """Client sessions of a live instance (0 when it is not running); None when they
@@ -3924,8 +4082,13 @@ class InstanceManager:
                     self._handles[row.instance_id] = handle
                 self.store.update_instance_runtime(row.instance_id, handle.runtime_id,
                                                    handle.port, "active")
-            else:
-                self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
+            else:  # its port is kept: a restart tries it first, so its DSN stays the same
+                self.store.update_instance_runtime(row.instance_id, None, row.port, "orphaned")
+                try:
+                    self._finish_reset(row, handle)
+                except (OSError, EngineError) as exc:
+                    log.warning("instance %s: an interrupted reset is not finished yet: %s",
+                                row.instance_id, exc)
         self.remove_unowned({row.instance_id for row in rows})
 
     def remove_unowned(self, keep: set[str]) -> list[str]:
@@ -6625,13 +6788,14 @@ class RunManager:
                 notes: list[str]) -> Iterator[bytes]:
         for note in notes:
             yield json_line(RunEvent(type="log", ts=format_ts(), data=note))
-        yield json_line(RunEvent(type="start", ts=format_ts(), instance_id=instance_id))
-        exit_code = 0
-        for step in request.steps:
-            exit_code = yield from self._run_step(request.kind, step, handle)
-            if exit_code != 0:
-                break
-        yield json_line(RunEvent(type="exit", ts=format_ts(), exit_code=exit_code))
+        with self.instances.running(instance_id):
+            yield json_line(RunEvent(type="start", ts=format_ts(), instance_id=instance_id))
+            exit_code = 0
+            for step in request.steps:
+                exit_code = yield from self._run_step(request.kind, step, handle)
+                if exit_code != 0:
+                    break
+            yield json_line(RunEvent(type="exit", ts=format_ts(), exit_code=exit_code))
 
     def _run_step(self, kind: str, step: RunStep,
                   handle: RuntimeHandle) -> Generator[bytes, None, int]:
@@ -6857,6 +7021,19 @@ class CreateInstanceBody(TypedDict):
                                  pattern="^[0-9a-fA-F]{8,64}$")]
     name: NotRequired[Annotated[str | None, Doc(pattern=NAME_RE.pattern)]]
     ttl_seconds: NotRequired[Annotated[int | None, Doc(minimum=1, maximum=MAX_TTL_SECONDS)]]
+
+
+class ResetBody(TypedDict):
+    """``POST /v1/instances/{idOrName}/reset`` (the body is optional)."""
+    state_id: NotRequired[Annotated[str | None, Doc(
+        "A state of the instance's image (a state id or a unique prefix of 8+ hex digits);"
+        " default: the instance's own state.", pattern="^[0-9a-fA-F]{8,64}$")]]
+
+
+class ResetAnswer(InstanceEntry):
+    """An instance after a reset: the same id, DSN, port and password, the state's data."""
+    disconnected_sessions: Annotated[Count, Doc(
+        "Client sessions the reset ended (clients reconnect with the same DSN).")]
 
 
 class PutNameBody(TypedDict):
@@ -7106,6 +7283,14 @@ class Api:
                     307: Answer("Found by name: see Location."), **missing}),
                 "DELETE": op(self.instance_delete, "Delete an instance", {
                     **deleted, 404: err("No such instance.")}, ("force", "dry_run"))}),
+            Route("/v1/instances/{idOrName}/reset", {
+                "POST": op(self.instance_reset, "Reset an instance to a state in place", {
+                    200: Answer("Reset: the same DSN answers with the state's data; its"
+                                " client sessions were disconnected.", ResetAnswer),
+                    400: err("Invalid state id."), 404: err("No such instance or state."),
+                    409: err("A run uses the instance, the state is of another image or is"
+                             " being deleted, or an ambiguous prefix.")},
+                    body=ResetBody)}),
             Route("/v1/states", {"GET": op(self.states_list, "List states", {
                 200: Answer("Matching states.", list[StateEntry])}, ("kind", "image",
                                                                         "id_prefix"))}),
@@ -7289,6 +7474,20 @@ class Api:
         assert created
         return json_response(HTTPStatus.CREATED, self.instances.entry(created),
                              {"Location": f"/v1/instances/{row.instance_id}"})
+
+    def instance_reset(self, req: Request, ref: str) -> Response:
+        found = self.registry.resolve(ref)
+        if found is None:
+            raise not_found("instance not found")
+        body = req.json_object() if req.body.strip() else {}
+        state_ref = body.get("state_id")
+        if state_ref is not None and (not isinstance(state_ref, str) or not state_ref.strip()):
+            raise invalid_argument("invalid state_id", "state_id must be a state id or prefix")
+        state = self.registry.resolve_state(state_ref.strip() if state_ref
+                                            else found.instance.state_id)
+        row, disconnected = self.instances.reset(found.instance, state)
+        return json_response(HTTPStatus.OK, ResetAnswer(**self.instances.entry(row),
+                                                        disconnected_sessions=disconnected))
 
     def instance_delete(self, req: Request, instance_id: str) -> Response:
         force, dry_run = req.flag("force"), req.flag("dry_run")

@@ -1,0 +1,185 @@
+"""``POST /v1/instances/{idOrName}/reset``: an instance back to its state (or to another state of
+its image) in place: the same id, DSN, port and password; clients disconnected; a run on it or a
+foreign state refused; a kill at any point leaves the old data or the new, never a mix."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from conftest import (
+    PG_BIN,
+    RUNTIMES,
+    EngineProcess,
+    assert_error,
+    poll,
+    post_run,
+    psql,
+    sql_via_run,
+    without_warm_pool,
+)
+
+pytestmark = RUNTIMES
+
+
+def prepared(engine: EngineProcess, tmp_path: Path, name: str, sql: str,
+             parent: str | None = None) -> dict[str, Any]:
+    """A succeeded prepare of ``sql`` (after the script ``parent``, when given)."""
+    script = tmp_path / f"{name}.sql"
+    script.write_text(sql)
+    args = ["-f", str(tmp_path / f"{parent}.sql")] if parent else []
+    job = engine.prepare([*args, "-f", str(script)])
+    assert job["status"] == "succeeded", job.get("error")
+    return job
+
+
+def reset(engine: EngineProcess, ref: str, body: Any = None) -> Any:
+    result = engine.post(f"/v1/instances/{ref}/reset", body)
+    assert result.status == 200, result.body
+    return result.json()
+
+
+def test_reset_brings_back_the_state_with_the_same_dsn(engine: EngineProcess,
+                                                       tmp_path: Path) -> None:
+    job = prepared(engine, tmp_path, "base", "create table t(x int); insert into t values (1);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    psql(dsn, "insert into t values (2); create table scratch(y int)")
+    entry = reset(engine, instance_id)
+    assert entry["instance_id"] == instance_id
+    assert entry["dsn"] == dsn  # same port, same password
+    assert entry["state_id"] == job["result"]["state_id"]
+    assert psql(dsn, "select string_agg(x::text, ',') from t") == "1"
+    assert psql(dsn, "select count(*) from pg_tables where tablename = 'scratch'") == "0"
+    # again, by name and with the state given explicitly
+    assert engine.request("PUT", "/v1/names/resettable",
+                          {"instance_id": instance_id}).status in (200, 201)
+    psql(dsn, "insert into t values (3)")
+    again = reset(engine, "resettable", {"state_id": job["result"]["state_id"][:12]})
+    assert again["dsn"] == dsn
+    assert psql(dsn, "select count(*) from t") == "1"
+
+
+def test_reset_to_another_state_of_the_image_and_back(engine: EngineProcess,
+                                                      tmp_path: Path) -> None:
+    base = prepared(engine, tmp_path, "base", "create table t(x int);")
+    branch = prepared(engine, tmp_path, "branch", "insert into t select generate_series(1, 5);",
+                      parent="base")
+    instance_id, dsn = base["result"]["instance_id"], base["result"]["dsn"]
+    entry = reset(engine, instance_id, {"state_id": branch["result"]["state_id"]})
+    assert entry["state_id"] == branch["result"]["state_id"]
+    assert psql(dsn, "select count(*) from t") == "5"
+    listed = engine.get(f"/v1/instances/{instance_id}").json()
+    assert listed["state_id"] == branch["result"]["state_id"]
+    back = reset(engine, instance_id, {"state_id": base["result"]["state_id"]})
+    assert back["state_id"] == base["result"]["state_id"]
+    assert psql(dsn, "select count(*) from t") == "0"
+    # the branch's own instance never noticed
+    assert psql(branch["result"]["dsn"], "select count(*) from t") == "5"
+
+
+def test_an_open_session_is_disconnected_and_reconnects(engine: EngineProcess,
+                                                        tmp_path: Path) -> None:
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("insert into t values (1)")
+        entry = reset(engine, instance_id)
+        assert entry["disconnected_sessions"] >= 1
+        with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:
+            cur.execute("select 1")
+    finally:
+        conn.close()
+    with psycopg2.connect(dsn) as again, again.cursor() as cur:
+        cur.execute("select count(*) from t")
+        assert cur.fetchone() == (0,)
+
+
+def test_a_reset_refuses_a_run_in_progress_and_bad_states(engine: EngineProcess,
+                                                          tmp_path: Path) -> None:
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    psql(dsn, "insert into t values (1)")
+    results: list[Any] = []
+    runner = threading.Thread(target=lambda: results.append(post_run(
+        engine, instance_id, "-XAt", "-c", "select pg_sleep(600)", timeout=900)))
+    runner.start()
+    try:
+        poll(lambda: psql(dsn, "select count(*) from pg_stat_activity"
+                               " where query like 'select pg_sleep%'") == "1",
+             60, what="the run's query to be running")
+        busy = engine.post(f"/v1/instances/{instance_id}/reset")
+        assert_error(busy, 409, "conflict")
+    finally:
+        psql(dsn, "select pg_cancel_backend(pid) from pg_stat_activity"
+                  " where query like 'select pg_sleep%'")
+        runner.join(120)
+    assert psql(dsn, "select count(*) from t") == "1", "a refused reset changed the data"
+    assert_error(engine.post(f"/v1/instances/{instance_id}/reset", {"state_id": "xyz"}), 400)
+    assert_error(engine.post(f"/v1/instances/{instance_id}/reset", {"state_id": "0" * 64}), 404)
+    assert_error(engine.post(f"/v1/instances/{instance_id}/reset", {"state_id": 7}), 400)
+    assert_error(engine.post(f"/v1/instances/{instance_id}/reset", raw=b"{"), 400)
+    assert engine.post("/v1/instances/no-such-instance/reset").status == 404
+    assert psql(dsn, "select count(*) from t") == "1"
+
+
+def test_a_state_of_another_image_is_refused(engine_factory: Any, tmp_path: Path) -> None:
+    """A state built on the other runtime's image is a 409 and changes nothing."""
+    engine: EngineProcess = engine_factory()
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    other_image = "host:15" if engine.image != "host:15" else None
+    if other_image is None:  # on the host: a state of the Docker image needs Docker; use
+        other = engine.prepare(["-c", "create table u(x int)"],  # an absolute-bindir image
+                               image="host:/usr/lib/postgresql/15/bin")
+    else:
+        other = engine.prepare(["-c", "create table u(x int)"], image=other_image)
+    assert other["status"] == "succeeded", other.get("error")
+    refused = engine.post(f"/v1/instances/{job['result']['instance_id']}/reset",
+                          {"state_id": other["result"]["state_id"]})
+    if engine.image == "host:15":  # the same binaries resolve to the same image id
+        assert refused.status == 200, refused.body
+    else:
+        assert_error(refused, 409, "conflict")
+        assert psql(job["result"]["dsn"], "select count(*) from t") == "0"
+
+
+def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any,
+                                                      tmp_path: Path) -> None:
+    """The engine is killed (-9) at the pause point ``reset`` (the server stopped, the intent
+    written, the data not yet replaced): the next engine finishes the reset; the instance
+    holds the state's data (not a mix) and comes back with the same DSN on the next run."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    engine: EngineProcess = without_warm_pool(engine_factory(
+        env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    psql(dsn, "insert into t values (1)")
+    (hooks / "reset").touch()
+    def call() -> None:
+        with contextlib.suppress(OSError):  # the engine dies before it answers
+            engine.post(f"/v1/instances/{instance_id}/reset", timeout=300)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    poll(lambda: (hooks / "reset.reached").exists(), 120, what="the reset's pause point")
+    engine.proc.send_signal(signal.SIGKILL)
+    engine.proc.wait(30)
+    caller.join(60)
+    again: EngineProcess = engine_factory(state_dir=engine.state_dir)
+    entry = again.get(f"/v1/instances/{instance_id}").json()
+    assert entry["state_id"] == job["result"]["state_id"]
+    assert sql_via_run(again, instance_id, "select count(*) from t") == "0"
+    restarted = again.get(f"/v1/instances/{instance_id}").json()
+    assert restarted["dsn"] == dsn, "the restarted instance has another DSN"
+    out = subprocess.run([f"{PG_BIN}/psql", "-XAt", dsn, "-c", "select 1"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.stdout.strip() == "1", out.stderr
