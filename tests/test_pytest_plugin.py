@@ -408,17 +408,35 @@ def test_missing_docker_image_is_one_line(inner: Inner) -> None:
     assert len(lines) == 1 and "sqlrs-no-such/image:1" in lines[0], result.outlines
 
 
-def test_reset_fixture_says_the_engine_cannot_reset_yet(inner: Inner) -> None:
-    inner.pytester.makepyfile(test_reset="""
-        def test_reset(sqlrs_reset_dsn):
-            pass
-    """)
-    result = inner.run("--sqlrs-prepare", "psql -c 'select 1'")
-    result.assert_outcomes(errors=1)
-    lines = [line for line in result.outlines if line.startswith("sqlrs:")]
-    assert lines == ["sqlrs: the engine does not support reset yet "
-                     "(POST /v1/instances/{id}/reset); use sqlrs_dsn"]
-    assert inner.instances() == []  # asked without creating an instance
+def test_reset_fixture_reuses_one_server_reset_before_each_test(inner: Inner) -> None:
+    """``sqlrs_reset_dsn``: one instance for the run, the same DSN in every test, reset to
+    the state before each (a row written in one test is gone in the next)."""
+    (inner.pytester.path / "db").mkdir()
+    (inner.pytester.path / "db" / "schema.sql").write_text(SCHEMA)
+    inner.pytester.makepyfile(test_reset=COUNT_TESTS + '''
+def test_writes(sqlrs_reset_dsn):
+    with psycopg2.connect(sqlrs_reset_dsn) as conn, conn.cursor() as cur:
+        cur.execute("insert into items values (3, 'three')")
+    assert count(sqlrs_reset_dsn) == 3
+    print("DSN", sqlrs_reset_dsn)
+
+def test_does_not_see_it(sqlrs_reset_dsn):
+    assert count(sqlrs_reset_dsn) == 2
+    print("DSN", sqlrs_reset_dsn)
+
+def test_drops_a_table(sqlrs_reset_dsn):
+    with psycopg2.connect(sqlrs_reset_dsn) as conn, conn.cursor() as cur:
+        cur.execute("drop table items")
+    print("DSN", sqlrs_reset_dsn)
+
+def test_has_it_again(sqlrs_reset_dsn):
+    assert count(sqlrs_reset_dsn) == 2
+''')
+    result = inner.run("--sqlrs-prepare", "psql -f db/schema.sql", "-s")
+    result.assert_outcomes(passed=4)
+    dsns = set(re.findall(r"DSN (\S+)", result.stdout.str()))
+    assert len(dsns) == 1, dsns  # one server, reset in place
+    assert inner.instances() == []  # deleted when the session ends
 
 
 def test_lb_form(inner: Inner) -> None:
