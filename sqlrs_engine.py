@@ -786,7 +786,9 @@ CREATE TABLE IF NOT EXISTS states (
     size_bytes INTEGER,
     last_used_at TEXT,
     use_count INTEGER NOT NULL DEFAULT 0,
-    state_dir TEXT NOT NULL
+    state_dir TEXT NOT NULL,
+    name TEXT,
+    source_instance_id TEXT
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -899,7 +901,7 @@ def _prefix_like(prefix: str) -> str:
     return escaped + "%"
 
 
-Kind = Annotated[str, Doc(enum=["psql", "lb"])]
+Kind = Annotated[str, Doc(enum=["psql", "lb", "snapshot"])]
 
 
 class StateEntry(TypedDict):
@@ -914,6 +916,9 @@ class StateEntry(TypedDict):
     last_used_at: NotRequired[Timestamp | None]
     use_count: Count
     refcount: Annotated[Count, Doc("Instances running from this state.")]
+    name: NotRequired[Annotated[str | None, Doc("A snapshot's name, when it was given one.")]]
+    source_instance_id: NotRequired[Annotated[str | None, Doc(
+        "The instance a snapshot was taken of (kind snapshot).")]]
 
 
 class NameEntry(TypedDict):
@@ -941,6 +946,8 @@ class StateRow:
     state_dir: str
     refcount: int = 0
     children: int = 0
+    name: str | None = None
+    source_instance_id: str | None = None  #: a snapshot's instance
 
     def to_json(self) -> StateEntry:
         return omit_none(StateEntry(
@@ -948,7 +955,8 @@ class StateRow:
             image_id=self.image_id, prepare_kind=self.prepare_kind,
             prepare_args_normalized=self.prepare_args_normalized, created_at=self.created_at,
             size_bytes=self.size_bytes, last_used_at=self.last_used_at,
-            use_count=self.use_count, refcount=self.refcount,
+            use_count=self.use_count, refcount=self.refcount, name=self.name,
+            source_instance_id=self.source_instance_id,
         ))
 
 
@@ -1034,20 +1042,38 @@ class MetadataStore:
             columns = {row["name"] for row in conn.execute("PRAGMA table_info(instances)")}
         if "password" not in columns:
             db.migrate("ALTER TABLE instances ADD COLUMN password TEXT")
+        with db.read() as conn:  # stores of engines from before snapshots of instances
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(states)")}
+        for column in ("name", "source_instance_id"):
+            if column not in columns:
+                db.migrate(f"ALTER TABLE states ADD COLUMN {column} TEXT")
+        db.migrate("CREATE UNIQUE INDEX IF NOT EXISTS states_name ON states(name)"
+                   " WHERE name IS NOT NULL")
 
     # states -------------------------------------------------------------------------------
     def insert_state(self, state: StateRow) -> None:
+        verb = "INSERT" if state.name else "INSERT OR IGNORE"  # a named one is new
         with self.db.write() as conn:
-            conn.execute(
-                "INSERT OR IGNORE INTO states (state_id, parent_state_id, state_fingerprint,"
-                " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
-                " last_used_at, use_count, state_dir) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    state.state_id, state.parent_state_id, state.state_id, state.image_id,
-                    state.prepare_kind, state.prepare_args_normalized, state.created_at,
-                    state.size_bytes, state.created_at, 0, state.state_dir,
-                ),
-            )
+            try:
+                conn.execute(
+                    f"{verb} INTO states (state_id, parent_state_id, state_fingerprint,"
+                    " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
+                    " last_used_at, use_count, state_dir, name, source_instance_id)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        state.state_id, state.parent_state_id, state.state_id, state.image_id,
+                        state.prepare_kind, state.prepare_args_normalized, state.created_at,
+                        state.size_bytes, state.created_at, 0, state.state_dir, state.name,
+                        state.source_instance_id,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise conflict("state name already in use", state.name) from None
+
+    def state_named(self, name: str) -> StateRow | None:
+        with self.db.read() as conn:
+            row = conn.execute(_STATE_SELECT + " WHERE s.name = ?", (name,)).fetchone()
+        return _state_from(row) if row else None
 
     def get_state(self, state_id: str) -> StateRow | None:
         with self.db.read() as conn:
@@ -1849,6 +1875,24 @@ def copy_tree(source: str, dest: str, enter: Callable[[], None] | None = None) -
         raise OSError(code, f"copy {source} -> {dest}: {proc.stderr.strip()}")
 
 
+def copy_live(source: str, dest: str) -> None:
+    """``cp -a`` of a directory a running server is changing into the new ``dest``: a file
+    that vanishes meanwhile is skipped, as ``pg_basebackup`` skips it (replaying the WAL
+    recreates what it held); any other failure raises."""
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
+                          capture_output=True, text=True, check=False, env=child_env())
+    check_live_copy(proc.returncode, proc.stderr, source, dest)
+
+
+def check_live_copy(code: int, errors: str, source: str, dest: str) -> None:
+    """Raise unless a live copy succeeded but for files that vanished while it ran."""
+    problems = [line for line in errors.splitlines()
+                if line.strip() and "No such file or directory" not in line]
+    if code != 0 and (problems or not errors.strip()):
+        err = errno.ENOSPC if "No space left" in errors else errno.EIO
+        raise OSError(err, f"copy {source} -> {dest}: {(problems or [errors])[0].strip()}")
+
+
 def reflinks_work(directory: str) -> bool:
     """Whether files in ``directory`` can share their blocks (``FICLONE``: btrfs, XFS)."""
     probe = os.path.join(directory, f".reflink-probe-{random_hex(4)}")
@@ -2250,6 +2294,45 @@ class SnapshotManager:
             self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
         self._remount(runtime_dir, key, owner, self.source_of(state_dir))
 
+    # snapshots of live runtimes ------------------------------------------------------------
+    def publish_online(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str,
+                       backup_start: Callable[[], None],
+                       backup_stop: Callable[[], tuple[str, str]],
+                       copy: Callable[[str, str], None] = copy_live) -> int:
+        """Publish a running runtime's data as a state, consistently, while its server goes
+        on: between ``backup_start`` and ``backup_stop`` (an online backup: the server writes
+        full pages to the WAL meanwhile) the files it changed are copied (its upper layer,
+        a layer on the states below it; or, not layered, all of its data), then its WAL up to
+        the backup's end, and the backup label that makes the first start of a clone
+        replay it. Any version of a file read in between is right once the WAL is replayed,
+        as in any base backup. ``copy(source, dest)`` copies a live tree into a new
+        directory. Returns the state's size."""
+        mode = self.mount_mode(runtime_dir)
+        layered = mode in ("engine", "namespace", "container")
+        source = os.path.join(runtime_dir, "upper") if layered else data_dir
+
+        def fill(tmp: str) -> None:
+            dest = os.path.join(tmp, "layer" if layered else "pgdata")
+            backup_start()
+            pause_point("snapshot-copy")
+            copy(source, dest)
+            label, tablespaces = backup_stop()
+            remove_tree(os.path.join(dest, "pg_wal"))
+            if os.path.isdir(os.path.join(source, "pg_wal")):
+                copy(os.path.join(source, "pg_wal"), os.path.join(dest, "pg_wal"))
+            st = os.lstat(dest)
+            for name, content in (("backup_label", label), ("tablespace_map", tablespaces)):
+                if content:
+                    write_file_in(dest, name, content.encode(), 0o600, (st.st_uid, st.st_gid))
+            for name in ("postmaster.pid", "postmaster.opts"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dest, name))
+            if layered:
+                with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+                    atomic_write(os.path.join(tmp, "lowers"), handle.read().encode(), 0o600)
+
+        return self._publish_atomically(final_dir, marker, fill)
+
     # resets -------------------------------------------------------------------------------
     @staticmethod
     def begin_reset(runtime_dir: str, intent: str) -> None:
@@ -2378,6 +2461,15 @@ SERVER_SETTINGS = (
 READY_POLL_SECONDS = 0.002
 
 
+def server_settings(serving: bool) -> tuple[str, ...]:
+    """The settings of a server: a build's writes the least WAL (``wal_level=minimal``); an
+    instance's (``serving``) enough for an online backup, which a snapshot of it takes."""
+    if not serving:
+        return SERVER_SETTINGS
+    return tuple("wal_level=replica" if s == "wal_level=minimal" else s
+                 for s in SERVER_SETTINGS)
+
+
 def write_hba(data_dir: str, owner: tuple[int, int]) -> None:
     """Replace the data directory's pg_hba.conf (the server user's directory: written through
     its descriptor, never by path)."""
@@ -2400,21 +2492,38 @@ def admin_query(endpoint: tuple[str, int], application: str, sql: str, *params: 
     """Run one statement as superuser over a server's private unix socket (``endpoint``: its
     directory and port) in a session of its own; its first row, if it returns rows. Any
     failure is a DbmsError. psycopg2 is imported here, on first use."""
+    with admin_session(endpoint, application) as query:
+        return query(sql, *params)
+
+
+@contextlib.contextmanager
+def admin_session(endpoint: tuple[str, int], application: str
+                  ) -> Iterator[Callable[..., Any]]:
+    """One superuser session over a server's private socket for the block (statements that
+    belong together, such as an online backup's start and stop): it yields ``query(sql,
+    *params)``, which returns the first row, if any. Any failure is a DbmsError."""
     import psycopg2
 
     try:
         conn = psycopg2.connect(host=endpoint[0], port=endpoint[1], user=SUPERUSER,
                                 dbname="postgres", connect_timeout=10,
                                 application_name=application)
+    except psycopg2.Error as exc:
+        raise DbmsError(f"cannot connect: {str(exc).strip()}") from exc
+    conn.autocommit = True
+
+    def query(sql: str, *params: Any) -> Any:
         try:
-            conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute(sql, params)
                 return cur.fetchone() if cur.description else None
-        finally:
-            conn.close()
-    except psycopg2.Error as exc:
-        raise DbmsError(f"{sql.split()[0]} failed: {str(exc).strip()}") from exc
+        except psycopg2.Error as exc:
+            raise DbmsError(f"{sql.split()[0]} failed: {str(exc).strip()}") from exc
+
+    try:
+        yield query
+    finally:
+        conn.close()
 
 
 class DbmsError(Exception):
@@ -2495,7 +2604,8 @@ class PostgresDbms:
 
     def start(self, bindir: str, data_dir: str, files_dir: str, socket_dir: str,
               log_path: str, enter: Callable[[], None] | None = None,
-              port: int | None = None, deadline_s: float = 60.0) -> tuple[int, int]:
+              port: int | None = None, settings: Sequence[str] = SERVER_SETTINGS,
+              deadline_s: float = 60.0) -> tuple[int, int]:
         """Start a server on a free loopback port (``port`` first, when given: a reset keeps
         the instance's); return (pid, port) once it accepts. ``files_dir`` is where the
         engine sees the server's own files (its data dir, unless ``enter``, run in the server
@@ -2506,7 +2616,7 @@ class PostgresDbms:
         last_error = ""
         for attempt in range(5):
             port = port if port and attempt < 3 else free_port()
-            pid = self._spawn(bindir, data_dir, socket_dir, log_path, port, enter)
+            pid = self._spawn(bindir, data_dir, socket_dir, log_path, port, enter, settings)
             outcome = self._wait_ready(pid, files_dir, port, time.monotonic() + deadline_s)
             if outcome == "ready":
                 return pid, port
@@ -2517,10 +2627,10 @@ class PostgresDbms:
         raise DbmsError(f"postgres did not start: {last_error.strip()[-2000:]}")
 
     def _spawn(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
-               port: int, enter: Callable[[], None] | None) -> int:
+               port: int, enter: Callable[[], None] | None, settings: Sequence[str]) -> int:
         argv = [os.path.join(bindir, "postgres"), "-D", data_dir, "-p", str(port),
                 "-k", socket_dir]
-        for setting in SERVER_SETTINGS:
+        for setting in settings:
             argv += ["-c", setting]
         with open(log_path, "ab") as log_file:
             os.chmod(log_path, 0o600)
@@ -2644,6 +2754,8 @@ class RuntimeHandle:
     password: str | None = field(default=None, repr=False)  #: a pooled runtime's, set ahead
     #: whether a container's own overlay is mounted (None: not known, e.g. after a restart)
     mounted: bool | None = None
+    #: an instance's server (its WAL allows an online backup), not a build's
+    serving: bool = False
 
     @property
     def runtime_id(self) -> str | None:
@@ -2867,7 +2979,7 @@ class HostRuntime:
         pid, port = self.dbms.start(
             handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
             handle.log_path, self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir),
-            handle.port)
+            handle.port, server_settings(handle.serving))
         handle.pid, handle.port = pid, port
 
     def stop(self, handle: RuntimeHandle) -> None:
@@ -2908,6 +3020,9 @@ class HostRuntime:
     def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
         """Never needed: the engine sees (or mounts a view of) a host runtime's data."""
         raise DbmsError(f"runtime {handle.key} has no data the engine cannot reach")
+
+    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
+        copy_live(source, dest)
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
@@ -2983,6 +3098,9 @@ class Runtime(Protocol):
     def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
         """Copy a stopped runtime's data, whose overlay only it can mount, to the new
         directory ``dest`` inside its runtime directory."""
+    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
+        """Copy a tree of the running runtime's files (``source``) into the new directory
+        ``dest``, skipping files that vanish meanwhile (see ``copy_live``)."""
 
 
 PGDATA_IN_CONTAINER = "/var/lib/postgresql/data/pgdata"
@@ -3361,7 +3479,8 @@ class DockerRuntime:
                                                  options, PGDATA_IN_CONTAINER], user="root")
             handle.mounted = True
         write_hba(handle.files_dir, handle.image.owner)
-        options = " ".join(f"-c {s}" for s in SERVER_SETTINGS if not s.startswith("listen"))
+        options = " ".join(f"-c {s}" for s in server_settings(handle.serving)
+                           if not s.startswith("listen"))
         self._exec(container, handle.image,
                    ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-l", "/tmp/postgres.log", "-W", "-o",
                     f"-c listen_addresses=* -p 5432 -k {SOCKET_IN_CONTAINER} {options}",
@@ -3433,6 +3552,24 @@ class DockerRuntime:
                        user="root")
         finally:
             self._exec(container, handle.image, ["umount", PGDATA_IN_CONTAINER], user="root")
+
+    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
+        """A non-root engine cannot copy what a container's own overlay wrote as root (its
+        opaque directories are ``trusted.*`` attributes): the container copies it, as its
+        root, into the runtime's directory, and it is moved from there."""
+        container = self._container(handle.container_id)
+        if not (self.as_self and self._mounts_own(handle)) or container is None:
+            copy_live(source, dest)
+            return
+        staged = os.path.join(handle.runtime_dir, f".copy-{random_hex(4)}")
+        try:
+            result = self._call(container.exec_run, ["cp", "-a", "--", source, staged],
+                                user="root", demux=True)
+            errors = (result.output[1] or b"").decode("utf-8", "replace")
+            check_live_copy(result.exit_code or 0, errors, source, dest)
+            os.rename(staged, dest)
+        finally:
+            remove_tree(staged)
 
     def discard(self, handle: RuntimeHandle) -> None:
         import docker.errors
@@ -3886,6 +4023,7 @@ class InstanceManager:
             if self.store.get_state(state.state_id) is None:
                 raise not_found("state not found")
             handle = self.new_runtime(key, image, source, state.state_id)
+            handle.serving = True
             try:
                 self.start(handle)
                 return self.register(handle, state.state_id, None, ttl_seconds,
@@ -3948,6 +4086,7 @@ class InstanceManager:
         image = self.runtimes.resolve(row.image_id)
         handle = self._handle(row.instance_id, image)
         handle.port = row.port  # the DSN stays the same when the port is still free
+        handle.serving = True
         note("run: runtime missing - restarting")
         handle.runtime.discard(handle)
         self._finish_reset(row, handle)
@@ -3961,6 +4100,63 @@ class InstanceManager:
             self._handles[row.instance_id] = handle
         note("run: runtime started")
         return handle
+
+    # snapshots ----------------------------------------------------------------------------
+    def snapshot(self, row: InstanceRow, name: str | None) -> StateRow:
+        """A new state of what the instance holds now, taken while its server runs on and its
+        clients stay connected (``SnapshotManager.publish_online``): every transaction
+        committed before the call, nothing it did not commit. Its id is random (never a
+        content address of scripts); it is a child of the instance's state and records the
+        instance it came from. An orphaned instance is started first."""
+        if name is not None and self.store.state_named(name):
+            raise conflict("state name already in use", name)
+        self.ensure_running(row, lambda _note: None)
+        with self.locked(row.instance_id):
+            current = self.store.get_instance(row.instance_id)
+            handle = self.live_handle(current) if current else None
+            if current is None or handle is None:
+                raise not_found("instance not found")
+            parent = self.store.get_state(current.state_id)
+            assert parent is not None, "an instance's row protects its state"
+            state_id = random_hex(32)
+            final_dir = self.layout.state_dir(handle.image, state_id)
+            layers = self.snapshots.source_of(parent.state_dir)
+            if len(os.path.join(final_dir, "layer")) + len(layers) + 1 > MAX_LOWER_CHARS:
+                raise conflict("branch too deep to snapshot",
+                               "its layers no longer fit one mount; snapshot a new instance"
+                               " of a prepared state instead")
+            try:
+                size = self._take_snapshot(handle, state_id, final_dir)
+                state = StateRow(
+                    state_id=state_id, parent_state_id=parent.state_id,
+                    image_id=current.image_id, prepare_kind="snapshot",
+                    prepare_args_normalized=f"snapshot of instance {current.instance_id}",
+                    created_at=format_ts(), size_bytes=size, last_used_at=None, use_count=0,
+                    state_dir=final_dir, name=name, source_instance_id=current.instance_id)
+                self.store.insert_state(state)
+            except BaseException:
+                remove_tree(final_dir)  # no state directory without its row
+                raise
+        made = self.store.get_state(state_id)
+        assert made is not None
+        return made
+
+    def _take_snapshot(self, handle: RuntimeHandle, state_id: str, final_dir: str) -> int:
+        with admin_session(self._admin_endpoint(handle), "sqlrs-engine-snapshot") as query:
+            if query("SHOW wal_level")[0] == "minimal":
+                raise conflict("the instance cannot be snapshotted while it runs",
+                               "its server was started by an older engine with"
+                               " wal_level=minimal; a reset or a restart of it allows it")
+
+            def stop() -> tuple[str, str]:
+                label, tablespaces = query("SELECT labelfile, spcmapfile FROM"
+                                           " pg_backup_stop(false)")
+                return str(label), str(tablespaces or "")
+
+            return self.snapshots.publish_online(
+                handle.runtime_dir, handle.data_dir, final_dir, STATE_MARKER,
+                lambda: query("SELECT pg_backup_start(%s, true)", f"sqlrs {state_id}"), stop,
+                partial(handle.runtime.copy_live, handle))
 
     # resets -------------------------------------------------------------------------------
     def reset(self, row: InstanceRow, state: StateRow) -> tuple[InstanceRow, int]:
@@ -4001,7 +4197,7 @@ class InstanceManager:
             handle = self._handle(row.instance_id, image)
             handle.runtime.discard(handle)
             self.snapshots.reattach(handle.runtime_dir, handle.key)
-        handle.port = row.port
+        handle.port, handle.serving = row.port, True
         self.snapshots.begin_reset(handle.runtime_dir, state.state_id)
         pause_point("reset")
         self.store.update_instance_state(row.instance_id, state.state_id)
@@ -4077,6 +4273,7 @@ class InstanceManager:
                 self.store.update_instance_runtime(row.instance_id, None, None, "orphaned")
                 continue
             handle = self._handle(row.instance_id, image)
+            handle.serving = True  # whenever it starts again
             if handle.runtime.adopt(handle, row.runtime_id):
                 with self._lock:
                     self._handles[row.instance_id] = handle
@@ -4298,6 +4495,7 @@ class WarmPool:
         try:
             image, source = self.instances.source_of(state)
             handle = self.instances.new_runtime(key, image, source, state_id)
+            handle.serving = True
             pause_point("pool-start")
             self.instances.start(handle)
             # a fresh server's first session loads the catalog caches: the engine's own,
@@ -6273,9 +6471,10 @@ class Executor:
         return state
 
     def _runtime_for(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
-                     input_kind: str, input_id: str,
-                     run: JobRun, emit: EventEmitter) -> RuntimeHandle:
-        """The job's runtime holding ``input_id``'s content, started."""
+                     input_kind: str, input_id: str, run: JobRun, emit: EventEmitter,
+                     serving: bool = False) -> RuntimeHandle:
+        """The job's runtime holding ``input_id``'s content, started (as an instance's server
+        when ``serving``)."""
         if run.runtime and run.runtime.content_id != input_id:
             self.instances.discard(run.runtime)
             run.runtime = None
@@ -6291,6 +6490,7 @@ class Executor:
             self.instances.pin_runtime(job.job_id, run.runtime)
             emit.log(f"{image.runtime_kind}: runtime cloned ({self.snapshots.backend})")
         if not run.runtime.runtime.alive(run.runtime):
+            run.runtime.serving = serving
             self.instances.start(run.runtime)
             emit.log(f"{image.runtime_kind}: postgres ready on port {run.runtime.port}")
         return run.runtime
@@ -6358,7 +6558,7 @@ class Executor:
             if pooled:
                 emit.log("instance: from the warm pool")
             handle = pooled or self._runtime_for(job, request, image, "state", last.state_id,
-                                                 run, emit)
+                                                 run, emit, serving=True)
             row = self.instances.register(handle, last.state_id, job.job_id,
                                           request.ttl_seconds,
                                           handle.password or self.instances.set_password(handle))
@@ -7023,6 +7223,12 @@ class CreateInstanceBody(TypedDict):
     ttl_seconds: NotRequired[Annotated[int | None, Doc(minimum=1, maximum=MAX_TTL_SECONDS)]]
 
 
+class SnapshotBody(TypedDict):
+    """``POST /v1/instances/{idOrName}/snapshot`` (the body is optional)."""
+    name: NotRequired[Annotated[str | None, Doc("A name for the new state (unique).",
+                                                pattern=NAME_RE.pattern)]]
+
+
 class ResetBody(TypedDict):
     """``POST /v1/instances/{idOrName}/reset`` (the body is optional)."""
     state_id: NotRequired[Annotated[str | None, Doc(
@@ -7283,6 +7489,15 @@ class Api:
                     307: Answer("Found by name: see Location."), **missing}),
                 "DELETE": op(self.instance_delete, "Delete an instance", {
                     **deleted, 404: err("No such instance.")}, ("force", "dry_run"))}),
+            Route("/v1/instances/{idOrName}/snapshot", {
+                "POST": op(self.instance_snapshot, "A new state of the instance's data now,"
+                           " its clients connected", {
+                               201: Answer("The new state (kind snapshot), a child of the"
+                                           " instance's state.", StateEntry),
+                               400: err("Invalid name."), 404: err("No such instance."),
+                               409: err("Name in use, or the instance cannot be snapshotted"
+                                        " (see details).")},
+                           body=SnapshotBody)}),
             Route("/v1/instances/{idOrName}/reset", {
                 "POST": op(self.instance_reset, "Reset an instance to a state in place", {
                     200: Answer("Reset: the same DSN answers with the state's data; its"
@@ -7474,6 +7689,20 @@ class Api:
         assert created
         return json_response(HTTPStatus.CREATED, self.instances.entry(created),
                              {"Location": f"/v1/instances/{row.instance_id}"})
+
+    def instance_snapshot(self, req: Request, ref: str) -> Response:
+        found = self.registry.resolve(ref)
+        if found is None:
+            raise not_found("instance not found")
+        body = req.json_object() if req.body.strip() else {}
+        name = body.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid_argument("invalid name", "name must be a string")
+            validate_name(name)
+        state = self.instances.snapshot(found.instance, name)
+        return json_response(HTTPStatus.CREATED, state.to_json(),
+                             {"Location": f"/v1/states/{state.state_id}"})
 
     def instance_reset(self, req: Request, ref: str) -> Response:
         found = self.registry.resolve(ref)
