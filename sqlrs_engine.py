@@ -1744,6 +1744,8 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 FICLONE = 0x40049409
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
+#: written into a published state's directory last: a state without it is half-built
+STATE_MARKER = ".build.ok"
 
 
 class Libc:
@@ -4343,6 +4345,10 @@ def tree_rss(pid: int) -> int:
 #: a refill waits this long after a pooled hand-out, so that starting a server does not
 #: compete with the client's first connection and statements (on two cores it adds ≈ 40 %)
 REFILL_PAUSE_S = 0.05
+#: how many pooled runtimes start at once (each start is mostly one core's work)
+FILL_PARALLEL = max(1, min(2, os.cpu_count() or 1))
+#: a state whose hand-out found the pool empty this recently keeps twice ``perState`` ready
+STARVED_WINDOW_S = 10.0
 
 
 class WarmPool:
@@ -4352,8 +4358,10 @@ class WarmPool:
     Pooled runtimes are the engine's, never the user's: they have no instance row (so a
     restart removes them as unowned), pin their state (nothing deletes it under them) and are
     stopped first when their state is deleted or evicted. A background thread refills them
-    shortly after each hand-out (``REFILL_PAUSE_S``) and stops those idle past
-    ``instances.warmPool.idleTimeout``.
+    shortly after each hand-out (``REFILL_PAUSE_S``, none when the state ran out), up to
+    ``FILL_PARALLEL`` at once, and stops those idle past ``instances.warmPool.idleTimeout``.
+    A state handed out faster than it refills (a hand-out found none ready in the last
+    ``STARVED_WINDOW_S``) keeps twice ``perState`` ready, within ``maxTotal``.
     """
 
     def __init__(self, instances: InstanceManager, store: MetadataStore,
@@ -4373,6 +4381,8 @@ class WarmPool:
         self._recent: dict[str, None] = {}
         #: monotonic time before which no refill starts (set by a pooled hand-out)
         self._quiet_until = 0.0
+        #: state id → monotonic time of its last hand-out that found none ready
+        self._starved: dict[str, float] = {}
         self._wake = threading.Event()
 
     def settings(self) -> tuple[int, int, float]:
@@ -4387,7 +4397,9 @@ class WarmPool:
         with self._changed:
             ready = self._ready.get(state_id) or []
             handle = ready.pop(0)[0] if ready else None
-            if handle:
+            if handle is None:
+                self._starved[state_id] = time.monotonic()
+            elif ready:  # more are ready: the client's first queries go first
                 self._quiet_until = time.monotonic() + REFILL_PAUSE_S
         if handle and not handle.runtime.alive(
                 handle):
@@ -4433,7 +4445,8 @@ class WarmPool:
 
     # upkeep ---------------------------------------------------------------------------------
     def run(self, stopped: threading.Event) -> None:
-        """The refill thread: one runtime at a time, for the most recent state short of one."""
+        """The refill thread: starts runtimes (``FILL_PARALLEL`` at once, each in a thread of
+        its own) for the most recent states short of their target."""
         while not stopped.is_set():
             self._wake.clear()
             try:
@@ -4445,19 +4458,28 @@ class WarmPool:
                     continue
                 state_id = self._next_to_fill()
                 if state_id:
-                    self._fill(state_id)
+                    threading.Thread(target=self._fill, args=(state_id,), daemon=True,
+                                     name="warm-pool-fill").start()
                     continue
             except Exception:
                 log.exception("warm pool upkeep failed")
             self._wake.wait(1.0)
 
+    def _target(self, state_id: str, per_state: int) -> int:
+        """How many ready runtimes ``state_id`` should have (caller holds ``_changed``)."""
+        starved = time.monotonic() - self._starved.get(state_id, -math.inf) < STARVED_WINDOW_S
+        return per_state * 2 if starved else per_state
+
     def _next_to_fill(self) -> str | None:
         per_state, max_total, _idle = self.settings()
         with self._changed:
-            pooled = sum(map(len, self._ready.values())) + sum(self._starting.values())
+            starting = sum(self._starting.values())
+            pooled = sum(map(len, self._ready.values())) + starting
+            if starting >= FILL_PARALLEL:
+                return None
             for state_id in reversed(self._recent):
                 have = len(self._ready.get(state_id, [])) + self._starting.get(state_id, 0)
-                if have < per_state and pooled < max_total:
+                if have < self._target(state_id, per_state) and pooled < max_total:
                     self._starting[state_id] = self._starting.get(state_id, 0) + 1
                     return state_id
         return None
@@ -4482,6 +4504,7 @@ class WarmPool:
             with self._changed:
                 self._starting[state_id] -= 1
                 self._changed.notify_all()
+            self._wake.set()  # the refill thread may start the next one
 
     def _start_pooled(self, state_id: str) -> RuntimeHandle | None:
         """A started runtime of the state (pinned by the pool), or None when the state is
@@ -4520,7 +4543,8 @@ class WarmPool:
             for state_id in reversed(list(self._recent)):
                 ready = self._ready.get(state_id, [])
                 fresh = [e for e in ready if not idle or now - e[1] < idle]
-                keep = fresh[:max(0, min(per_state, room - self._starting.get(state_id, 0)))]
+                target = self._target(state_id, per_state)
+                keep = fresh[:max(0, min(target, room - self._starting.get(state_id, 0)))]
                 surplus += [(state_id, e[0]) for e in ready if e not in keep]
                 self._ready[state_id] = keep
                 room -= len(keep) + self._starting.get(state_id, 0)
@@ -5859,7 +5883,6 @@ HEARTBEATS_AT_FULL_RATE = 20  #: repeats per quiet stretch before they slow down
 LOG_LINES_IN_FULL = 200
 HEARTBEAT_MESSAGE_CHARS = 200
 OUTPUT_TAIL_BYTES = 64 * 1024
-STATE_MARKER = ".build.ok"
 
 
 class EventEmitter:

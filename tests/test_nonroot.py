@@ -327,3 +327,27 @@ def test_liquibase_as_yourself(workspace: Workspace, image: str) -> None:
     assert psql(first["result"]["dsn"], "select count(*) from pets") == "2"
     steps = [task for task in again["tasks"] if task["type"] == "state_execute"]
     assert len(steps) == 2 and all(task["cached"] for task in steps), steps
+
+
+@RUNTIMES
+def test_snapshot_and_reset_as_yourself(workspace: Workspace, image: str) -> None:
+    """A live snapshot (the overlay is the server's own namespace's, or the container's as
+    its root) and resets, as the ordinary user; everything stays deletable by the user."""
+    engine = workspace.spawn(image_for(image))
+    job = engine.prepare(["-f", workspace.write("a.sql", "create table a(x int);\n")])
+    assert job["status"] == "succeeded", job.get("error")
+    dsn, instance_id = job["result"]["dsn"], job["result"]["instance_id"]
+    psql(dsn, "insert into a select generate_series(1, 10); drop table if exists gone;"
+              " create table b(y int); drop table b")
+    made = engine.post(f"/v1/instances/{instance_id}/snapshot", {"name": "mine"})
+    assert made.status == 201, made.body
+    branch = engine.post("/v1/instances", {"state_id": made.json()["state_id"]})
+    assert branch.status == 201, branch.body
+    assert psql(branch.json()["dsn"], "select count(*) from a") == "10"
+    assert psql(branch.json()["dsn"], "select count(*) from pg_tables where tablename = 'b'") \
+        == "0"
+    psql(dsn, "delete from a")
+    reset = engine.post(f"/v1/instances/{instance_id}/reset",
+                        {"state_id": made.json()["state_id"]})
+    assert reset.status == 200, reset.body
+    assert psql(dsn, "select count(*) from a") == "10"
