@@ -2984,9 +2984,9 @@ class HostRuntime:
             handle.port, server_settings(handle.serving))
         handle.pid, handle.port = pid, port
 
-    def stop(self, handle: RuntimeHandle) -> None:
+    def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
         if handle.pid:
-            self.dbms.stop(handle.pid)
+            (self.dbms.kill if immediate else self.dbms.stop)(handle.pid)
         handle.pid = None
 
     def discard(self, handle: RuntimeHandle) -> None:
@@ -3089,7 +3089,9 @@ class Runtime(Protocol):
                 ) -> ResolvedImage: ...
     def init_base(self, image: ResolvedImage, pgdata: str) -> None: ...
     def start(self, handle: RuntimeHandle) -> None: ...
-    def stop(self, handle: RuntimeHandle) -> None: ...
+    def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
+        """Stop the server (fast shutdown, a checkpoint; ``immediate``: no checkpoint, for data
+        about to be thrown away); its data stays."""
     def discard(self, handle: RuntimeHandle) -> None: ...
     def alive(self, handle: RuntimeHandle) -> bool: ...
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool: ...
@@ -3516,11 +3518,20 @@ class DockerRuntime:
                         output.strip()[-500:])
         return output
 
-    def stop(self, handle: RuntimeHandle) -> None:
+    def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
+        """The postmaster is signalled from here (SIGINT fast, SIGQUIT immediate: the engine
+        sees its host pid, and may signal it as root or as its uid), else through
+        ``pg_ctl`` in the container; then the wait for its lock file to go."""
         container = self._container(handle.container_id)
         if container is not None:
-            self._exec(container, handle.image,
-                       ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m", "fast", "-W", "stop"])
+            try:
+                if not (handle.pid and PostgresDbms.is_postgres(handle.pid)):
+                    raise ProcessLookupError(handle.pid)
+                os.kill(handle.pid, signal.SIGQUIT if immediate else signal.SIGINT)
+            except (ProcessLookupError, PermissionError):
+                self._exec(container, handle.image,
+                           ["pg_ctl", "-D", PGDATA_IN_CONTAINER, "-m",
+                            "immediate" if immediate else "fast", "-W", "stop"], check=False)
             deadline = time.monotonic() + 60
             while read_postmaster_pid(handle.files_dir) and time.monotonic() < deadline:
                 time.sleep(READY_POLL_SECONDS)
@@ -4194,7 +4205,8 @@ class InstanceManager:
         if handle is not None:
             with contextlib.suppress(ConntrackError):
                 disconnected = self.conntrack.active(self._admin_endpoint(handle))
-            handle.runtime.stop(handle)  # a fast shutdown ends every session
+            handle.runtime.stop(handle, immediate=True)  # every session ends; no checkpoint:
+                                                         # the data is thrown away
         else:
             handle = self._handle(row.instance_id, image)
             handle.runtime.discard(handle)
