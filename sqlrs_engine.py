@@ -35,8 +35,13 @@ Where things happen:
 - A state id: ``state_id_for`` (the recipe, for psql and Liquibase, is its docstring).
 - An instance: ``InstanceManager.create`` (clone + start + row) or ``WarmPool.instance`` (a
   pooled runtime + row); a run (``RunManager``) restarts a dead one (``ensure_running``);
-  deletion trees (``DeletionManager``) and eviction (``CacheManager``) never remove what a
-  row, a pin or a claim protects.
+  ``InstanceManager.snapshot`` makes a state of a live one (an online backup,
+  ``SnapshotManager.publish_online``), ``InstanceManager.reset`` gives it a state's data
+  again in place; deletion trees (``DeletionManager``) and eviction (``CacheManager``) never
+  remove what a row, a pin or a claim protects.
+- Whose overlay: ``SnapshotManager`` (its docstring): the engine mounts it as root; when not
+  root each host server mounts its own in a user namespace (``NamespaceMount``, run between
+  fork and exec); a Docker container mounts its own as its root (``DockerRuntime.start``).
 - Background threads (started by ``run_engine``, stopped with the server): the warm pool's
   refill (``WarmPool.run``), the read watchdog that cuts slow clients (``ReadWatch.run``),
   the TTL reaper (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
