@@ -193,11 +193,13 @@ def test_a_small_step_on_a_large_state_is_a_small_layer(workspace: Workspace) ->
     assert psql(job["result"]["dsn"], "select count(*) from big") == "100000"
 
 
-def test_a_deep_chain_stays_flat(workspace: Workspace) -> None:
+@RUNTIMES
+def test_a_deep_chain_stays_flat(workspace: Workspace, image: str) -> None:
     """Past the overlay's stack limit a step's state is a full copy made through a
-    read-only view of the runtime's layers (in a namespace of its own) and the chain
-    starts again from it; every step's data is there at the end."""
-    engine = workspace.spawn(HOST_IMAGE)
+    read-only view of the runtime's layers (in a namespace of its own on the host, by the
+    container as its root on Docker) and the chain starts again from it; every step's data
+    is there at the end."""
+    engine = workspace.spawn(image_for(image))
     args = []
     for step in range(30):
         args += ["-f", workspace.write(f"s{step:02}.sql", f"create table t{step}(x int);"
@@ -261,8 +263,9 @@ def test_instances_survive_an_engine_restart(workspace: Workspace, image: str) -
     assert sql_via_run(again, job["result"]["instance_id"], "select x from a") == "7"
 
 
-def test_the_warm_pool_hands_out_as_yourself(workspace: Workspace) -> None:
-    engine = workspace.spawn(HOST_IMAGE)
+@RUNTIMES
+def test_the_warm_pool_hands_out_as_yourself(workspace: Workspace, image: str) -> None:
+    engine = workspace.spawn(image_for(image))
     job = engine.prepare(["-f", workspace.write("a.sql", "create table a(x int);\n")])
     assert job["status"] == "succeeded", job.get("error")
     state_id = job["result"]["state_id"]
