@@ -7730,31 +7730,32 @@ class Api:
         return json_response(HTTPStatus.CREATED, self.instances.entry(created),
                              {"Location": f"/v1/instances/{row.instance_id}"})
 
-    def instance_snapshot(self, req: Request, ref: str) -> Response:
+    def _instance_and_options(self, req: Request, ref: str) -> tuple[InstanceRow, JsonDict]:
+        """The instance ``ref`` names (404) and the request's optional JSON object body."""
         found = self.registry.resolve(ref)
         if found is None:
             raise not_found("instance not found")
-        body = req.json_object() if req.body.strip() else {}
+        return found.instance, req.json_object() if req.body.strip() else {}
+
+    def instance_snapshot(self, req: Request, ref: str) -> Response:
+        instance, body = self._instance_and_options(req, ref)
         name = body.get("name")
         if name is not None:
             if not isinstance(name, str):
                 raise invalid_argument("invalid name", "name must be a string")
             validate_name(name)
-        state = self.instances.snapshot(found.instance, name)
+        state = self.instances.snapshot(instance, name)
         return json_response(HTTPStatus.CREATED, state.to_json(),
                              {"Location": f"/v1/states/{state.state_id}"})
 
     def instance_reset(self, req: Request, ref: str) -> Response:
-        found = self.registry.resolve(ref)
-        if found is None:
-            raise not_found("instance not found")
-        body = req.json_object() if req.body.strip() else {}
+        instance, body = self._instance_and_options(req, ref)
         state_ref = body.get("state_id")
         if state_ref is not None and (not isinstance(state_ref, str) or not state_ref.strip()):
             raise invalid_argument("invalid state_id", "state_id must be a state id or prefix")
         state = self.registry.resolve_state(state_ref.strip() if state_ref
-                                            else found.instance.state_id)
-        row, disconnected = self.instances.reset(found.instance, state)
+                                            else instance.state_id)
+        row, disconnected = self.instances.reset(instance, state)
         return json_response(HTTPStatus.OK, ResetAnswer(**self.instances.entry(row),
                                                         disconnected_sessions=disconnected))
 

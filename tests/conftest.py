@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -485,3 +486,22 @@ class OpenApiChecker:
 @pytest.fixture
 def openapi(engine: EngineProcess) -> OpenApiChecker:
     return OpenApiChecker(engine.get("/v1/openapi.json", auth=False).json())
+
+
+def killed_at(engine: EngineProcess, hooks: Path, point: str, method: str, path: str,
+              body: Any = None) -> None:
+    """Arm the pause point ``point`` (``hooks`` is the engine's SQLRS_TEST_HOOKS_DIR), send
+    ``method path`` from a thread, wait until the engine is paused there and kill it (-9);
+    the request gets no answer."""
+    (hooks / point).touch()
+
+    def call() -> None:
+        with contextlib.suppress(OSError):  # the engine dies before it answers
+            engine.request(method, path, body, timeout=300)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    poll(lambda: (hooks / f"{point}.reached").exists(), 120, what=f"the pause point {point}")
+    engine.proc.send_signal(signal.SIGKILL)
+    engine.proc.wait(30)
+    caller.join(60)

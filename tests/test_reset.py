@@ -4,8 +4,6 @@ foreign state refused; a kill at any point leaves the old data or the new, never
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -18,6 +16,7 @@ from conftest import (
     RUNTIMES,
     EngineProcess,
     assert_error,
+    killed_at,
     poll,
     post_run,
     psql,
@@ -163,17 +162,7 @@ def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any,
     job = prepared(engine, tmp_path, "base", "create table t(x int);")
     instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
     psql(dsn, "insert into t values (1)")
-    (hooks / "reset").touch()
-    def call() -> None:
-        with contextlib.suppress(OSError):  # the engine dies before it answers
-            engine.post(f"/v1/instances/{instance_id}/reset", timeout=300)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    poll(lambda: (hooks / "reset.reached").exists(), 120, what="the reset's pause point")
-    engine.proc.send_signal(signal.SIGKILL)
-    engine.proc.wait(30)
-    caller.join(60)
+    killed_at(engine, hooks, "reset", "POST", f"/v1/instances/{instance_id}/reset")
     again: EngineProcess = engine_factory(state_dir=engine.state_dir)
     entry = again.get(f"/v1/instances/{instance_id}").json()
     assert entry["state_id"] == job["result"]["state_id"]

@@ -5,8 +5,6 @@ deletion trees); a kill -9 during one leaves no half state."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import threading
 import time
@@ -19,6 +17,7 @@ from conftest import (
     RUNTIMES,
     EngineProcess,
     assert_error,
+    killed_at,
     poll,
     psql,
     state_dirs,
@@ -220,19 +219,8 @@ def test_a_kill_during_a_snapshot_leaves_no_half_state(engine_factory: Any,
         env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
     source = instance_of(engine, "create table t(x int); insert into t values (1);")
     states = state_dirs(engine)
-    (hooks / "snapshot-copy").touch()
-
-    def call() -> None:
-        with contextlib.suppress(OSError):  # the engine dies before it answers
-            engine.post(f"/v1/instances/{source['instance_id']}/snapshot", timeout=300)
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    poll(lambda: (hooks / "snapshot-copy.reached").exists(), 120,
-         what="the snapshot's pause point")
-    engine.proc.send_signal(signal.SIGKILL)
-    engine.proc.wait(30)
-    caller.join(60)
+    killed_at(engine, hooks, "snapshot-copy", "POST",
+              f"/v1/instances/{source['instance_id']}/snapshot")
     again: EngineProcess = engine_factory(state_dir=engine.state_dir)
     assert state_dirs(again) == states
     assert [s["prepare_kind"] for s in again.get("/v1/states").json()] == ["psql"]
