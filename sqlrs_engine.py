@@ -252,14 +252,16 @@ def pause_point(name: str) -> None:
         time.sleep(0.01)
 
 
-def atomic_write(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+def atomic_write(path: str, data: bytes, mode: int, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, fsynced first unless
+    it need not outlive the boot (``durable=False``: a kill still never leaves half a file)."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -1150,11 +1152,13 @@ class MetadataStore:
         return [_instance_from(row) for row in rows]
 
     def update_instance_runtime(self, instance_id: str, runtime_id: str | None, port: int | None,
-                                status: str) -> None:
+                                status: str, state_id: str | None = None) -> None:
+        """Record where the instance's server runs (and, after a reset, its new state)."""
         with self.db.write() as conn:
             conn.execute(
-                "UPDATE instances SET runtime_id = ?, port = ?, status = ? WHERE instance_id = ?",
-                (runtime_id, port, status, instance_id),
+                "UPDATE instances SET runtime_id = ?, port = ?, status = ?,"
+                " state_id = COALESCE(?, state_id) WHERE instance_id = ?",
+                (runtime_id, port, status, state_id, instance_id),
             )
 
     def update_instance_state(self, instance_id: str, state_id: str) -> None:
@@ -1931,6 +1935,19 @@ def userns_off_reason() -> str | None:
     return None
 
 
+def _remove_logged(path: str) -> None:
+    try:
+        remove_tree(path)
+    except OSError as exc:
+        log.warning("cannot remove %s yet: %s", path, exc)
+
+
+def _runtime_file(runtime_dir: str, name: str, text: str) -> None:
+    """Write a runtime's own file (its layers, mount mode, boot, a reset's intent): atomic,
+    not fsynced (a runtime is only trusted within the boot that wrote it)."""
+    atomic_write(os.path.join(runtime_dir, name), text.encode(), 0o600, durable=False)
+
+
 class SnapshotManager:
     """Clones states into writable data directories and publishes immutable states.
 
@@ -2090,11 +2107,11 @@ class SnapshotManager:
               mounter: str = "host") -> str:
         """Make a writable copy of ``source`` for runtime ``key``; return its data dir."""
         os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-        atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
-        atomic_write(os.path.join(runtime_dir, "boot_id"), boot_id().encode(), 0o600)
+        _runtime_file(runtime_dir, "source", source)
+        _runtime_file(runtime_dir, "boot_id", boot_id())
         mode = self._mode_for(mounter)
         if mode:
-            atomic_write(os.path.join(runtime_dir, "mount"), mode.encode(), 0o600)
+            _runtime_file(runtime_dir, "mount", mode)
             for sub in ("upper", "work"):
                 os.makedirs(os.path.join(runtime_dir, sub), mode=0o700, exist_ok=True)
             upper = os.path.join(runtime_dir, "upper")
@@ -2345,7 +2362,7 @@ class SnapshotManager:
     def begin_reset(runtime_dir: str, intent: str) -> None:
         """Record that a stopped runtime's data is being replaced (``intent``: the caller's
         note of what by); from here on an interrupted reset is finished, never undone."""
-        atomic_write(os.path.join(runtime_dir, "reset"), intent.encode(), 0o600)
+        _runtime_file(runtime_dir, "reset", intent)
 
     @staticmethod
     def reset_intent(runtime_dir: str) -> str | None:
@@ -2361,7 +2378,7 @@ class SnapshotManager:
         """Make a stopped runtime's data the state at ``source``: a fresh upper layer on it (an
         overlay runtime), or its copy in place of the old one (the directory itself stays: a
         container or a bind mount holds it). Idempotent, so an interrupted reset is finished
-        by doing it again; then the intent goes."""
+        by doing it again; the intent stays until ``end_reset``."""
         mode = self.mount_mode(runtime_dir)
         if mode in ("engine", "engine-flat"):
             self._libc.umount(os.path.join(self.exposed_path(key), "data"))
@@ -2380,16 +2397,28 @@ class SnapshotManager:
             for name in os.listdir(fresh):
                 os.rename(os.path.join(fresh, name), os.path.join(data, name))
             os.rmdir(fresh)
-            atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
-        os.unlink(os.path.join(runtime_dir, "reset"))
+            _runtime_file(runtime_dir, "source", source)
+
+    @staticmethod
+    def end_reset(runtime_dir: str) -> None:
+        """The reset is recorded everywhere: its intent goes."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(runtime_dir, "reset"))
 
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
+        """A fresh upper layer on ``source``; the old one (what an instance wrote before a
+        reset) is moved aside and removed in the background (a removal that fails is logged
+        and the runtime's own removal takes it later)."""
+        trash = os.path.join(runtime_dir, f".trash-{random_hex(4)}")
+        os.mkdir(trash, 0o700)
         for sub in ("upper", "work"):
-            remove_tree(os.path.join(runtime_dir, sub))
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(os.path.join(runtime_dir, sub), os.path.join(trash, sub))
             os.makedirs(os.path.join(runtime_dir, sub), mode=0o700)
+        in_background("remove-old-layer", _remove_logged, trash)
         if owner != (os.geteuid(), os.getegid()):
             os.chown(os.path.join(runtime_dir, "upper"), *owner)
-        atomic_write(os.path.join(runtime_dir, "source"), source.encode(), 0o600)
+        _runtime_file(runtime_dir, "source", source)
         if not self._in_namespace(runtime_dir):
             self._mount_overlay(source, runtime_dir, self._mount_point(key))
 
@@ -4217,14 +4246,17 @@ class InstanceManager:
             handle.runtime.discard(handle)
             self.snapshots.reattach(handle.runtime_dir, handle.key)
         handle.port, handle.serving = row.port, True
-        self.snapshots.begin_reset(handle.runtime_dir, state.state_id)
-        pause_point("reset")
-        self.store.update_instance_state(row.instance_id, state.state_id)
+        self.snapshots.begin_reset(handle.runtime_dir, state.state_id)  # from here on: the
+        pause_point("reset")                                             # new state's data
         self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner, source)
         handle.runtime.start(handle)
+        self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
+                                           "active")  # a restart finds (adopts) this server
+        pause_point("reset-started")
         self._restore_password(handle, row)
         self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
-                                           "active")
+                                           "active", state.state_id)
+        self.snapshots.end_reset(handle.runtime_dir)
         with self._lock:
             self._handles[row.instance_id] = handle
         reset = self.store.get_instance(row.instance_id)
@@ -4237,9 +4269,11 @@ class InstanceManager:
             self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s",
                            scram_verifier(row.password))
 
-    def _finish_reset(self, row: InstanceRow, handle: RuntimeHandle) -> None:
-        """Finish a reset a kill interrupted: its state becomes the instance's data (the
-        server is not running: the reset stopped it before it began)."""
+    def _finish_reset(self, row: InstanceRow, handle: RuntimeHandle,
+                      data_done: bool = False) -> None:
+        """Finish a reset a kill interrupted: its state becomes the instance's data (unless
+        ``data_done``: its server was started again, which happens only once the data is the
+        state's), and its row says so."""
         state_id = self.snapshots.reset_intent(handle.runtime_dir)
         if state_id is None:
             return
@@ -4249,9 +4283,14 @@ class InstanceManager:
                            f"state {state_id} is gone; delete the instance")
         log.info("instance %s: finishing an interrupted reset to %s", row.instance_id,
                  state.state_id)
+        if data_done:  # its server started on the new data; maybe not with its password
+            self._restore_password(handle, row)
+        else:
+            handle.runtime.discard(handle)  # whatever server may still hold the data
+            self.snapshots.finish_reset(handle.runtime_dir, handle.key, handle.image.owner,
+                                        self.snapshots.source_of(state.state_dir))
         self.store.update_instance_state(row.instance_id, state.state_id)
-        self.snapshots.finish_reset(handle.runtime_dir, handle.key, handle.image.owner,
-                                    self.snapshots.source_of(state.state_dir))
+        self.snapshots.end_reset(handle.runtime_dir)
 
     def connections(self, row: InstanceRow) -> int | None:
         """Client sessions of a live instance (0 when it is not running); None when they
@@ -4300,11 +4339,11 @@ class InstanceManager:
                                                    handle.port, "active")
             else:  # its port is kept: a restart tries it first, so its DSN stays the same
                 self.store.update_instance_runtime(row.instance_id, None, row.port, "orphaned")
-                try:
-                    self._finish_reset(row, handle)
-                except (OSError, EngineError) as exc:
-                    log.warning("instance %s: an interrupted reset is not finished yet: %s",
-                                row.instance_id, exc)
+            try:
+                self._finish_reset(row, handle, data_done=handle.pid is not None)
+            except (OSError, EngineError, DbmsError) as exc:
+                log.warning("instance %s: an interrupted reset is not finished yet: %s",
+                            row.instance_id, exc)
         self.remove_unowned({row.instance_id for row in rows})
 
     def remove_unowned(self, keep: set[str]) -> list[str]:

@@ -150,11 +150,14 @@ def test_a_state_of_another_image_is_refused(engine_factory: Any, tmp_path: Path
         assert psql(job["result"]["dsn"], "select count(*) from t") == "0"
 
 
-def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("point", ["reset", "reset-started"])
+def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any, tmp_path: Path,
+                                                      point: str) -> None:
     """The engine is killed (-9) at the pause point ``reset`` (the server stopped, the intent
-    written, the data not yet replaced): the next engine finishes the reset; the instance
-    holds the state's data (not a mix) and comes back with the same DSN on the next run."""
+    written, the data not yet replaced) or ``reset-started`` (the server runs on the new data,
+    without the instance's password, the row not updated): the next engine finishes the
+    reset; the instance holds the state's data (not a mix), its row says so, and it answers
+    with the same DSN on the next run."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     engine: EngineProcess = without_warm_pool(engine_factory(
@@ -162,7 +165,7 @@ def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any,
     job = prepared(engine, tmp_path, "base", "create table t(x int);")
     instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
     psql(dsn, "insert into t values (1)")
-    killed_at(engine, hooks, "reset", "POST", f"/v1/instances/{instance_id}/reset")
+    killed_at(engine, hooks, point, "POST", f"/v1/instances/{instance_id}/reset")
     again: EngineProcess = engine_factory(state_dir=engine.state_dir)
     entry = again.get(f"/v1/instances/{instance_id}").json()
     assert entry["state_id"] == job["result"]["state_id"]
