@@ -1886,13 +1886,15 @@ def copy_tree(source: str, dest: str, enter: Callable[[], None] | None = None) -
         raise OSError(code, f"copy {source} -> {dest}: {proc.stderr.strip()}")
 
 
-def copy_live(source: str, dest: str) -> None:
-    """``cp -a`` of a directory a running server is changing into the new ``dest``: a file
-    that vanishes meanwhile is skipped, as ``pg_basebackup`` skips it (replaying the WAL
-    recreates what it held); any other failure raises."""
-    proc = subprocess.run(["cp", "-a", "--reflink=auto", "--", source, dest],
+def copy_live(sources: Sequence[str], dest: str) -> None:
+    """``cp -a`` of files and trees a running server is changing into the directory ``dest``:
+    a file that vanishes meanwhile is skipped, as ``pg_basebackup`` skips it (replaying the
+    WAL recreates what it held); any other failure raises."""
+    if not sources:
+        return
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", "-t", dest, "--", *sources],
                           capture_output=True, text=True, check=False, env=child_env())
-    check_live_copy(proc.returncode, proc.stderr, source, dest)
+    check_live_copy(proc.returncode, proc.stderr, sources[0], dest)
 
 
 def check_live_copy(code: int, errors: str, source: str, dest: str) -> None:
@@ -2322,14 +2324,14 @@ class SnapshotManager:
     def publish_online(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str,
                        backup_start: Callable[[], None],
                        backup_stop: Callable[[], tuple[str, str]],
-                       copy: Callable[[str, str], None] = copy_live) -> int:
+                       copy: Callable[[Sequence[str], str], None] = copy_live) -> int:
         """Publish a running runtime's data as a state, consistently, while its server goes
         on: between ``backup_start`` and ``backup_stop`` (an online backup: the server writes
         full pages to the WAL meanwhile) the files it changed are copied (its upper layer,
         a layer on the states below it; or, not layered, all of its data), then its WAL up to
         the backup's end, and the backup label that makes the first start of a clone
         replay it. Any version of a file read in between is right once the WAL is replayed,
-        as in any base backup. ``copy(source, dest)`` copies a live tree into a new
+        as in any base backup. ``copy(sources, dest)`` copies live files and trees into a
         directory. Returns the state's size."""
         mode = self.mount_mode(runtime_dir)
         layered = mode in ("engine", "namespace", "container")
@@ -2337,20 +2339,20 @@ class SnapshotManager:
 
         def fill(tmp: str) -> None:
             dest = os.path.join(tmp, "layer" if layered else "pgdata")
+            st = os.stat(source)
+            os.mkdir(dest, 0o700)
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                os.chown(dest, st.st_uid, st.st_gid)
             backup_start()
             pause_point("snapshot-copy")
-            copy(source, dest)
+            copy([os.path.join(source, name) for name in os.listdir(source)
+                  if name not in ("pg_wal", "postmaster.pid", "postmaster.opts")], dest)
             label, tablespaces = backup_stop()
-            remove_tree(os.path.join(dest, "pg_wal"))
-            if os.path.isdir(os.path.join(source, "pg_wal")):
-                copy(os.path.join(source, "pg_wal"), os.path.join(dest, "pg_wal"))
-            st = os.lstat(dest)
+            copy([path for path in [os.path.join(source, "pg_wal")] if os.path.lexists(path)],
+                 dest)  # the WAL up to the backup's end (and what followed), after it
             for name, content in (("backup_label", label), ("tablespace_map", tablespaces)):
                 if content:
                     write_file_in(dest, name, content.encode(), 0o600, (st.st_uid, st.st_gid))
-            for name in ("postmaster.pid", "postmaster.opts"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dest, name))
             if layered:
                 with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
                     atomic_write(os.path.join(tmp, "lowers"), handle.read().encode(), 0o600)
@@ -3057,8 +3059,8 @@ class HostRuntime:
         """Never needed: the engine sees (or mounts a view of) a host runtime's data."""
         raise DbmsError(f"runtime {handle.key} has no data the engine cannot reach")
 
-    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
-        copy_live(source, dest)
+    def copy_live(self, handle: RuntimeHandle, sources: Sequence[str], dest: str) -> None:
+        copy_live(sources, dest)
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
         """Re-attach to a server left running by an earlier engine process."""
@@ -3136,8 +3138,8 @@ class Runtime(Protocol):
     def copy_out(self, handle: RuntimeHandle, dest: str) -> None:
         """Copy a stopped runtime's data, whose overlay only it can mount, to the new
         directory ``dest`` inside its runtime directory."""
-    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
-        """Copy a tree of the running runtime's files (``source``) into the new directory
+    def copy_live(self, handle: RuntimeHandle, sources: Sequence[str], dest: str) -> None:
+        """Copy files and trees of the running runtime (``sources``) into the directory
         ``dest``, skipping files that vanish meanwhile (see ``copy_live``)."""
 
 
@@ -3600,21 +3602,25 @@ class DockerRuntime:
         finally:
             self._exec(container, handle.image, ["umount", PGDATA_IN_CONTAINER], user="root")
 
-    def copy_live(self, handle: RuntimeHandle, source: str, dest: str) -> None:
+    def copy_live(self, handle: RuntimeHandle, sources: Sequence[str], dest: str) -> None:
         """A non-root engine cannot copy what a container's own overlay wrote as root (its
         opaque directories are ``trusted.*`` attributes): the container copies it, as its
         root, into the runtime's directory, and it is moved from there."""
         container = self._container(handle.container_id)
         if not (self.as_self and self._mounts_own(handle)) or container is None:
-            copy_live(source, dest)
+            copy_live(sources, dest)
+            return
+        if not sources:
             return
         staged = os.path.join(handle.runtime_dir, f".copy-{random_hex(4)}")
+        os.mkdir(staged, 0o700)
         try:
-            result = self._call(container.exec_run, ["cp", "-a", "--", source, staged],
+            result = self._call(container.exec_run, ["cp", "-a", "-t", staged, "--", *sources],
                                 user="root", demux=True)
             errors = (result.output[1] or b"").decode("utf-8", "replace")
-            check_live_copy(result.exit_code or 0, errors, source, dest)
-            os.rename(staged, dest)
+            check_live_copy(result.exit_code or 0, errors, sources[0], dest)
+            for name in os.listdir(staged):
+                os.rename(os.path.join(staged, name), os.path.join(dest, name))
         finally:
             remove_tree(staged)
 
