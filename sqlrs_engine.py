@@ -795,7 +795,8 @@ CREATE TABLE IF NOT EXISTS states (
     use_count INTEGER NOT NULL DEFAULT 0,
     state_dir TEXT NOT NULL,
     name TEXT,
-    source_instance_id TEXT
+    source_instance_id TEXT,
+    unflushed_boot TEXT
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -955,6 +956,9 @@ class StateRow:
     children: int = 0
     name: str | None = None
     source_instance_id: str | None = None  #: a snapshot's instance
+    #: the boot a state was published in, until its files are flushed (a snapshot answers
+    #: first); a state still unflushed after a reboot may be incomplete and is removed
+    unflushed_boot: str | None = None
 
     def to_json(self) -> StateEntry:
         return omit_none(StateEntry(
@@ -1051,7 +1055,7 @@ class MetadataStore:
             db.migrate("ALTER TABLE instances ADD COLUMN password TEXT")
         with db.read() as conn:  # stores of engines from before snapshots of instances
             columns = {row["name"] for row in conn.execute("PRAGMA table_info(states)")}
-        for column in ("name", "source_instance_id"):
+        for column in ("name", "source_instance_id", "unflushed_boot"):
             if column not in columns:
                 db.migrate(f"ALTER TABLE states ADD COLUMN {column} TEXT")
         db.migrate("CREATE UNIQUE INDEX IF NOT EXISTS states_name ON states(name)"
@@ -1065,17 +1069,22 @@ class MetadataStore:
                 conn.execute(
                     f"{verb} INTO states (state_id, parent_state_id, state_fingerprint,"
                     " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
-                    " last_used_at, use_count, state_dir, name, source_instance_id)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " last_used_at, use_count, state_dir, name, source_instance_id,"
+                    " unflushed_boot) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         state.state_id, state.parent_state_id, state.state_id, state.image_id,
                         state.prepare_kind, state.prepare_args_normalized, state.created_at,
                         state.size_bytes, state.created_at, 0, state.state_dir, state.name,
-                        state.source_instance_id,
+                        state.source_instance_id, state.unflushed_boot,
                     ),
                 )
             except sqlite3.IntegrityError:
                 raise conflict("state name already in use", state.name) from None
+
+    def mark_flushed(self, state_id: str) -> None:
+        with self.db.write() as conn:
+            conn.execute("UPDATE states SET unflushed_boot = NULL WHERE state_id = ?",
+                         (state_id,))
 
     def state_named(self, name: str) -> StateRow | None:
         with self.db.read() as conn:
@@ -2251,23 +2260,34 @@ class SnapshotManager:
         return self._publish_atomically(final_dir, marker, fill)
 
     @staticmethod
-    def _publish_atomically(final_dir: str, marker: str, fill: Callable[[str], None]) -> int:
+    def _publish_atomically(final_dir: str, marker: str, fill: Callable[[str], None],
+                            flush: bool = True) -> int:
         """Build a state in a temporary sibling directory, flush it, rename it into place, then
-        write the marker; a crash at any point leaves no complete-looking half state."""
+        write the marker; a crash at any point leaves no complete-looking half state. Without
+        ``flush`` the caller flushes it later (``flush_state``) and records meanwhile that a
+        machine crash may have left it incomplete."""
         parent = os.path.dirname(final_dir)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{random_hex(4)}")
         try:
             os.makedirs(tmp, mode=0o700)
             fill(tmp)
-            fsync_tree(tmp)
+            if flush:
+                fsync_tree(tmp)
             os.rename(tmp, final_dir)
         except BaseException:
             remove_tree(tmp)
             raise
-        fsync_dir(parent)
-        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600)
+        if flush:
+            fsync_dir(parent)
+        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600, durable=flush)
         return dir_size(final_dir)
+
+    @staticmethod
+    def flush_state(final_dir: str) -> None:
+        """Flush a state published without it (its files, its directory, its marker)."""
+        fsync_tree(final_dir)
+        fsync_dir(os.path.dirname(final_dir))
 
     @staticmethod
     def source_of(state_dir: str) -> str:
@@ -2357,7 +2377,7 @@ class SnapshotManager:
                 with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
                     atomic_write(os.path.join(tmp, "lowers"), handle.read().encode(), 0o600)
 
-        return self._publish_atomically(final_dir, marker, fill)
+        return self._publish_atomically(final_dir, marker, fill, flush=False)
 
     # resets -------------------------------------------------------------------------------
     @staticmethod
@@ -4185,14 +4205,25 @@ class InstanceManager:
                     image_id=current.image_id, prepare_kind="snapshot",
                     prepare_args_normalized=f"snapshot of instance {current.instance_id}",
                     created_at=format_ts(), size_bytes=size, last_used_at=None, use_count=0,
-                    state_dir=final_dir, name=name, source_instance_id=current.instance_id)
+                    state_dir=final_dir, name=name, source_instance_id=current.instance_id,
+                    unflushed_boot=boot_id())
                 self.store.insert_state(state)
             except BaseException:
                 remove_tree(final_dir)  # no state directory without its row
                 raise
+        in_background("flush-snapshot", self.flush_state, state)
         made = self.store.get_state(state_id)
         assert made is not None
         return made
+
+    def flush_state(self, state: StateRow) -> None:
+        """Flush a state that answered before its files were on disk, then say so."""
+        try:
+            self.snapshots.flush_state(state.state_dir)
+            self.store.mark_flushed(state.state_id)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("state %s is not flushed yet (a reboot would drop it): %s",
+                        state.state_id, exc)
 
     def _take_snapshot(self, handle: RuntimeHandle, state_id: str, final_dir: str) -> int:
         with admin_session(self._admin_endpoint(handle), "sqlrs-engine-snapshot") as query:
@@ -8387,8 +8418,14 @@ class Engine:
                     remove_tree(path)
         for row in self.store.list_states():
             unused = not self.store.list_instances(state=row.state_id)
-            if unused and (not os.path.exists(os.path.join(row.state_dir, STATE_MARKER))
-                           or _trusts_tcp(row.state_dir)):
+            lost = bool(row.unflushed_boot) and row.unflushed_boot != boot_id()
+            if row.unflushed_boot and not lost:  # published in this boot: flush it now
+                self.instances.flush_state(row)
+            elif lost and (row.children or not unused):
+                log.warning("state %s was not flushed before a reboot and may be incomplete;"
+                            " delete it with its instances and children", row.state_id)
+            if unused and ((lost and not row.children) or _trusts_tcp(row.state_dir)
+                           or not os.path.exists(os.path.join(row.state_dir, STATE_MARKER))):
                 remove_state_files(row)
                 self.store.delete_state(row.state_id)
 

@@ -5,6 +5,8 @@ deletion trees); a kill -9 during one leaves no half state."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import threading
 import time
@@ -229,3 +231,30 @@ def test_a_kill_during_a_snapshot_leaves_no_half_state(engine_factory: Any,
     assert psql(source["dsn"], "select count(*) from t") == "1"
     state = snapshot(again, source["instance_id"])
     assert psql(new_instance(again, state["state_id"])["dsn"], "select count(*) from t") == "1"
+
+
+def test_a_snapshot_answers_before_its_flush_and_a_reboot_drops_an_unflushed_one(
+        engine_factory: Any) -> None:
+    """A snapshot answers before its files are flushed; the flush follows in the background
+    and is recorded. A state still recorded unflushed from another boot (a machine crash came
+    first) is removed at start, as a half state; its parent stays."""
+    engine: EngineProcess = without_warm_pool(engine_factory())
+    source = instance_of(engine, "create table t(x int);")
+    state = snapshot(engine, source["instance_id"])
+    db = engine.store / "state.db"
+
+    def unflushed() -> Any:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return conn.execute("select unflushed_boot from states where state_id = ?",
+                                (state["state_id"],)).fetchone()[0]
+
+    poll(lambda: unflushed() is None, 60, what="the background flush")
+    assert engine.delete(f"/v1/instances/{source['instance_id']}").status == 200
+    assert engine.stop() == 0
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("update states set unflushed_boot = 'another-boot' where state_id = ?",
+                     (state["state_id"],))
+    again: EngineProcess = engine_factory(state_dir=engine.state_dir)
+    assert again.get(f"/v1/states/{state['state_id']}").status == 404
+    assert state["state_id"] not in state_dirs(again)
+    assert again.get(f"/v1/states/{state['parent_state_id']}").status == 200
