@@ -355,7 +355,9 @@ def test_kill_9_during_a_job_then_restart_completes_it(engine_factory: Any, tmp_
     instances = restarted.get("/v1/instances").json()
     assert [i["instance_id"] for i in instances] == [job["result"]["instance_id"]]
     assert psql(job["result"]["dsn"], "select count(*) from slow") == "0"
-    assert len(mounts_below(expose_root(restarted.store))) == 1
+    # the instance's data: mounted here on the host; a container mounts its own overlay
+    assert len(mounts_below(expose_root(restarted.store))) == \
+        (1 if restarted.image == HOST_IMAGE else 0)
     assert len(leftover_servers(restarted.store)) == 1
     assert sorted(os.listdir(restarted.store / "instances")) == [job["result"]["instance_id"]]
 
