@@ -4051,12 +4051,20 @@ class InstanceManager:
     def _admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
         return handle.runtime.admin_endpoint(handle)
 
-    def set_password(self, handle: RuntimeHandle) -> str:
+    def set_password(self, handle: RuntimeHandle,
+                     query: Callable[..., Any] | None = None) -> str:
         """Give a started runtime its own random superuser password (over the private
-        socket; only the SCRAM verifier is sent) and return it. Never part of a state."""
+        socket, in ``query``'s session when given; only the SCRAM verifier is sent) and
+        return it. Never part of a state."""
         password = secrets.token_urlsafe(24)
-        self.admin_sql(handle, f"ALTER ROLE {SUPERUSER} PASSWORD %s", scram_verifier(password))
+        (query or partial(self.admin_sql, handle))(f"ALTER ROLE {SUPERUSER} PASSWORD %s",
+                                                   scram_verifier(password))
         return password
+
+    def admin_session(self, handle: RuntimeHandle) -> contextlib.AbstractContextManager[
+            Callable[..., Any]]:
+        """The engine's own session on a runtime, for statements that go together."""
+        return admin_session(self._admin_endpoint(handle), "sqlrs-engine")
 
     def clear_password(self, handle: RuntimeHandle) -> None:
         """Remove a runtime's password before it becomes a state."""
@@ -4615,9 +4623,11 @@ class WarmPool:
             pause_point("pool-start")
             self.instances.start(handle)
             # a fresh server's first session loads the catalog caches: the engine's own,
-            # not the client's (no client ever connected to a pooled runtime)
-            self.instances.admin_sql(handle, "SELECT count(*) FROM pg_class")
-            handle.password = self.instances.set_password(handle)  # ahead of hand-out
+            # not the client's (no client ever connected to a pooled runtime); the same
+            # session sets its password ahead of the hand-out
+            with self.instances.admin_session(handle) as query:
+                query("SELECT count(*) FROM pg_class")
+                handle.password = self.instances.set_password(handle, query)
             return handle
         except BaseException:
             if handle is not None:
