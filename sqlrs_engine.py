@@ -3171,6 +3171,9 @@ SOCKET_IN_CONTAINER = "/var/run/sqlrs"
 LABEL_ENGINE = "sqlrs.engine"
 LABEL_KEY = "sqlrs.runtime"
 LABEL_JOB = "sqlrs.job"
+#: the engine process that made a container: the start-up sweep (which runs while the engine
+#: already serves) never removes one of its own process's
+LABEL_PROCESS = "sqlrs.process"
 CLIENT_ENV = {"PGHOST": SOCKET_IN_CONTAINER, "PGPORT": "5432", "PGUSER": SUPERUSER,
               "PGDATABASE": "postgres"}
 #: what a container that mounts its own overlay may do: mount (CAP_SYS_ADMIN, used only by
@@ -3250,6 +3253,7 @@ class DockerRuntime:
                  passwd_dir: str | None = None, snapshots: SnapshotManager | None = None,
                  layers_dir: str | None = None) -> None:
         self.engine_label = engine_label
+        self.process_label = random_hex(8)
         #: the store's states, bound read-only into a container that mounts its own overlay
         self.snapshots = snapshots
         self.layers_dir = layers_dir
@@ -3463,7 +3467,7 @@ class DockerRuntime:
         try:
             output: bytes = self._call(
                 self.docker().containers.run, image_ref, command, user=user, remove=True,
-                volumes=volumes, labels={LABEL_ENGINE: self.engine_label},
+                volumes=volumes, labels=self._labels(),
                 stdout=True, stderr=True, **options)
             return output
         except docker.errors.ContainerError as exc:
@@ -3491,7 +3495,7 @@ class DockerRuntime:
             volumes[handle.runtime_dir] = {"bind": handle.runtime_dir, "mode": "rw"}
             volumes[self.layers_dir] = {"bind": self.layers_dir, "mode": "ro"}
             options = MOUNTING_CONTAINER
-        labels = {LABEL_ENGINE: self.engine_label, LABEL_KEY: handle.key}
+        labels = self._labels(**{LABEL_KEY: handle.key})
         if handle.job_id:
             labels[LABEL_JOB] = handle.job_id
         # the instance's port first (a restart keeps its DSN), any free one if it is taken
@@ -3724,13 +3728,18 @@ class DockerRuntime:
         handle.pid = self._postmaster_host_pid(container, int(lines[0].strip()))
         return self.alive(handle)
 
+    def _labels(self, **more: str) -> dict[str, str]:
+        return {LABEL_ENGINE: self.engine_label, LABEL_PROCESS: self.process_label, **more}
+
     def sweep(self, keep: set[str]) -> list[str]:
-        """Remove this engine's containers whose runtime key is not in ``keep``."""
+        """Remove containers an earlier process of this engine left whose runtime key is not
+        in ``keep`` (this process's own are never touched: the sweep runs while it serves)."""
         import docker.errors
 
         removed = []
         for container in self._labelled({}):
-            if container.labels.get(LABEL_KEY) in keep:
+            if container.labels.get(LABEL_KEY) in keep or \
+                    container.labels.get(LABEL_PROCESS) == self.process_label:
                 continue
             try:
                 self._call(container.remove, force=True)
@@ -8400,6 +8409,7 @@ class Engine:
         """Remove containers of interrupted work (found by label); Docker may be absent."""
         if not self.runtimes.docker.configured():
             return
+        pause_point("container-sweep")
         try:
             removed = self.runtimes.docker.sweep(keep)
         except Exception as exc:

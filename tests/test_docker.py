@@ -15,6 +15,7 @@ from conftest import (
     assert_error,
     containers_of,
     output,
+    poll,
     post_run,
     psql,
     run_events,
@@ -106,3 +107,36 @@ def test_unreachable_daemon_is_a_clear_error(engine_factory: Any, scripts: Path)
         "prepare_kind": "psql", "image_id": DOCKER_IMAGE,
         "psql_args": ["-f", str(scripts / "schema.sql")]})
     assert_error(explain, 503, message="docker is not running")
+
+
+def test_the_start_up_sweep_spares_this_process_containers(engine_factory: Any,
+                                                           tmp_path: Path) -> None:
+    """The sweep of an earlier process's containers runs while the engine already serves:
+    held at its pause point until a new job's runtime container exists (made by this
+    process, its key unknown to the sweep), then let go, it removes only the leftover of
+    the killed process, and the job succeeds (before, it removed the job's container:
+    "container is marked for removal")."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = {"SQLRS_TEST_HOOKS_DIR": str(hooks)}
+    first: EngineProcess = without_warm_pool(engine_factory(env=env))
+    slow = tmp_path / "slow.sql"
+    slow.write_text("select pg_sleep(30);\n")
+    leftover_job = first.submit(["-f", str(slow)])
+    first.events_until(leftover_job, lambda e: e.get("message") == "psql: start")
+    assert first.delete(f"/v1/prepare-jobs/{leftover_job}?force=true").status == 200
+    first.proc.kill()
+    first.proc.wait(10)
+    leftovers = set(containers_of(first.store))
+    (hooks / "container-sweep").touch()
+    again: EngineProcess = engine_factory(state_dir=first.state_dir, env=env)
+    poll(lambda: (hooks / "container-sweep.reached").exists(), 60, what="the sweep's pause")
+    quick = tmp_path / "quick.sql"
+    quick.write_text("create table t(x int); select pg_sleep(3);\n")
+    job_id = again.submit(["-f", str(quick)])
+    again.events_until(job_id, lambda e: e.get("message") == "psql: start")
+    (hooks / "container-sweep.release").touch()
+    job = again.wait_job(job_id, 120)
+    assert job["status"] == "succeeded", job.get("error")
+    poll(lambda: not leftovers & set(containers_of(again.store)), 60,
+         what="the earlier process's containers to be swept")
