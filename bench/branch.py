@@ -71,7 +71,7 @@ from _common import (
     stats_row,
     temp_dir,
 )
-from _pg import Connection, connect, dir_bytes
+from _pg import Connection, connect, dir_bytes, execute
 
 MAX_TOTAL = "instances.warmPool.maxTotal"
 POOL_DEADLINE_S = 120.0
@@ -330,14 +330,7 @@ def busy_instance(engine: Engine, state: BuiltState, work: Path, seconds: int,
     instance_id, dsn = str(entry["instance_id"]), str(entry["dsn"])
     bench: Pgbench | None = None
     try:
-        conn = connect(dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                for statement in CHANGES_SQL:
-                    cur.execute(statement)
-        finally:
-            conn.close()
+        execute(dsn, *CHANGES_SQL)
         upper = upper_dir(engine, instance_id)
         busy_bytes = dir_bytes(upper)[0]
         runs.upper_bytes.append(busy_bytes)
