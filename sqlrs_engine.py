@@ -14,7 +14,7 @@ unix socket, in a directory only the server's OS user (never root) may enter.
 
 Sections, in dependency order (later sections use earlier ones, never the reverse):
 ids, errors, config, store, queue, registry, auth, stream, snapshot, dbms, runtime, conntrack,
-instances, deletion, cache, planner, executor, prepare manager, runs, httpapi, cli/main.
+instances, deletion, cache, remote, planner, executor, prepare manager, runs, httpapi, cli/main.
 Every section may call ids and errors; each banner names what else it may call, and
 tests/test_layers.py holds the module to that.
 
@@ -37,14 +37,21 @@ Where things happen:
   pooled runtime + row); a run (``RunManager``) restarts a dead one (``ensure_running``);
   ``InstanceManager.snapshot`` makes a state of a live one (an online backup,
   ``SnapshotManager.publish_online``), ``InstanceManager.reset`` gives it a state's data
-  again in place; deletion trees (``DeletionManager``) and eviction (``CacheManager``) never
+  again in place (from the second reset to a state on, with a seed: ``InstanceManager._seed``,
+  ``SnapshotManager.reset_seed``); client sessions are counted by ``ConnectionTracker``;
+  deletion trees (``DeletionManager``) and eviction (``CacheManager``) never
   remove what a row, a pin or a claim protects.
 - Whose overlay: ``SnapshotManager`` (its docstring): the engine mounts it as root; when not
   root each host server mounts its own in a user namespace (``NamespaceMount``, run between
   fork and exec); a Docker container mounts its own as its root (``DockerRuntime.start``).
+- States that travel: ``RemoteCache`` (its docstring). On a miss ``Executor._pulled`` asks
+  it for the deepest missing step (``RemoteCache.pull``: ``RegistryClient``, ``scan_layer``,
+  ``apply_layer``, ``_materialize``); a published state is queued for a push
+  (``queue_push``); bundles are ``RemoteCache.export`` / ``import_bundle``.
 - Background threads (started by ``run_engine``, stopped with the server): the warm pool's
-  refill (``WarmPool.run``), the read watchdog that cuts slow clients (``ReadWatch.run``),
-  the TTL reaper (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
+  refill (``WarmPool.run``), the remote cache's pushes (``RemoteCache.run_pushes``), the
+  read watchdog that cuts slow clients (``ReadWatch.run``), the TTL reaper
+  (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
   (``EventEmitter._beat``), and the job workers (``PrepareManager``'s pool).
 - Start-up: ``run_engine`` checks the state dir, store and run dir are the engine's own,
   builds ``Engine`` (every manager, in dependency order), recovers (``Engine.recover``:
@@ -62,9 +69,12 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import gzip
 import hashlib
 import hmac
+import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -79,20 +89,33 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import types
 import typing
 import urllib.parse
+import zlib
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
-from typing import Annotated, Any, NotRequired, ParamSpec, Protocol, TypedDict, TypeVar, cast
+from typing import (
+    Annotated,
+    Any,
+    NotRequired,
+    ParamSpec,
+    Protocol,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    cast,
+)
 
 __version__ = "0.1.0"
 
@@ -155,6 +178,12 @@ def is_instance_id(value: str) -> bool:
 
 
 def is_job_id(value: str) -> bool:
+    return bool(LOWER_HEX32_RE.match(value))
+
+
+def is_canonical_instance_id(value: str) -> bool:
+    """An instance id as the engine makes them (lower case): the only form that names a
+    directory."""
     return bool(LOWER_HEX32_RE.match(value))
 
 
@@ -395,6 +424,22 @@ def file_lock(path: str) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def try_file_lock(path: str) -> Iterator[bool]:
+    """``file_lock`` without waiting: yields whether the lock was taken."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def in_background(name: str, work: Callable[P, T], *args: P.args,
                   **kwargs: P.kwargs) -> Future[T]:
     """Run ``work`` on a thread of its own; its result or exception in the future."""
@@ -534,7 +579,8 @@ CONFIG_DEFAULTS: JsonDict = {
             "highWatermark": 0.90,
             "lowWatermark": 0.80,
             "minStateAge": "10m",
-        }
+        },
+        "remote": {"url": "", "pull": True, "push": False, "insecure": False},
     },
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
@@ -547,6 +593,14 @@ _NON_NEGATIVE_INT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_C
 _WATERMARK = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
 _DURATION = {"type": "string", "format": "go-duration",
              "description": "non-negative Go duration, e.g. 10m or 1h30m"}
+
+
+#: ``HOST[:PORT]/PATH`` of an OCI repository (the distribution spec's name grammar)
+REPOSITORY_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+    r"/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
+_FLAG = {"type": "boolean"}
 
 
 def _settings(**properties: JsonDict) -> JsonDict:
@@ -562,6 +616,12 @@ CONFIG_SCHEMA: JsonDict = {
         cache=_settings(capacity=_settings(
             maxBytes=_NON_NEGATIVE_INT, reserveBytes=_NON_NEGATIVE_INT,
             highWatermark=_WATERMARK, lowWatermark=_WATERMARK, minStateAge=_DURATION,
+        ), remote=_settings(
+            url={"type": "string", "format": "repository", "description":
+                 "OCI repository HOST[:PORT]/PATH sharing states; empty: no remote cache"},
+            pull={**_FLAG, "description": "a missing step comes from the remote when it has it"},
+            push={**_FLAG, "description": "built states are pushed to the remote (background)"},
+            insecure={**_FLAG, "description": "plain HTTP to a registry that is not loopback"},
         )),
         container=_settings(runtime={"enum": ["auto", "docker", "podman"]}),
         snapshot=_settings(backend={"enum": ["auto", "overlay", "btrfs", "copy"]}),
@@ -633,6 +693,7 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "integer": lambda v: type(v) is int,
     "number": lambda v: type(v) in (int, float) and math.isfinite(v),
     "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
 }
 
 
@@ -652,6 +713,9 @@ def check_schema(value: Any, schema: JsonDict, where: str) -> None:
             raise ValueError(f"{where} must be above {schema['exclusiveMinimum']}")
     if schema.get("format") == "go-duration" and parse_go_duration(value) < 0:
         raise ValueError(f"{where} must not be negative")
+    if schema.get("format") == "repository" and value and not REPOSITORY_RE.fullmatch(value):
+        raise ValueError(f"{where} must be a repository HOST[:PORT]/PATH (lower-case path),"
+                         " e.g. 127.0.0.1:5000/team/sqlrs-states")
     if isinstance(value, dict):
         for key, item in value.items():
             if key not in schema.get("properties", {}):
@@ -796,7 +860,8 @@ CREATE TABLE IF NOT EXISTS states (
     state_dir TEXT NOT NULL,
     name TEXT,
     source_instance_id TEXT,
-    unflushed_boot TEXT
+    unflushed_boot TEXT,
+    origin TEXT
 );
 CREATE TABLE IF NOT EXISTS instances (
     instance_id TEXT PRIMARY KEY,
@@ -827,7 +892,7 @@ CREATE TABLE IF NOT EXISTS names (
 WAL_KEPT_BYTES = 4 << 20  #: a checkpointed WAL is truncated to this
 
 
-class Database:
+class SqlitePool:
     """A pool of SQLite connections to one file (created 0600, as SQLite then creates its WAL
     and shared-memory files): WAL, busy timeout, foreign keys, incremental vacuum.
 
@@ -909,7 +974,8 @@ def _prefix_like(prefix: str) -> str:
     return escaped + "%"
 
 
-Kind = Annotated[str, Doc(enum=["psql", "lb", "snapshot"])]
+STATE_KINDS = ("psql", "lb", "snapshot")
+Kind = Annotated[str, Doc(enum=list(STATE_KINDS))]
 
 
 class StateEntry(TypedDict):
@@ -927,6 +993,12 @@ class StateEntry(TypedDict):
     name: NotRequired[Annotated[str | None, Doc("A snapshot's name, when it was given one.")]]
     source_instance_id: NotRequired[Annotated[str | None, Doc(
         "The instance a snapshot was taken of (kind snapshot).")]]
+    origin: Annotated[str, Doc("Where the state came from.",
+                               enum=["built", "snapshot", "pulled", "imported"])]
+    push_status: NotRequired[Annotated[str | None, Doc(
+        "Its push to the remote cache; omitted when it is not to be pushed.",
+        enum=["pending", "pushed", "failed"])]]
+    push_error: NotRequired[Annotated[str | None, Doc("Why the last push attempt failed.")]]
 
 
 class NameEntry(TypedDict):
@@ -959,6 +1031,7 @@ class StateRow:
     #: the boot a state was published in, until its files are flushed (a snapshot answers
     #: first); a state still unflushed after a reboot may be incomplete and is removed
     unflushed_boot: str | None = None
+    origin: str | None = None  #: pulled or imported; None: made here
 
     def to_json(self) -> StateEntry:
         return omit_none(StateEntry(
@@ -968,6 +1041,7 @@ class StateRow:
             size_bytes=self.size_bytes, last_used_at=self.last_used_at,
             use_count=self.use_count, refcount=self.refcount, name=self.name,
             source_instance_id=self.source_instance_id,
+            origin=self.origin or ("snapshot" if self.prepare_kind == "snapshot" else "built"),
         ))
 
 
@@ -1046,7 +1120,7 @@ def _where(filters: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
 class MetadataStore:
     """States, instances and names in SQLite. Every write is one ``BEGIN IMMEDIATE`` transaction."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlitePool) -> None:
         self.db = db
         db.migrate(STORE_SCHEMA)
         with db.read() as conn:  # stores of engines from before per-instance passwords
@@ -1055,7 +1129,7 @@ class MetadataStore:
             db.migrate("ALTER TABLE instances ADD COLUMN password TEXT")
         with db.read() as conn:  # stores of engines from before snapshots of instances
             columns = {row["name"] for row in conn.execute("PRAGMA table_info(states)")}
-        for column in ("name", "source_instance_id", "unflushed_boot"):
+        for column in ("name", "source_instance_id", "unflushed_boot", "origin"):
             if column not in columns:
                 db.migrate(f"ALTER TABLE states ADD COLUMN {column} TEXT")
         db.migrate("CREATE UNIQUE INDEX IF NOT EXISTS states_name ON states(name)"
@@ -1070,12 +1144,12 @@ class MetadataStore:
                     f"{verb} INTO states (state_id, parent_state_id, state_fingerprint,"
                     " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
                     " last_used_at, use_count, state_dir, name, source_instance_id,"
-                    " unflushed_boot) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " unflushed_boot, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         state.state_id, state.parent_state_id, state.state_id, state.image_id,
                         state.prepare_kind, state.prepare_args_normalized, state.created_at,
                         state.size_bytes, state.created_at, 0, state.state_dir, state.name,
-                        state.source_instance_id, state.unflushed_boot,
+                        state.source_instance_id, state.unflushed_boot, state.origin,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -1230,7 +1304,7 @@ class MetadataStore:
 
 ###############################################################################
 # queue: prepare jobs, their tasks and events in SQLite, plus the wake-up signal
-# for event streams. Owns the prepare_* tables; may call store (Database).
+# for event streams. Owns the prepare_* tables; may call store (SqlitePool).
 ###############################################################################
 
 QUEUE_SCHEMA = """
@@ -1439,10 +1513,44 @@ def event_to_json(row: sqlite3.Row) -> PrepareJobEvent:
     ))
 
 
+
+class JobColumns(TypedDict, total=False):
+    """The ``prepare_jobs`` columns a job's progress changes: what ``update_job`` and
+    ``EventEmitter.emit`` take, and nothing else."""
+
+    status: str
+    signature: str
+    prepare_args_normalized: str
+    started_at: str
+    finished_at: str
+    result_json: str
+    error_json: str
+    attempts: int
+
+
+class TaskColumns(TypedDict, total=False):
+    """The ``prepare_tasks`` columns a task's progress changes (``update_task``)."""
+
+    status: str
+    started_at: str
+    finished_at: str
+    error_json: str | None
+    cached: int
+
+
+def _assignments(fields: Mapping[str, Any], columns: type) -> str:
+    """``col = ?, …`` for ``fields``, each one a column ``columns`` (a TypedDict) declares:
+    column names never come from anywhere else."""
+    unknown = set(fields) - set(columns.__annotations__)
+    if unknown:
+        raise ValueError(f"not a column of {columns.__name__}: {sorted(unknown)}")
+    return ", ".join(f"{key} = ?" for key in fields)
+
+
 class JobQueue:
     """Prepare jobs, tasks and events in SQLite; wakes event-stream readers on every append."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlitePool) -> None:
         self.db = db
         db.migrate(QUEUE_SCHEMA)
         #: guards ``version``, bumped on every append; event streams wait on it
@@ -1515,14 +1623,14 @@ class JobQueue:
             ).fetchall()
         return [_job_from(row) for row in rows]
 
-    def update_job(self, job_id: str, *events: JsonDict, **fields: Any) -> bool:
+    def update_job(self, job_id: str, *events: JsonDict, **fields: Unpack[JobColumns]) -> bool:
         """Update job columns and append ``events`` in the same transaction. A terminal status
         is final: a change of ``status`` applies (with its events) only to a job that has not
         ended yet; False when it did not apply."""
         guard = " AND status NOT IN ('succeeded', 'failed')" if "status" in fields else ""
         with self.db.write() as conn:
             if fields:
-                sets = ", ".join(f"{key} = ?" for key in fields)
+                sets = _assignments(fields, JobColumns)
                 changed = conn.execute(f"UPDATE prepare_jobs SET {sets} WHERE job_id = ?{guard}",
                                        [*fields.values(), job_id]).rowcount
                 if guard and not changed:
@@ -1566,9 +1674,9 @@ class JobQueue:
                 )
 
     def update_task(self, job_id: str, task_id: str, event: JsonDict | None = None,
-                    **fields: Any) -> None:
+                    **fields: Unpack[TaskColumns]) -> None:
         with self.db.write() as conn:
-            sets = ", ".join(f"{key} = ?" for key in fields)
+            sets = _assignments(fields, TaskColumns)
             conn.execute(f"UPDATE prepare_tasks SET {sets} WHERE job_id = ? AND task_id = ?",
                          [*fields.values(), job_id, task_id])
             if event:
@@ -2283,6 +2391,44 @@ class SnapshotManager:
         atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600, durable=flush)
         return dir_size(final_dir)
 
+    def publish_tree(self, pgdata: str, final_dir: str, marker: str, move: bool,
+                     flush: bool = True) -> int:
+        """Publish a full data directory made elsewhere (moved when ``move``, else copied;
+        ``flush`` as for ``_publish_atomically``)."""
+        def fill(tmp: str) -> None:
+            (os.rename if move else copy_tree)(pgdata, os.path.join(tmp, "pgdata"))
+
+        return self._publish_atomically(final_dir, marker, fill, flush)
+
+    @property
+    def stacks_layers(self) -> bool:
+        """Whether layers can be made here from elsewhere (``publish_upper``): root's overlay,
+        whose whiteouts and opaque marks need root."""
+        return self.backend == "overlay"
+
+    def publish_upper(self, final_dir: str, marker: str, lowers: str,
+                      make: Callable[[str, Callable[[str], None], Callable[[str], None]], None],
+                      flush: bool = True) -> int:
+        """Publish a layer over ``lowers`` made by ``make(layer_dir, whiteout, opaque)``: it
+        fills an empty directory and calls ``whiteout(path)`` for what the layer deletes and
+        ``opaque(directory)`` for a directory that hides what lies below it (the overlay's
+        own marks: a 0/0 character device, the ``trusted.overlay.opaque`` attribute)."""
+        def whiteout(path: str) -> None:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+        def opaque(directory: str) -> None:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.setxattr(directory, "trusted.overlay.opaque", b"y", follow_symlinks=False)
+
+        def fill(tmp: str) -> None:
+            layer = os.path.join(tmp, "layer")
+            os.makedirs(layer, mode=0o700)
+            make(layer, whiteout, opaque)
+            atomic_write(os.path.join(tmp, "lowers"), lowers.encode(), 0o600, durable=flush)
+
+        return self._publish_atomically(final_dir, marker, fill, flush)
+
     @staticmethod
     def flush_state(final_dir: str) -> None:
         """Flush a state published without it (its files, its directory, its marker)."""
@@ -2396,16 +2542,17 @@ class SnapshotManager:
             return None
 
     def finish_reset(self, runtime_dir: str, key: str, owner: tuple[int, int],
-                     source: str) -> None:
+                     source: str, seed: str | None = None) -> bool:
         """Make a stopped runtime's data the state at ``source``: a fresh upper layer on it (an
-        overlay runtime), or its copy in place of the old one (the directory itself stays: a
-        container or a bind mount holds it). Idempotent, so an interrupted reset is finished
-        by doing it again; the intent stays until ``end_reset``."""
+        overlay runtime; starting as a copy of ``seed``, see ``reset_seed``: True when it
+        does), or its copy in place of the old one (the directory itself stays: a container
+        or a bind mount holds it). Idempotent, so an interrupted reset is finished by doing
+        it again; the intent stays until ``end_reset``."""
         mode = self.mount_mode(runtime_dir)
         if mode in ("engine", "engine-flat"):
             self._libc.umount(os.path.join(self.exposed_path(key), "data"))
         if mode:
-            self._remount(runtime_dir, key, owner, source)
+            return self._remount(runtime_dir, key, owner, source, seed)
         else:
             data = os.path.join(runtime_dir, "data")
             fresh = os.path.join(runtime_dir, "data.reset")
@@ -2420,6 +2567,39 @@ class SnapshotManager:
                 os.rename(os.path.join(fresh, name), os.path.join(data, name))
             os.rmdir(fresh)
             _runtime_file(runtime_dir, "source", source)
+        return False
+
+    # reset seeds: what a start, the instance's password and a clean stop write over a state,
+    # kept in the runtime (``seed-<state id>``, one at a time) and copied into the fresh upper
+    # layer of each later reset to that state, whose server then starts with its password.
+    # Root's overlays only (``copy_layer`` remakes the layer's whiteouts and overlay xattrs).
+    def reset_seed(self, runtime_dir: str, state_id: str) -> str | None:
+        """The runtime's seed for ``state_id``, if it has one."""
+        path = os.path.join(runtime_dir, f"seed-{state_id}")
+        return path if self.can_seed(runtime_dir) and os.path.isdir(path) else None
+
+    def can_seed(self, runtime_dir: str) -> bool:
+        return self.mount_mode(runtime_dir) == "engine"
+
+    @staticmethod
+    def drop_seeds(runtime_dir: str) -> None:
+        """Forget every seed (and a half-made one): the caller's state is about to change."""
+        for name in os.listdir(runtime_dir):
+            if name.startswith(("seed-", ".seed-")):
+                remove_tree(os.path.join(runtime_dir, name))
+
+    def save_seed(self, runtime_dir: str, state_id: str) -> None:
+        """Keep the upper layer of a runtime stopped cleanly over ``state_id`` as its seed (the
+        only one it keeps); made aside and renamed into place, so a seed is whole or absent."""
+        self.drop_seeds(runtime_dir)
+        staged = os.path.join(runtime_dir, f".seed-{random_hex(4)}")
+        os.mkdir(staged, 0o700)
+        try:
+            copy_layer(os.path.join(runtime_dir, "upper"), staged)
+            os.rename(staged, os.path.join(runtime_dir, f"seed-{state_id}"))
+        except BaseException:
+            remove_tree(staged)
+            raise
 
     @staticmethod
     def end_reset(runtime_dir: str) -> None:
@@ -2427,10 +2607,12 @@ class SnapshotManager:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(runtime_dir, "reset"))
 
-    def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str) -> None:
-        """A fresh upper layer on ``source``; the old one (what an instance wrote before a
-        reset) is moved aside and removed in the background (a removal that fails is logged
-        and the runtime's own removal takes it later)."""
+    def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str,
+                 seed: str | None = None) -> bool:
+        """A fresh upper layer on ``source`` (a copy of ``seed``, made before the mount, when
+        given: True when it was); the old one (what an instance wrote before a reset) is
+        moved aside and removed in the background (a removal that fails is logged and the
+        runtime's own removal takes it later)."""
         trash = os.path.join(runtime_dir, f".trash-{random_hex(4)}")
         os.mkdir(trash, 0o700)
         for sub in ("upper", "work"):
@@ -2440,9 +2622,71 @@ class SnapshotManager:
         in_background("remove-old-layer", _remove_logged, trash)
         if owner != (os.geteuid(), os.getegid()):
             os.chown(os.path.join(runtime_dir, "upper"), *owner)
+        seeded = False
+        if seed:
+            try:
+                copy_layer(seed, os.path.join(runtime_dir, "upper"))
+                seeded = True
+            except OSError as exc:  # the reset goes on as without a seed (and forgets it)
+                log.warning("reset seed %s not used: %s", seed, exc)
+                self.drop_seeds(runtime_dir)
+                for name in os.listdir(os.path.join(runtime_dir, "upper")):
+                    remove_tree(os.path.join(runtime_dir, "upper", name))
         _runtime_file(runtime_dir, "source", source)
         if not self._in_namespace(runtime_dir):
             self._mount_overlay(source, runtime_dir, self._mount_point(key))
+        return seeded
+
+
+def copy_layer(source: str, dest: str) -> None:
+    """Copy the overlay layer ``source`` into the existing, empty directory ``dest`` (as
+    root): modes, owners and extended attributes (the overlay's opaque marks) kept, whiteouts
+    (0/0 character devices) made again, bytes copied in the kernel, times not (Postgres never
+    reads them). Nothing is followed: directories are walked by descriptor (``os.fwalk``),
+    files opened ``O_NOFOLLOW`` and checked with ``fstat``; a symlink or any other kind of
+    file is an OSError (a layer of Postgres's data holds neither)."""
+    for root, _dirs, files, root_fd in os.fwalk(source):
+        relative = os.path.relpath(root, source)
+        target = os.path.normpath(os.path.join(dest, relative))
+        if relative != ".":
+            os.mkdir(target, 0o700)
+        target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                            | os.O_CLOEXEC)
+        try:
+            _copy_attributes(root_fd, target_fd)
+        finally:
+            os.close(target_fd)
+        for name in files:
+            path = os.path.join(target, name)
+            st = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout
+                os.mknod(path, stat.S_IFCHR | stat.S_IMODE(st.st_mode), 0)
+                os.lchown(path, st.st_uid, st.st_gid)
+                continue
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=root_fd)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, f"not a file: {os.path.join(root, name)}")
+                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600)
+                try:
+                    while os.copy_file_range(fd, out, 1 << 30):
+                        pass
+                    _copy_attributes(fd, out)
+                finally:
+                    os.close(out)
+            finally:
+                os.close(fd)
+
+
+def _copy_attributes(source: int, dest: int) -> None:
+    """Owner, mode and extended attributes of the open file ``source`` onto ``dest``."""
+    st = os.fstat(source)
+    os.fchown(dest, st.st_uid, st.st_gid)
+    os.fchmod(dest, stat.S_IMODE(st.st_mode))
+    for attribute in os.listxattr(source):
+        os.setxattr(dest, attribute, os.getxattr(source, attribute))
 
 
 def fsync_dir(path: str) -> None:
@@ -2627,6 +2871,29 @@ def tail_file(path: str, limit: int = 4000) -> str:
         return ""
 
 
+SETPRIV = "/usr/bin/setpriv"
+
+
+def trusted_setpriv() -> str | None:
+    """util-linux's ``setpriv`` when root owns it and the directories above it and no one
+    else may change them (a sticky directory such as /tmp is fine); None otherwise, and the
+    engine switches users in Popen."""
+    path = SETPRIV
+    try:
+        while True:
+            st = os.stat(path)
+            writable = st.st_mode & 0o022 and not (stat.S_ISDIR(st.st_mode)
+                                                   and st.st_mode & stat.S_ISVTX)
+            if st.st_uid != 0 or writable:
+                log.info("not using %s: %s is not root's alone", SETPRIV, path)
+                return None
+            if path == "/":
+                return SETPRIV
+            path = os.path.dirname(path)
+    except OSError:
+        return None
+
+
 class PostgresDbms:
     """Starts and stops Postgres servers without ``pg_ctl -w`` pacing (readiness polled every 2 ms).
 
@@ -2636,6 +2903,7 @@ class PostgresDbms:
 
     def __init__(self, user: ServerUser) -> None:
         self.user = user
+        self._setpriv = trusted_setpriv() if not user.is_self else None
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         #: guards ``_children`` (servers started by this process, reaped on stop)
         self._lock = threading.Lock()
@@ -2645,18 +2913,24 @@ class PostgresDbms:
         home = "/" if not self.user.is_self else os.environ.get("HOME", "/")
         return child_env(HOME=home, USER=self.user.name, LOGNAME=self.user.name, **extra)
 
-    def as_server_user(self) -> dict[str, Any]:
-        """Popen keywords that drop privileges to the server user."""
+    def as_server_user(self, argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+        """``argv`` and the Popen keywords that run it as the server user: as is when that is
+        the engine's own user; else through util-linux's ``setpriv`` (root's, see
+        ``trusted_setpriv``), so that Popen can vfork (a user switch in Popen forks, which
+        copies the engine's page tables: ≈ 7 ms a process at 150 MB resident, on every server
+        start and client); else with Popen's own user switch."""
         if self.user.is_self:
-            return {}
-        return {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
+            return list(argv), {}
+        if self._setpriv:
+            return [self._setpriv, f"--reuid={self.user.uid}", f"--regid={self.user.gid}",
+                    "--clear-groups", "--", *argv], {}
+        return list(argv), {"user": self.user.uid, "group": self.user.gid, "extra_groups": []}
 
     def initdb(self, bindir: str, data_dir: str) -> None:
-        proc = subprocess.run(
-            [os.path.join(bindir, "initdb"), "-D", data_dir, *INITDB_OPTIONS],
-            capture_output=True, text=True, cwd="/", check=False, env=self.server_env(),
-            **self.as_server_user(),
-        )
+        argv, as_user = self.as_server_user(
+            [os.path.join(bindir, "initdb"), "-D", data_dir, *INITDB_OPTIONS])
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd="/", check=False,
+                              env=self.server_env(), **as_user)
         if proc.returncode != 0:
             raise DbmsError(f"initdb failed: {proc.stdout}{proc.stderr}".strip())
 
@@ -2686,17 +2960,15 @@ class PostgresDbms:
 
     def _spawn(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
                port: int, enter: Callable[[], None] | None, settings: Sequence[str]) -> int:
-        argv = [os.path.join(bindir, "postgres"), "-D", data_dir, "-p", str(port),
-                "-k", socket_dir]
-        for setting in settings:
-            argv += ["-c", setting]
+        argv, as_user = self.as_server_user([
+            os.path.join(bindir, "postgres"), "-D", data_dir, "-p", str(port), "-k", socket_dir,
+            *(arg for setting in settings for arg in ("-c", setting))])
         with open(log_path, "ab") as log_file:
             os.chmod(log_path, 0o600)
             try:
                 proc: subprocess.Popen[bytes] = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
-                    start_new_session=True, env=self.server_env(), preexec_fn=enter,
-                    **self.as_server_user(),
+                    start_new_session=True, env=self.server_env(), preexec_fn=enter, **as_user,
                 )
             except subprocess.SubprocessError as exc:  # ``enter`` failed; its line is logged
                 raise DbmsError(f"postgres could not be started: {tail_file(log_path, 400)}"
@@ -2968,6 +3240,8 @@ class HostRuntime:
     kind = "host"
     #: its server is exec'd here: its data is mounted here or in a namespace of its own
     mounter = "host"
+    #: its server's sockets are in the engine's network namespace (``ConnectionTracker``)
+    sockets_visible = True
 
     def __init__(self, dbms: PostgresDbms, snapshots: SnapshotManager) -> None:
         self.dbms = dbms
@@ -3063,10 +3337,11 @@ class HostRuntime:
         env = self.dbms.server_env(PGHOST=handle.socket_dir, PGPORT=str(handle.port),
                                    PGUSER=SUPERUSER, PGDATABASE="postgres",
                                    PGAPPNAME=f"sqlrs-{program}")
-        as_user = self.dbms.as_server_user()
+        argv, as_user = self.dbms.as_server_user([os.path.join(handle.image.bindir, program),
+                                                   *args])
         proc = subprocess.Popen(
-            [os.path.join(handle.image.bindir, program), *args],
-            cwd=workdir if not as_user or self.dbms.user.can_enter(workdir) else "/", env=env,
+            argv, cwd=workdir if self.dbms.user.is_self or self.dbms.user.can_enter(workdir)
+            else "/", env=env,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **as_user,
         )
@@ -3136,6 +3411,8 @@ class Runtime(Protocol):
     """What the engine needs from a place where Postgres runs (host or container)."""
 
     kind: str
+    #: whether its server's sockets are in the engine's network namespace
+    sockets_visible: bool
 
     @property
     def mounter(self) -> str:
@@ -3248,6 +3525,8 @@ class DockerRuntime:
     """
 
     kind = "docker"
+    #: its server listens in the container's own network namespace
+    sockets_visible = False
 
     def __init__(self, engine_label: str, engine_kind: str = "auto",
                  passwd_dir: str | None = None, snapshots: SnapshotManager | None = None,
@@ -3794,7 +4073,7 @@ class StoreLayout:
         return os.path.join(self.root, "instances")
 
     def instance_dir(self, instance_id: str) -> str:
-        if not is_job_id(instance_id):
+        if not is_canonical_instance_id(instance_id):
             raise invalid_argument("invalid instance id", instance_id)
         return os.path.join(self.instances_dir(), instance_id)
 
@@ -3854,40 +4133,90 @@ class Runtimes:
 
 
 ###############################################################################
-# conntrack: active client connections of an instance, from pg_stat_activity.
-# Owns nothing; may call dbms (its private sessions). psycopg2 is imported on first use.
+# conntrack: active client connections of an instance: from the kernel's socket tables when
+# its server shares the engine's network namespace, else from pg_stat_activity.
+# Owns nothing; may call dbms (its private sessions) and runtime (a handle's runtime says
+# where its sockets are). psycopg2 is imported on first use.
 ###############################################################################
 
 COUNT_CONNECTIONS_SQL = (
     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
     " AND pid <> pg_backend_pid()"
 )
-TERMINATE_CONNECTIONS_SQL = (
-    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-    " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-)
+#: netlink socket diagnostics (linux/sock_diag.h, linux/inet_diag.h, linux/netlink.h)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, TCP_ESTABLISHED = 4, 20, 1
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+UNIX_CONNECTED = "03"  # /proc/net/unix: SS_CONNECTED
 
 
 class ConntrackError(Exception):
-    """Client sessions could not be counted or ended."""
+    """Client sessions could not be counted."""
 
 
 class ConnectionTracker:
-    """Counts and terminates client sessions of a running instance (not the engine's own),
-    over the server's private socket."""
+    """Counts client sessions of a running instance (not the engine's own).
 
-    def _query(self, endpoint: tuple[str, int], sql: str) -> int:
+    A server whose sockets are the engine's (``Runtime.sockets_visible``: the host runtime)
+    is counted from the kernel's socket tables: every established TCP connection to its
+    port and every connected stream on its private unix socket is one session, with no
+    session of its own (a new backend costs the server a fork and the engine a connection).
+    Otherwise a session over the server's private socket asks pg_stat_activity."""
+
+    def _query(self, handle: RuntimeHandle, sql: str) -> int:
         try:
-            row = admin_query(endpoint, "sqlrs-engine-conntrack", sql)
+            row = admin_query(handle.runtime.admin_endpoint(handle), "sqlrs-engine-conntrack",
+                              sql)
         except DbmsError as exc:
             raise ConntrackError(str(exc)) from exc
         return int(row[0]) if row else 0
 
-    def active(self, endpoint: tuple[str, int]) -> int:
-        return self._query(endpoint, COUNT_CONNECTIONS_SQL)
+    def active(self, handle: RuntimeHandle) -> int:
+        if not handle.runtime.sockets_visible or not handle.port:
+            return self._query(handle, COUNT_CONNECTIONS_SQL)
+        try:
+            return (tcp_sessions(handle.port)
+                    + unix_sessions(os.path.join(handle.socket_dir, f".s.PGSQL.{handle.port}")))
+        except (OSError, ValueError, IndexError, struct.error) as exc:
+            raise ConntrackError(f"cannot read the socket tables: {exc}") from exc
 
-    def terminate(self, endpoint: tuple[str, int]) -> int:
-        return self._query(endpoint, TERMINATE_CONNECTIONS_SQL)
+
+def tcp_sessions(port: int) -> int:
+    """Established IPv4 TCP connections (servers listen on 127.0.0.1 only) whose local end is
+    ``port``, from the kernel's socket diagnostics over netlink, as ``ss`` asks
+    (``/proc/net/tcp`` prints every TIME_WAIT socket of the machine and takes milliseconds)."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as diag:
+        diag.settimeout(5)
+        request = struct.pack("=BBBBI48x", socket.AF_INET, socket.IPPROTO_TCP, 0, 0,
+                              1 << TCP_ESTABLISHED)  # inet_diag_req_v2, any socket id
+        diag.send(NLMSG_HEADER.pack(NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
+                                    NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request)
+        return sum(local_port == port for local_port in _diag_local_ports(diag))
+
+
+def _diag_local_ports(diag: socket.socket) -> Iterator[int]:
+    """The local ports of one sock_diag dump's answers, until its end."""
+    while True:
+        data = diag.recv(1 << 16)
+        offset = 0
+        while offset + NLMSG_HEADER.size <= len(data):
+            length, kind, _flags, _sequence, _pid = NLMSG_HEADER.unpack_from(data, offset)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR or length < NLMSG_HEADER.size:
+                errno_value = -struct.unpack_from("=i", data, offset + NLMSG_HEADER.size)[0]
+                raise OSError(errno_value, f"sock_diag: {os.strerror(errno_value)}")
+            yield struct.unpack_from("!H", data, offset + NLMSG_HEADER.size + 4)[0]
+            offset += (length + 3) & ~3
+
+
+def unix_sessions(path: str) -> int:
+    """Connected streams accepted on the unix socket at ``path`` (the listener has another
+    state, so it is not one)."""
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as rows:
+        next(rows, None)
+        return sum(1 for row in rows
+                   if row.rstrip("\n").endswith(" " + path) and row.split()[5] == UNIX_CONNECTED)
 
 
 
@@ -4292,7 +4621,7 @@ class InstanceManager:
         disconnected = 0
         if handle is not None:
             with contextlib.suppress(ConntrackError):
-                disconnected = self.conntrack.active(self._admin_endpoint(handle))
+                disconnected = self.conntrack.active(handle)
             handle.runtime.stop(handle, immediate=True)  # every session ends; no checkpoint:
                                                          # the data is thrown away
         else:
@@ -4300,14 +4629,21 @@ class InstanceManager:
             handle.runtime.discard(handle)
             self.snapshots.reattach(handle.runtime_dir, handle.key)
         handle.port, handle.serving = row.port, True
+        if state.state_id != row.state_id:  # a seed is only sure while the row protects its
+            self.snapshots.drop_seeds(handle.runtime_dir)  # state (the same id, same bytes)
+        seed = self.snapshots.reset_seed(handle.runtime_dir, state.state_id)
         self.snapshots.begin_reset(handle.runtime_dir, state.state_id)  # from here on: the
         pause_point("reset")                                             # new state's data
-        self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner, source)
+        seeded = self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner,
+                                             source, seed)
+        if not seeded and row.password and self.snapshots.can_seed(handle.runtime_dir):
+            seeded = self._seed(handle, row, state)
         handle.runtime.start(handle)
         self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
                                            "active")  # a restart finds (adopts) this server
         pause_point("reset-started")
-        self._restore_password(handle, row)
+        if not seeded:
+            self._restore_password(handle, row)
         self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
                                            "active", state.state_id)
         self.snapshots.end_reset(handle.runtime_dir)
@@ -4316,6 +4652,29 @@ class InstanceManager:
         reset = self.store.get_instance(row.instance_id)
         assert reset is not None
         return reset, disconnected
+
+    def _seed(self, handle: RuntimeHandle, row: InstanceRow, state: StateRow) -> bool:
+        """The first reset of an instance to ``state``, its fresh layer mounted: the server
+        starts on a port of its own (the instance's clients know only the instance's, so none
+        can write what would then come back at every reset), gets the password and stops
+        cleanly; what it wrote is kept as the runtime's seed for the next resets (which then
+        need no session for the password). True when the data now has the password; any
+        failure is logged and the reset goes on without a seed."""
+        handle.port = None
+        try:
+            handle.runtime.start(handle)
+            self._restore_password(handle, row)
+            pause_point("reset-seed-server")
+            handle.runtime.stop(handle)
+            pause_point("reset-seed")
+            self.snapshots.save_seed(handle.runtime_dir, state.state_id)
+            return True
+        except (DbmsError, OSError) as exc:  # its resets keep setting the password
+            log.warning("instance %s: no reset seed: %s", row.instance_id, exc)
+            handle.runtime.stop(handle, immediate=True)
+            return False
+        finally:
+            handle.port = row.port
 
     def _restore_password(self, handle: RuntimeHandle, row: InstanceRow) -> None:
         """Give a started runtime the instance's password again (states hold none)."""
@@ -4353,20 +4712,15 @@ class InstanceManager:
         if handle is None:
             return 0
         try:
-            return self.conntrack.active(self._admin_endpoint(handle))
+            return self.conntrack.active(handle)
         except ConntrackError as exc:
             log.warning("conntrack failed for %s: %s", row.instance_id, exc)
             return None
 
-    def destroy(self, row: InstanceRow, terminate_connections: bool) -> None:
-        """Stop the server, remove the clone and delete the row (and its names)."""
+    def destroy(self, row: InstanceRow) -> None:
+        """Stop the server (an immediate shutdown: its sessions end with it), remove the clone
+        and delete the row (and its names)."""
         handle = self.live_handle(row)
-        if handle and terminate_connections:
-            try:
-                self.conntrack.terminate(self._admin_endpoint(handle))
-            except ConntrackError as exc:
-                log.warning("terminating sessions of %s failed (stopping it anyway): %s",
-                            row.instance_id, exc)
         pause_point("destroy")
         if handle is None:
             image = self.runtimes.resolve(row.image_id)
@@ -4815,7 +5169,7 @@ class DeletionManager:
             node = self._instance_node(row, force)
             status, result = delete_result(dry_run, node)
             if result["outcome"] == "deleted":
-                self.instances.destroy(row, terminate_connections=force)
+                self.instances.destroy(row)
             return status, result
 
     def delete_state(self, state_id: str, recurse: bool, force: bool,
@@ -4856,7 +5210,7 @@ class DeletionManager:
             with self.instances.locked(node["id"]):
                 row = self.store.get_instance(node["id"])
                 if row:
-                    self.instances.destroy(row, terminate_connections=force)
+                    self.instances.destroy(row)
             return
         state = self.store.get_state(node["id"])
         if state:
@@ -4973,6 +5327,10 @@ class CacheStatus(TypedDict):
     snapshot_reason: NotRequired[Annotated[str | None, Doc(
         "Why the backend is not overlay layers (a kernel setting, the configuration);"
         " omitted when it is.")]]
+    remote_url: NotRequired[Annotated[str | None, Doc(
+        "The remote cache's repository (cache.remote.url); omitted when off.")]]
+    remote_pushes_pending: NotRequired[Count]
+    remote_pushes_failed: NotRequired[Count]
 
 
 @dataclass
@@ -5013,7 +5371,7 @@ class CacheManager:
     """Measures the state cache and evicts unreferenced, childless, old-enough states by last
     use, down to the low watermark, whenever usage or free space crosses its limits."""
 
-    def __init__(self, db: Database, store: MetadataStore, config: ConfigManager,
+    def __init__(self, db: SqlitePool, store: MetadataStore, config: ConfigManager,
                  root: str, instances: InstanceManager, pool: WarmPool,
                  snapshot_backend: tuple[str, str | None] = ("copy", None)) -> None:
         self.db = db
@@ -5189,6 +5547,1384 @@ class CacheManager:
                              {"state_bytes": incoming, "usage_bytes": usage.usage - incoming,
                               "effective_max_bytes": usage.effective_max,
                               "store_free_bytes": usage.free})
+
+
+###############################################################################
+# remote: states that travel. An OCI registry as a shared cache (pull on a miss, push after a
+# build, in the background) and OCI image layouts as files (export, import) for machines
+# without one. Owns the remote_* tables, <store>/remote and the registry sessions; may call
+# config, store, snapshot, runtime, instances (pins), cache.
+###############################################################################
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"  #: as skopeo copy makes them
+OCI_REF_NAME = "org.opencontainers.image.ref.name"
+STATE_LABEL = "dev.sqlrs.state"  #: label and annotation prefix of our artifacts
+WHITEOUT = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+REMOTE_TIMEOUTS = (5.0, 30.0)  #: connect, read (each socket read) in seconds
+MAX_MANIFEST_BYTES = 4 << 20
+BLOB_CHUNK = 1 << 20
+BLOB_MIN_RATE = 1 << 20  #: bytes a second a blob transfer may not stay below …
+BLOB_GRACE_S = 60.0  #: … after this many seconds (a manifest gets this long in all)
+MAX_LAYER_MEMBERS = 250_000
+MAX_TAR_HEADER = 64 << 10  #: a pax or GNU long-name header larger than this is refused
+MAX_BUNDLE_MANIFESTS = 1000
+PUSH_MAX_ATTEMPTS = 8
+PUSH_BACKOFF_MAX_S = 600.0
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+REMOTE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS remote_layers (
+    dir TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS remote_pushes (
+    state_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    error TEXT
+);
+"""
+
+
+class RemoteError(EngineError):
+    """A remote that cannot be used. ``refused``: the artifact itself must not get in
+    (hostile or broken; 400 when it came in a request); otherwise the registry cannot be
+    reached or refuses us (503). A prepare builds the step locally in both cases."""
+
+    def __init__(self, message: str, details: Any = None, refused: bool = False) -> None:
+        super().__init__(HTTPStatus.BAD_REQUEST if refused else HTTPStatus.SERVICE_UNAVAILABLE,
+                         "remote_refused" if refused else "remote_unavailable", message,
+                         details)
+        self.refused = refused
+
+
+def refused(message: str, details: Any = None) -> RemoteError:
+    return RemoteError(message, details, refused=True)
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="…",service="…",scope="…"`` → ("bearer", {realm: …, …})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {key.lower(): value for key, value in
+              re.findall(r'([A-Za-z_]+)\s*=\s*"([^"]*)"', rest)}
+    return scheme.lower(), params
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``HOST[:PORT]`` names this machine (where Docker, too, allows plain HTTP)."""
+    name = host[1:host.index("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def remote_credentials(host: str) -> tuple[str, str] | None:
+    """Credentials for a registry: ``SQLRS_REMOTE_USERNAME``/``SQLRS_REMOTE_PASSWORD``, else
+    Docker's client config (``$DOCKER_CONFIG/config.json``, credential helpers included) as
+    ``docker login`` leaves it; None: anonymous."""
+    user = os.environ.get("SQLRS_REMOTE_USERNAME")
+    password = os.environ.get("SQLRS_REMOTE_PASSWORD")
+    if user and password is not None:
+        return user, password
+    import docker.auth
+
+    try:
+        found = docker.auth.load_config().resolve_authconfig(host) or {}
+    except Exception as exc:  # a broken config file or helper: anonymous, said in the log
+        log.warning("remote: docker client config unusable for %s: %s", host, exc)
+        return None
+    found = {key.lower(): value for key, value in found.items()}
+    if found.get("username") and found.get("password") is not None:
+        return str(found["username"]), str(found["password"])
+    return None
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what passes through to ``out``."""
+
+    def __init__(self, out: typing.BinaryIO) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+class RegistryClient:
+    """The few calls of the OCI distribution protocol the remote cache needs, for one
+    repository: manifests by tag, blobs by digest, monolithic uploads. Basic auth and the
+    registry token flow (``WWW-Authenticate: Bearer``) answer a 401 from the registry itself;
+    credentials go only to the registry's own origin (and Basic ones to a token realm only
+    over HTTPS or on the registry's host), never into a log or an error. Every call is
+    bounded: connect and read timeouts, a whole-call deadline (a blob's grows with its size),
+    and at most ``MAX_MANIFEST_BYTES`` read of any body that is not a blob. Any failure to
+    talk is a ``RemoteError`` (never refused). Plain HTTP only for loopback registries or with
+    ``insecure``."""
+
+    def __init__(self, url: str, insecure: bool) -> None:
+        import requests
+
+        self.host, _, self.repository = url.partition("/")
+        self._plain = insecure or is_loopback_host(self.host)
+        self._session = requests.Session()
+        self._credentials: tuple[str, str] | None = None
+        self._authorization: str | None = None
+        self._base: str | None = None
+
+    def base(self) -> str:
+        """``https://host``, or ``http://host`` when plain HTTP is allowed and TLS does not
+        answer there."""
+        if self._base is None:
+            import requests
+
+            base = f"https://{self.host}"
+            if self._plain:
+                try:
+                    self._session.get(f"{base}/v2/", timeout=REMOTE_TIMEOUTS, stream=True,
+                                      allow_redirects=False).close()
+                except requests.exceptions.SSLError:
+                    base = f"http://{self.host}"
+                except requests.RequestException as exc:
+                    raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
+            self._base = base
+        return self._base
+
+    def _own(self, url: str) -> bool:
+        """Whether ``url`` is on the registry's own origin (scheme, host and port)."""
+        ours, theirs = urllib.parse.urlsplit(self.base()), urllib.parse.urlsplit(url)
+        return (ours.scheme, ours.netloc) == (theirs.scheme, theirs.netloc)
+
+    def _call(self, method: str, path: str, ok: Collection[int], *,
+              headers: Mapping[str, str] | None = None, data: Any = None,
+              missing_ok: bool = False) -> Any:
+        """One request, streamed (again once after answering the registry's 401); None for
+        a 404 when ``missing_ok``. The caller reads (and closes) the response."""
+        import requests
+
+        url = path if path.startswith(("http://", "https://")) else self.base() + path
+        for attempt in (1, 2):
+            sent = dict(headers or {})
+            if self._authorization and self._own(url):
+                sent["Authorization"] = self._authorization
+            if hasattr(data, "seek"):
+                data.seek(0)
+            try:
+                response = self._session.request(method, url, headers=sent, data=data,
+                                                 stream=True, timeout=REMOTE_TIMEOUTS)
+            except requests.RequestException as exc:
+                raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
+            if response.status_code == 401 and attempt == 1 and self._own(response.url):
+                challenge = response.headers.get("WWW-Authenticate", "")
+                response.close()
+                self._authenticate(challenge, method)
+                continue
+            break
+        if response.status_code == 404 and missing_ok:
+            response.close()
+            return None
+        if response.status_code not in ok:
+            detail = printable(_bounded_body(response, 300).decode("utf-8", "replace"))
+            raise RemoteError(f"registry {self.host} answered {response.status_code} to "
+                              f"{method} {urllib.parse.urlsplit(url).path}", detail)
+        return response
+
+    def _authenticate(self, challenge: str, method: str) -> None:
+        self._credentials = remote_credentials(self.host)  # a docker login since counts
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            if not self._credentials:
+                raise RemoteError(f"registry {self.host} needs credentials",
+                                  "set them with docker login or SQLRS_REMOTE_USERNAME/"
+                                  "SQLRS_REMOTE_PASSWORD")
+            pair = ":".join(self._credentials).encode()
+            self._authorization = "Basic " + base64.b64encode(pair).decode()
+            return
+        realm = params.get("realm", "")
+        if scheme != "bearer" or not realm.startswith(("https://", "http://")):
+            raise RemoteError(f"registry {self.host} asks for an unknown authentication",
+                              scheme)
+        import requests
+
+        where = urllib.parse.urlsplit(realm)
+        trusted = where.scheme == "https" or where.hostname == urllib.parse.urlsplit(
+            self.base()).hostname
+        actions = "pull" if method in ("GET", "HEAD") else "pull,push"
+        query = {"service": params.get("service", ""),
+                 "scope": params.get("scope") or f"repository:{self.repository}:{actions}"}
+        try:
+            answer = self._session.get(realm, params=query, timeout=REMOTE_TIMEOUTS,
+                                       stream=True, allow_redirects=False,
+                                       auth=self._credentials if trusted else None)
+            body = _bounded_body(answer, MAX_MANIFEST_BYTES)
+            token = json.loads(body).get("token") or json.loads(body).get("access_token") \
+                if answer.status_code == 200 else None
+        except (requests.RequestException, ValueError, AttributeError) as exc:
+            raise RemoteError(f"registry {self.host}: no token", str(exc)) from None
+        if not isinstance(token, str) or not token:
+            raise RemoteError(f"registry {self.host} refused a token", answer.status_code)
+        self._authorization = f"Bearer {token}"
+
+    def _path(self, kind: str, ref: str) -> str:
+        return f"/v2/{self.repository}/{kind}/{ref}"
+
+    def has_manifest(self, tag: str) -> bool:
+        response = self._call("HEAD", self._path("manifests", tag), (200,), missing_ok=True,
+                              headers={"Accept": OCI_MANIFEST})
+        if response is not None:
+            response.close()
+        return response is not None
+
+    def manifest(self, tag: str) -> bytes | None:
+        """The manifest tagged ``tag`` (None: not there), at most MAX_MANIFEST_BYTES."""
+        response = self._call("GET", self._path("manifests", tag), (200,), missing_ok=True,
+                              headers={"Accept": OCI_MANIFEST})
+        if response is None:
+            return None
+        with _deadline(response, BLOB_GRACE_S, lambda: None):
+            body = _bounded_body(response, MAX_MANIFEST_BYTES + 1)
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise refused("manifest too large")
+        return body
+
+    def put_manifest(self, tag: str, body: bytes) -> None:
+        self._call("PUT", self._path("manifests", tag), (200, 201),
+                   headers={"Content-Type": OCI_MANIFEST}, data=body).close()
+
+    def has_blob(self, digest: str) -> bool:
+        response = self._call("HEAD", self._path("blobs", digest), (200,), missing_ok=True)
+        if response is not None:
+            response.close()
+        return response is not None
+
+    def fetch_blob(self, digest: str, size: int, dest: str,
+                   check: Callable[[], None] = lambda: None) -> None:
+        """Download a blob into ``dest``, refusing one larger than ``size`` or whose content
+        does not match ``digest``; slower than BLOB_MIN_RATE (after a minute) is a
+        RemoteError, and ``check`` (a cancel) ends it at once."""
+        response = self._call("GET", self._path("blobs", digest), (200,))
+        with response, open(dest, "wb") as out, _deadline(
+                response, BLOB_GRACE_S + size / BLOB_MIN_RATE, check):
+            hashing = _Hashing(out)
+            try:
+                for chunk in response.iter_content(BLOB_CHUNK):
+                    if hashing.size + len(chunk) > size:
+                        raise refused(f"blob {digest[:19]} is larger than its declared size",
+                                      size)
+                    hashing.write(chunk)
+            except RemoteError:
+                raise
+            except Exception as exc:  # the connection dropped, or the deadline closed it
+                check()
+                raise RemoteError(f"registry {self.host}: blob {digest[:19]} not received",
+                                  str(exc) or type(exc).__name__) from None
+        if hashing.digest != digest or hashing.size != size:
+            raise refused(f"blob {digest[:19]} does not match its digest or size",
+                          f"got {hashing.digest} ({hashing.size} bytes)")
+
+    def upload_blob(self, digest: str, size: int, source: typing.BinaryIO | bytes) -> None:
+        started = self._call("POST", f"/v2/{self.repository}/blobs/uploads/", (202,))
+        started.close()
+        location = urllib.parse.urljoin(self.base() + "/", started.headers["Location"])
+        if not self._own(location):
+            raise RemoteError(f"registry {self.host} sends uploads elsewhere", location)
+        joiner = "&" if "?" in location else "?"
+        self._call("PUT", f"{location}{joiner}digest={digest}", (201,), data=source,
+                   headers={"Content-Type": "application/octet-stream",
+                            "Content-Length": str(size)}).close()
+
+
+def _bounded_body(response: Any, limit: int) -> bytes:
+    """At most ``limit`` bytes of a streamed response's body; the response is closed."""
+    with response:
+        return bytes(response.raw.read(limit, decode_content=True) or b"")
+
+
+def _cut(response: Any) -> None:
+    """End a streamed response from another thread: its socket is shut down, so a read
+    blocked in it returns at once (closing the response alone does not wake it)."""
+    stream = response.raw._fp  # http.client's response (requests and urllib3 keep it there)
+    sock = getattr(getattr(getattr(stream, "fp", None), "raw", None), "_sock", None)
+    fd = sock.fileno() if isinstance(sock, socket.socket) else -1
+    if fd >= 0:  # the reader's file still holds the socket: shut down a duplicate of it
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    response.close()
+
+
+@contextlib.contextmanager
+def _deadline(response: Any, seconds: float, check: Callable[[], None]) -> Iterator[None]:
+    """Cut ``response`` (so a read blocked in it fails) after ``seconds`` or once ``check``
+    raises (a cancel, the engine stopping)."""
+    done = threading.Event()
+    ends = time.monotonic() + seconds
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            try:
+                check()
+            except BaseException:  # the reader raises it again itself
+                _cut(response)
+                return
+            if time.monotonic() > ends:
+                log.warning("remote: a transfer took over %.0f s: cut off", seconds)
+                _cut(response)
+                return
+
+    watcher = threading.Thread(target=watch, name="remote-deadline", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+# layers ---------------------------------------------------------------------------------
+def _opaque(path: str) -> bool:
+    """Whether an overlay upper directory hides what lies below it (root's trusted xattr or,
+    in a user namespace, the user one)."""
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        try:
+            if os.getxattr(path, name, follow_symlinks=False) == b"y":
+                return True
+        except OSError:  # ENODATA: not set; EPERM: trusted.* is root's to read
+            continue
+    return False
+
+
+def write_layer(directory: str, out: typing.BinaryIO | _Hashing) -> None:
+    """Write ``directory`` (a full data directory or an overlay upper layer) as an OCI layer:
+    an uncompressed tar, sorted, owned by 0:0, no hard links; an overlay whiteout (a 0/0
+    character device) becomes ``.wh.NAME``, an opaque directory gets ``.wh..wh..opq``. A link
+    or any other special file makes the state non-portable (refused)."""
+    with tarfile.open(fileobj=cast(typing.BinaryIO, out), mode="w|",
+                      format=tarfile.PAX_FORMAT) as tar:
+        tar.copybufsize = BLOB_CHUNK  # type: ignore[attr-defined]  # (typeshed lacks it)
+
+        def entry(name: str, st: os.stat_result | None = None, kind: bytes = tarfile.REGTYPE
+                  ) -> tarfile.TarInfo:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = stat.S_IMODE(st.st_mode) & 0o777 if st else 0o600
+            info.mtime = int(st.st_mtime) if st else 0
+            return info
+
+        def walk(rel: str) -> None:
+            full = os.path.join(directory, rel) if rel else directory
+            for name in sorted(os.listdir(full)):
+                child = f"{rel}/{name}" if rel else name
+                path = os.path.join(full, name)
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    tar.addfile(entry(child, st, tarfile.DIRTYPE))
+                    if _opaque(path):
+                        tar.addfile(entry(f"{child}/{OPAQUE_WHITEOUT}"))
+                    walk(child)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                    with os.fdopen(fd, "rb") as handle:
+                        st = os.fstat(fd)
+                        info = entry(child, st)
+                        info.size = st.st_size
+                        tar.addfile(info, handle)
+                elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    tar.addfile(entry(f"{rel}/{WHITEOUT}{name}" if rel else WHITEOUT + name))
+                else:
+                    raise refused(f"{child} is a link or a special file: the state is not "
+                                  "portable")
+
+        walk("")
+
+
+@dataclass
+class LayerScan:
+    """A checked layer: the paths it deletes below it, in order, and its files and
+    directories (whiteout markers left out)."""
+    whiteouts: list[str]
+    opaque_dirs: list[str]
+    members: list[tarfile.TarInfo]
+
+
+def check_tar_headers(path: str) -> None:
+    """Walk a tar's raw 512-byte headers before ``tarfile`` parses it (it reads a pax or
+    long-name header whole into memory and keeps every member): refuse a header over
+    MAX_TAR_HEADER, more than MAX_LAYER_MEMBERS members, or a size field that is not one."""
+    members = 0
+    with open(path, "rb") as handle:
+        while len(block := handle.read(512)) == 512 and block.strip(b"\0"):
+            field = block[124:136]
+            try:
+                size = int.from_bytes(field[1:], "big") if field[0] & 0x80 else \
+                    int(field.strip(b"\0 ") or b"0", 8)
+            except ValueError:
+                raise refused("a layer has a malformed tar header") from None
+            if block[156:157] in (b"x", b"g", b"L", b"K") and size > MAX_TAR_HEADER:
+                raise refused("a layer has an oversized tar header", size)
+            members += 1
+            if members > 2 * MAX_LAYER_MEMBERS:  # a pax header and its member count twice
+                raise refused("a layer has too many members")
+            handle.seek((size + 511) // 512 * 512, os.SEEK_CUR)
+
+
+def scan_layer(path: str) -> LayerScan:
+    """Check every member header of a downloaded layer before a byte of it is unpacked:
+    refused are absolute or ``..`` paths, links of any kind, devices and FIFOs, set-id or
+    sticky bits, sparse members, names tar would treat specially."""
+    check_tar_headers(path)
+    whiteouts: list[str] = []
+    opaque_dirs: list[str] = []
+    members: list[tarfile.TarInfo] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                name = member.name
+                parts = name.split("/")
+                if name.startswith("/") or ".." in parts or "\\" in name or "\0" in name:
+                    raise refused(f"layer member {name!r}: path outside the state")
+                if any(part.startswith(WHITEOUT) for part in parts[:-1]):
+                    raise refused(f"layer member {name!r}: a whiteout is not a directory")
+                if member.issym() or member.islnk():
+                    raise refused(f"layer member {name!r}: links are not accepted",
+                                  member.linkname)
+                if member.issparse() or not (member.isfile() or member.isdir()):
+                    raise refused(f"layer member {name!r}: not a plain file or directory")
+                if member.mode & 0o7000:
+                    raise refused(f"layer member {name!r}: set-id or sticky bit")
+                base = parts[-1]
+                if base == OPAQUE_WHITEOUT:
+                    opaque_dirs.append("/".join(parts[:-1]))
+                elif base.startswith(WHITEOUT):
+                    target = base[len(WHITEOUT):]
+                    if target in ("", ".", ".."):
+                        raise refused(f"layer member {name!r}: invalid whiteout")
+                    whiteouts.append("/".join([*parts[:-1], target]))
+                elif name.rstrip("/") not in ("", "."):
+                    members.append(member)
+    except tarfile.TarError as exc:
+        raise refused("a layer is not a valid tar", str(exc)) from None
+    return LayerScan(whiteouts, opaque_dirs, members)
+
+
+def _inside(root: str, rel: str) -> str:
+    """``root/rel`` after checking no existing component of it is a link (so a deletion
+    never leaves ``root``)."""
+    path = root
+    for part in [p for p in rel.split("/") if p not in ("", ".")]:
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise refused(f"{rel}: a link in the way")
+    return path
+
+
+def remove_path(path: str) -> None:
+    """Remove a file, link or directory tree (nothing when it is not there)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        remove_tree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def apply_layer(blob: str, scan: LayerScan, target: str,
+                owner: tuple[int, int] | None = None) -> None:
+    """Lay a checked layer over the full data directory ``target`` the OCI way: opaque
+    directories are emptied and whiteouts deleted first, then the files are unpacked (modes
+    and times kept, owner 0 until ``chown_tree``) by the same parser that checked them."""
+    for rel in scan.opaque_dirs:
+        directory = _inside(target, rel)
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                remove_path(os.path.join(directory, name))
+    for rel in scan.whiteouts:
+        remove_path(_inside(target, rel))
+    unpack_files(blob, scan, target, owner)
+
+
+def unpack_files(blob: str, scan: LayerScan, target: str,
+                 owner: tuple[int, int] | None = None) -> None:
+    """Unpack a checked layer's files and directories (``scan.members``) into ``target``,
+    owned by ``owner`` (else by the engine), modes kept, times not (Postgres
+    never reads them). A file's bytes are copied in the kernel from the layer
+    (``copy_file_range``); nothing is opened through a link; a directory's mode is set last,
+    so a read-only one is still filled."""
+    owner = owner if owner and owner != (os.geteuid(), os.getegid()) else None
+    directories: list[tuple[str, int]] = []
+    with open(blob, "rb") as source:
+        for member in scan.members:
+            name = member.name.rstrip("/")
+            path = os.path.join(target, name)
+            _make_parents(target, name, owner)
+            if member.isdir():
+                if not os.path.isdir(path) or os.path.islink(path):
+                    remove_path(path)
+                    os.mkdir(path, 0o700)
+                directories.append((path, member.mode & 0o777))
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise refused(f"layer member {name!r}: a file where a directory is")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                _copy_range(source.fileno(), fd, member.offset_data, member.size)
+                os.fchmod(fd, member.mode & 0o777)
+                if owner:
+                    os.fchown(fd, *owner)
+            finally:
+                os.close(fd)
+    for path, mode in reversed(directories):
+        os.chmod(path, mode, follow_symlinks=False)
+        if owner:
+            os.lchown(path, *owner)
+
+
+def _make_parents(target: str, name: str, owner: tuple[int, int] | None) -> None:
+    """Make the directories above ``target/name`` that a layer did not list (0700, owned by
+    ``owner``)."""
+    if os.path.isdir(os.path.dirname(os.path.join(target, name))):
+        return
+    parts = name.split("/")[:-1]
+    for depth in range(1, len(parts) + 1):
+        path = os.path.join(target, *parts[:depth])
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o700)
+            if owner:
+                os.lchown(path, *owner)
+
+
+def _copy_range(source: int, dest: int, offset: int, size: int) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``source`` to ``dest`` in the kernel."""
+    done = 0
+    while done < size:
+        try:
+            copied = os.copy_file_range(source, dest, size - done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            copied = os.write(dest, os.pread(source, min(size - done, BLOB_CHUNK),
+                                             offset + done))
+        if copied == 0:
+            raise refused("a layer ends inside a member")
+        done += copied
+
+
+def chown_tree(root: str, owner: tuple[int, int]) -> None:
+    """Give a tree the engine unpacked to the server's user (as root: nothing in it is the
+    server user's yet, so no link can be planted in it)."""
+    if owner == (os.geteuid(), os.getegid()):
+        return
+    os.lchown(root, *owner)
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lchown(os.path.join(parent, name), *owner)
+
+
+# artifacts ------------------------------------------------------------------------------
+@dataclass
+class ChainEntry:
+    """One state of an artifact's chain, as its config records it."""
+    state_id: str
+    parent_state_id: str | None
+    prepare_kind: str
+    prepare_args_normalized: str
+    created_at: str
+
+    @classmethod
+    def of(cls, row: StateRow) -> ChainEntry:
+        return cls(row.state_id, row.parent_state_id, row.prepare_kind,
+                   row.prepare_args_normalized, row.created_at)
+
+
+@dataclass
+class Artifact:
+    """A state as an OCI artifact: its chain bottom first (None: the image's base cluster),
+    one layer per entry, and the resolved image it runs on."""
+    image_id: str
+    chain: list[ChainEntry | None]
+    layers: list[tuple[str, int]]  #: (digest, size) per chain entry
+    #: each layer's uncompressed digest (the config's ``rootfs.diff_ids``); empty: the
+    #: layers are not compressed
+    diff_ids: list[str] = field(default_factory=list)
+
+    def gzipped(self, index: int) -> bool:
+        return bool(self.diff_ids) and self.diff_ids[index] != self.layers[index][0]
+
+    @property
+    def state_id(self) -> str:
+        top = self.chain[-1]
+        assert top is not None
+        return top.state_id
+
+    def config(self, engine_version: str) -> bytes:
+        top = self.chain[-1]
+        assert top is not None
+        labels = {
+            f"{STATE_LABEL}.id": top.state_id, f"{STATE_LABEL}.parent": top.parent_state_id or "",
+            f"{STATE_LABEL}.image": self.image_id, f"{STATE_LABEL}.kind": top.prepare_kind,
+            f"{STATE_LABEL}.args": top.prepare_args_normalized,
+            f"{STATE_LABEL}.size": str(sum(size for _, size in self.layers)),
+            "dev.sqlrs.engine.version": engine_version,
+            f"{STATE_LABEL}.chain": json.dumps(
+                [dataclasses.asdict(entry) if entry else None for entry in self.chain]),
+        }
+        machine = os.uname().machine
+        return _canonical_json({
+            "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine),
+            "os": "linux", "created": top.created_at, "config": {"Labels": labels},
+            "rootfs": {"type": "layers", "diff_ids": [digest for digest, _ in self.layers]},
+        })
+
+    def manifest(self, config: bytes) -> bytes:
+        return _canonical_json({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(config),
+                       "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": digest, "size": size,
+                        **({"annotations": {f"{STATE_LABEL}.id": entry.state_id}}
+                           if entry else {})}
+                       for entry, (digest, size) in zip(self.chain, self.layers, strict=True)],
+            "annotations": {f"{STATE_LABEL}.id": self.state_id},
+        })
+
+    def sub(self, depth: int) -> Artifact:
+        """The artifact of the chain's state at ``depth`` (its own ancestors only)."""
+        return Artifact(self.image_id, self.chain[:depth + 1], self.layers[:depth + 1])
+
+
+def gunzip_layer(path: str, diff_id: str, limit: int) -> str:
+    """Decompress a gzipped layer next to itself (removed), refusing one that expands past
+    ``limit`` bytes or whose content is not ``diff_id``; the uncompressed file's path."""
+    out_path = f"{path}.tar"
+    try:
+        with gzip.open(path, "rb") as packed, open(out_path, "wb") as out:
+            hashing = _Hashing(out)
+            while chunk := packed.read(BLOB_CHUNK):
+                if hashing.size + len(chunk) > limit:
+                    raise refused("a compressed layer expands past what the store can take",
+                                  limit)
+                hashing.write(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise
+        raise refused("a compressed layer does not decompress", str(exc)) from None
+    finally:
+        os.unlink(path)
+    if hashing.digest != diff_id:
+        raise refused("a compressed layer is not what its config says", hashing.digest)
+    return out_path
+
+
+def _json_object(data: bytes, what: str) -> JsonDict:
+    try:
+        value = json.loads(data)
+    except ValueError as exc:
+        raise refused(f"{what} is not JSON", str(exc)) from None
+    if not isinstance(value, dict):
+        raise refused(f"{what} is not a JSON object")
+    return value
+
+
+def parse_manifest(data: bytes) -> tuple[tuple[str, int], list[tuple[str, int]], list[bool]]:
+    """A manifest's config descriptor, layer descriptors and which layers are gzipped,
+    checked for shape."""
+    manifest = _json_object(data, "the manifest")
+
+    def descriptor(value: Any, *media: str) -> tuple[str, int]:
+        if not isinstance(value, dict) or value.get("mediaType") not in media:
+            raise refused(f"the manifest has a descriptor that is not {' or '.join(media)}")
+        digest, size = value.get("digest"), value.get("size")
+        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest) \
+                or type(size) is not int or size < 0:
+            raise refused("the manifest has an invalid digest or size")
+        return digest, size
+
+    if manifest.get("schemaVersion") != 2 or not isinstance(manifest.get("layers"), list) \
+            or not manifest["layers"]:
+        raise refused("not an OCI image manifest with layers")
+    config = descriptor(manifest.get("config"), OCI_CONFIG)
+    if config[1] > MAX_MANIFEST_BYTES:
+        raise refused("the config is too large", config[1])
+    layers = [descriptor(layer, OCI_LAYER, OCI_LAYER_GZIP) for layer in manifest["layers"]]
+    return config, layers, [layer.get("mediaType") == OCI_LAYER_GZIP
+                            for layer in manifest["layers"]]
+
+
+def parse_artifact(config_data: bytes, layers: list[tuple[str, int]], gzipped: list[bool],
+                   expect_state: str | None, expect_image: str | None) -> Artifact:
+    """Check an artifact's config against its layers and what the caller looks for: the
+    state it must be, the image it must run on, a chain whose parents follow each other. A
+    gzipped layer's uncompressed digest is checked when it is unpacked."""
+    config = _json_object(config_data, "the config")
+    labels = (config.get("config") or {}).get("Labels") or {}
+    if not isinstance(labels, dict):
+        raise refused("the config has no labels")
+    image = labels.get(f"{STATE_LABEL}.image")
+    if not isinstance(image, str) or not image:
+        raise refused("the config names no image")
+    if expect_image is not None and image != expect_image:
+        raise refused("the artifact is for another image", image)
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) or any(
+            not isinstance(diff_id, str) or not DIGEST_RE.fullmatch(diff_id)
+            or (not packed and diff_id != digest)
+            for diff_id, (digest, _), packed in zip(diff_ids, layers, gzipped, strict=True)):
+        raise refused("the config's layers are not the manifest's")
+    try:
+        raw = json.loads(labels.get(f"{STATE_LABEL}.chain", ""))
+        chain = [ChainEntry(**entry) if entry is not None else None for entry in raw]
+    except (ValueError, TypeError) as exc:
+        raise refused("the config's chain is invalid", str(exc)) from None
+    if len(chain) != len(layers) or chain[-1] is None:
+        raise refused("the config's chain does not match its layers")
+    for index, entry in enumerate(chain):
+        below = chain[index - 1] if index else None
+        if entry is None:
+            if index:
+                raise refused("a base layer above the bottom")
+            continue
+        if not all(isinstance(value, str) for value in (
+                entry.state_id, entry.prepare_kind, entry.prepare_args_normalized,
+                entry.created_at)) or not is_state_id(entry.state_id) \
+                or entry.prepare_kind not in STATE_KINDS:
+            raise refused("the config's chain has an invalid state")
+        if entry.parent_state_id is not None and not (
+                isinstance(entry.parent_state_id, str) and is_state_id(entry.parent_state_id)):
+            raise refused("the config's chain has an invalid parent")
+        if index and (below.state_id if below else None) != entry.parent_state_id:
+            raise refused("the config's chain is not a chain of parents")
+    artifact = Artifact(image, chain, layers, diff_ids if any(gzipped) else [])
+    if expect_state is not None and artifact.state_id != expect_state:
+        raise refused("the artifact is another state", artifact.state_id)
+    return artifact
+
+
+@dataclass
+class PushStatus:
+    status: str
+    error: str | None
+
+
+class RemoteCache:
+    """Shares states through an OCI registry (``cache.remote.*``, read at every use, so a
+    change applies at once) and through OCI image layouts as files.
+
+    - ``pull``: on a prepare's miss, the deepest of its missing steps the registry has comes
+      down with its chain, every blob checked (digest, size, member headers) before a byte of
+      it is unpacked; each missing state of the chain is published flat (layers applied in
+      order, the OCI way), atomically, with its row (origin ``pulled``). Any failure leaves
+      nothing published and the step is built locally.
+    - ``push``: states queue in ``remote_pushes`` (SQLite: a restart resumes them) and one
+      background thread pushes them, blobs the registry lacks first, then the manifest tagged
+      with the state id; failures retry with backoff and never touch a prepare.
+    - ``export``/``import_bundle``: the same artifacts in an OCI image layout (a tar).
+
+    A layer's digest is memoised per directory (``remote_layers``: a state's layer is
+    immutable), so a chain's shared layers are packed once.
+    """
+
+    def __init__(self, config: ConfigManager, store: MetadataStore, db: SqlitePool,
+                 layout: StoreLayout, runtimes: Runtimes, snapshots: SnapshotManager,
+                 instances: InstanceManager, cache: CacheManager, engine_version: str) -> None:
+        self.config = config
+        self.store = store
+        self.db = db
+        self.layout = layout
+        self.runtimes = runtimes
+        self.snapshots = snapshots
+        self.instances = instances
+        self.cache = cache
+        self.engine_version = engine_version
+        self.work_root = os.path.join(layout.root, "remote")
+        db.migrate(REMOTE_SCHEMA)
+        #: wakes the push thread when a state is queued
+        self._wake = threading.Event()
+        #: guards ``_clients`` (one registry session per url and insecure setting)
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, bool], RegistryClient] = {}
+
+    # settings -------------------------------------------------------------------------------
+    def client(self, purpose: str) -> RegistryClient | None:
+        """The registry to ``pull`` from or ``push`` to; None when that is off."""
+        settings = self.config.value("cache.remote")
+        if not settings["url"] or not settings[purpose]:
+            return None
+        key = (settings["url"], bool(settings["insecure"]))
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = RegistryClient(*key)
+            return self._clients[key]
+
+    def room(self) -> int:
+        """Bytes the store could take now (an upload larger than this is refused at once)."""
+        limit = self.config.value("cache.capacity.maxBytes") or MAX_CONFIG_INT
+        return min(shutil.disk_usage(self.layout.root).free, limit)
+
+    def _work_dir(self) -> str:
+        path = os.path.join(self.work_root, f"tmp-{random_hex(6)}")
+        os.makedirs(path, mode=0o700)
+        return path
+
+    def sweep(self) -> None:
+        """Remove what interrupted pulls, pushes and imports left (start-up)."""
+        if os.path.isdir(self.work_root):
+            for name in os.listdir(self.work_root):
+                remove_tree(os.path.join(self.work_root, name))
+
+    # pull -----------------------------------------------------------------------------------
+    def lookup(self, state_ids: Sequence[str]) -> str | None:
+        """The deepest of ``state_ids`` (in chain order) the registry has; None when pull is
+        off or it has none (RemoteError when it cannot be asked)."""
+        client = self.client("pull")
+        if client is None:
+            return None
+        for state_id in reversed(state_ids):
+            if client.has_manifest(state_id):
+                return state_id
+        return None
+
+    def pull(self, image: ResolvedImage, state_ids: Sequence[str],
+             note: Callable[[str], None], held: Collection[str] = (),
+             check: Callable[[], None] = lambda: None) -> bool:
+        """Bring the deepest of ``state_ids`` the registry has, with its missing ancestors
+        (the build locks of ``held`` are the caller's); False (said through ``note``) when
+        nothing came: pull off, not there, registry unusable, or the artifact refused."""
+        if self.client("pull") is None:
+            return False
+        try:
+            found = self.lookup(state_ids)
+            if found is None:
+                return False
+            client = self.client("pull")
+            assert client is not None
+            started = time.monotonic()
+            manifest = client.manifest(found)
+            if manifest is None:
+                return False
+            config_ref, layers, gzipped = parse_manifest(manifest)
+            work = self._work_dir()
+            try:
+                config_path = os.path.join(work, "config")
+                client.fetch_blob(*config_ref, config_path)
+                with open(config_path, "rb") as handle:
+                    artifact = parse_artifact(handle.read(), layers, gzipped, found,
+                                              image.resolved_id)
+                size = sum(size for _, size in layers)
+                note(f"remote: pull {found} {size / 1e6:.1f} MB from {client.host}")
+
+                def fetch(index: int) -> str:
+                    check()  # a cancel or an engine stop ends the pull
+                    path = os.path.join(work, f"layer-{index}")
+                    client.fetch_blob(*artifact.layers[index], path, check)
+                    pause_point("remote-pull-blob")
+                    return path
+
+                published = self._materialize(image, artifact, fetch, "pulled", work, held)
+            finally:
+                remove_tree(work)
+        except RemoteError as exc:
+            what = f"refused {state_ids[-1]}" if exc.refused else "unavailable"
+            note(f"remote: {what}: {exc.message}"
+                 + (f" ({exc.details})" if exc.details not in (None, "") else "")
+                 + ": building locally")
+            log.warning("remote: %s: %s %s", what, exc.message, exc.details or "")
+            return False
+        except (EngineStopping, JobCancelled):
+            raise
+        except Exception as exc:  # a full disk, a bug: the step is still built here
+            log.exception("remote: pull failed")
+            note(f"remote: pull failed: {exc}: building locally")
+            return False
+        elapsed = max(time.monotonic() - started, 1e-6)
+        note(f"remote: pull {found} {size / 1e6:.1f} MB … done in {elapsed:.2f} s "
+             f"({size / 1e6 / elapsed:.0f} MB/s; {len(published)} state(s) published)")
+        return True
+
+    def _materialize(self, image: ResolvedImage, artifact: Artifact,
+                     fetch: Callable[[int], str], origin: str, work: str,
+                     held: Collection[str] = ()) -> list[str]:
+        """Publish every state of ``artifact``'s chain that is not here: its layers are laid
+        one over the other in a work directory, and each missing state is published flat
+        from it when its layer is in. Returns the ids published."""
+        missing = [index for index, entry in enumerate(artifact.chain)
+                   if entry and not self._ready(entry.state_id)]
+        if not missing:
+            return []
+        declared = sum(size for _, size in artifact.layers[:missing[-1] + 1])
+        bound = self.room()
+        if declared > bound:  # checked before eviction makes room for a claim
+            raise refused("the artifact is larger than the store could ever take",
+                          f"{declared} bytes declared; {bound} free or allowed")
+        self.cache.before_snapshot(declared)
+        pgdata = os.path.join(work, "pgdata")
+        os.makedirs(pgdata, mode=0o700)
+        published = []
+        layered = self._can_stack(image, artifact, missing)
+        below: str | None = None  #: what the state this pull published last mounts (layered)
+        for index in range(missing[-1] + 1):
+            blob = fetch(index)
+            if artifact.gzipped(index):
+                blob = gunzip_layer(blob, artifact.diff_ids[index], bound)
+            scan = scan_layer(blob)
+            entry = artifact.chain[index]
+            if below is not None:
+                assert entry is not None
+                below = self._publish_stacked(image, artifact.image_id, entry, blob, scan,
+                                              below, origin, entry.state_id in held)
+                os.unlink(blob)
+                if below is None:  # built here meanwhile: what lies above it is built here
+                    break
+                published.append(entry.state_id)
+                continue
+            apply_layer(blob, scan, pgdata, image.owner)
+            os.unlink(blob)
+            if entry is None or index not in missing:
+                continue
+            os.chmod(pgdata, 0o700)
+            if image.owner != (os.geteuid(), os.getegid()):
+                os.lchown(pgdata, *image.owner)
+            if self._publish(image, artifact.image_id, entry, pgdata,
+                             index == missing[-1] or layered, origin, entry.state_id in held):
+                published.append(entry.state_id)
+                if layered:
+                    below = self.snapshots.source_of(
+                        self.layout.state_dir(image, entry.state_id))
+            else:
+                layered = False  # the work directory is still whole: go on flat
+        return published
+
+    def _can_stack(self, image: ResolvedImage, artifact: Artifact, missing: list[int]) -> bool:
+        """Whether the missing states after the first can be published as layers on it: root's
+        overlay, missing states one after the other up to the top, and a stack of lower
+        layers that fits one mount."""
+        if not self.snapshots.stacks_layers or missing != list(range(missing[0],
+                                                                     missing[-1] + 1)):
+            return False
+        paths = [self.layout.state_dir(image, entry.state_id) for entry in
+                 artifact.chain[missing[0]:] if entry]
+        return sum(len(path) + len("/layer:") for path in paths) <= MAX_LOWER_CHARS
+
+    def _publish_stacked(self, image: ResolvedImage, image_id: str, entry: ChainEntry,
+                         blob: str, scan: LayerScan, lowers: str, origin: str,
+                         held: bool) -> str | None:
+        """Publish one state as its layer over ``lowers`` (the pulled state below it); what
+        it mounts, or None when it is here already or being built (that build wins)."""
+        def make(layer: str, whiteout: Callable[[str], None],
+                 opaque: Callable[[str], None]) -> None:
+            unpack_files(blob, scan, layer, image.owner)
+            for rel in scan.opaque_dirs:
+                opaque(_inside(layer, rel))
+            for rel in scan.whiteouts:
+                if os.path.lexists(_inside(layer, rel)):
+                    raise refused(f"layer member {rel!r} is both deleted and written")
+                whiteout(_inside(layer, rel))
+            chown_tree(layer, image.owner)
+
+        final_dir = self.layout.state_dir(image, entry.state_id)
+
+        def publish() -> int:
+            return self.snapshots.publish_upper(final_dir, STATE_MARKER, lowers, make,
+                                                flush=False)
+
+        return self.snapshots.source_of(final_dir) if self._publish(
+            image, image_id, entry, publish, False, origin, held) else None
+
+    def _ready(self, state_id: str) -> bool:
+        row = self.store.get_state(state_id)
+        return bool(row and os.path.exists(os.path.join(row.state_dir, STATE_MARKER)))
+
+    def _publish(self, image: ResolvedImage, image_id: str, entry: ChainEntry,
+                 pgdata: str | Callable[[], int], move: bool, origin: str, held: bool) -> bool:
+        """Publish one state from the work directory (``move``: moved, not copied) or by a
+        function of its own, under its build lock (``held``: the caller's), with its row;
+        False when it is here already or being built (that build wins)."""
+        final_dir = self.layout.state_dir(image, entry.state_id)
+        lock = os.path.join(self.layout.states_dir(image), ".build", f"{entry.state_id}.lock")
+        with contextlib.nullcontext(True) if held else try_file_lock(lock) as locked:
+            if not locked or self._ready(entry.state_id):
+                return False
+            remove_tree(final_dir)
+            try:  # flushed in the background, recorded until then (as a snapshot is)
+                size = pgdata() if callable(pgdata) else self.snapshots.publish_tree(
+                    pgdata, final_dir, STATE_MARKER, move=move, flush=False)
+                row = StateRow(
+                    state_id=entry.state_id, parent_state_id=entry.parent_state_id,
+                    image_id=image_id, prepare_kind=entry.prepare_kind,
+                    prepare_args_normalized=entry.prepare_args_normalized,
+                    created_at=format_ts(), size_bytes=size, last_used_at=None, use_count=0,
+                    state_dir=final_dir, origin=origin, unflushed_boot=boot_id())
+                self.store.insert_state(row)
+            except BaseException:
+                remove_tree(final_dir)
+                raise
+        in_background("flush-pulled", self.instances.flush_state, row)
+        return True
+
+    # artifacts of local states --------------------------------------------------------------
+    def _chain(self, row: StateRow) -> list[tuple[str, ChainEntry | None]]:
+        """A state's layers on disk, bottom first, each with the state it belongs to (None:
+        the image's base cluster)."""
+        by_dir = {state.state_dir: state for state in self.store.list_states(image=row.image_id)}
+        chain: list[tuple[str, ChainEntry | None]] = []
+        for directory in reversed(self.snapshots.source_of(row.state_dir).split(":")):
+            owner = by_dir.get(os.path.dirname(directory))
+            chain.append((directory, ChainEntry.of(owner) if owner else None))
+        return chain
+
+    def _layer(self, directory: str, work: str) -> tuple[str, int, str | None]:
+        """A layer's (digest, size) and, when it had to be packed now, the packed file."""
+        st = os.stat(directory)
+        identity = f"{st.st_ino}:{st.st_ctime_ns}"
+        with self.db.read() as conn:
+            known = conn.execute("SELECT digest, size FROM remote_layers WHERE dir = ? AND"
+                                 " identity = ?", (directory, identity)).fetchone()
+        if known:
+            return known["digest"], known["size"], None
+        path = os.path.join(work, f"layer-{random_hex(4)}")
+        with open(path, "wb") as out:
+            hashing = _Hashing(out)
+            write_layer(directory, hashing)
+        with self.db.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO remote_layers (dir, identity, digest, size)"
+                         " VALUES (?,?,?,?)", (directory, identity, hashing.digest,
+                                               hashing.size))
+        return hashing.digest, hashing.size, path
+
+    def _pack(self, row: StateRow, work: str, packed: dict[str, str] | None = None
+              ) -> tuple[Artifact, list[str]]:
+        """The artifact of a local state and its layers' directories (packed files of the
+        layers packed now go into ``packed``, by digest)."""
+        chain = self._chain(row)
+        layers = []
+        for directory, _entry in chain:
+            digest, size, path = self._layer(directory, work)
+            if path and packed is not None:
+                packed[digest] = path
+            elif path:
+                os.unlink(path)
+            layers.append((digest, size))
+        return (Artifact(row.image_id, [entry for _, entry in chain], layers),
+                [directory for directory, _ in chain])
+
+    def _packed(self, directory: str, digest: str, work: str,
+                packed: dict[str, str]) -> str:
+        """The packed file of a layer (packing it again when needed: the same bytes)."""
+        if digest not in packed:
+            path = os.path.join(work, f"layer-{random_hex(4)}")
+            with open(path, "wb") as out:
+                hashing = _Hashing(out)
+                write_layer(directory, hashing)
+            if hashing.digest != digest:
+                raise internal_error(f"layer {directory} changed since it was packed")
+            packed[digest] = path
+        return packed[digest]
+
+    # push -----------------------------------------------------------------------------------
+    def queue_push(self, state_id: str) -> None:
+        """Push ``state_id`` in the background when push is on (nothing waits for it)."""
+        if self.client("push") is None:
+            return
+        with self.db.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO remote_pushes (state_id, status, attempts,"
+                         " next_at, error) VALUES (?, 'pending', 0, 0, NULL)", (state_id,))
+        self._wake.set()
+
+    def push_status(self, state_id: str) -> PushStatus | None:
+        with self.db.read() as conn:
+            row = conn.execute("SELECT status, error FROM remote_pushes WHERE state_id = ?",
+                               (state_id,)).fetchone()
+        return PushStatus(row["status"], row["error"]) if row else None
+
+    def counts(self) -> dict[str, int]:
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT status, COUNT(*) AS n FROM remote_pushes"
+                                " GROUP BY status").fetchall()
+        return {row["status"]: row["n"] for row in rows}
+
+    def run_pushes(self, stopped: threading.Event) -> None:
+        """The push thread: pushes due states one at a time until ``stopped``."""
+        while not stopped.is_set():
+            self._wake.clear()
+            with self.db.read() as conn:
+                due = conn.execute("SELECT state_id, attempts FROM remote_pushes WHERE"
+                                   " status = 'pending' ORDER BY next_at LIMIT 1").fetchone()
+                wait = conn.execute("SELECT MIN(next_at) AS at FROM remote_pushes WHERE"
+                                    " status = 'pending'").fetchone()["at"]
+            if due is None or wait > time.time():
+                self._wake.wait(60.0 if wait is None else max(0.05, wait - time.time()))
+                continue
+            self._push_one(due["state_id"], due["attempts"], stopped)
+
+    def _push_one(self, state_id: str, attempts: int, stopped: threading.Event) -> None:
+        row = self.store.get_state(state_id)
+        client = self.client("push")
+        if row is None or client is None:
+            with self.db.write() as conn:
+                conn.execute("DELETE FROM remote_pushes WHERE state_id = ?", (state_id,))
+            return
+        owner = f"push-{state_id}"
+        try:
+            self.instances.pin(owner, {row.state_dir})
+            self.push(row, client)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, EngineError) else str(exc)
+            if not isinstance(exc, (RemoteError, OSError)):
+                log.exception("remote: push of %s crashed", state_id)
+            attempts += 1
+            failed = attempts >= PUSH_MAX_ATTEMPTS
+            log.warning("remote: push of %s failed (attempt %d): %s", state_id, attempts,
+                        message)
+            with self.db.write() as conn:
+                conn.execute("UPDATE remote_pushes SET status = ?, attempts = ?, next_at = ?,"
+                             " error = ? WHERE state_id = ?",
+                             ("failed" if failed else "pending", attempts,
+                              time.time() + min(PUSH_BACKOFF_MAX_S, 2.0 ** attempts),
+                              message[:500], state_id))
+            return
+        finally:
+            self.instances.unpin(owner)
+        with self.db.write() as conn:
+            conn.execute("UPDATE remote_pushes SET status = 'pushed', error = NULL WHERE"
+                         " state_id = ?", (state_id,))
+        log.info("remote: pushed %s to %s/%s", state_id, client.host, client.repository)
+
+    def push(self, row: StateRow, client: RegistryClient) -> None:
+        """Push one state: the blobs the registry lacks, its config, then its manifest."""
+        work = self._work_dir()
+        try:
+            packed: dict[str, str] = {}
+            artifact, directories = self._pack(row, work, packed)
+            for directory, (digest, size) in zip(directories, artifact.layers, strict=True):
+                if not client.has_blob(digest):
+                    with open(self._packed(directory, digest, work, packed), "rb") as blob:
+                        client.upload_blob(digest, size, blob)
+            config = artifact.config(self.engine_version)
+            if not client.has_blob(sha256_digest(config)):
+                client.upload_blob(sha256_digest(config), len(config), config)
+            pause_point("remote-push-manifest")
+            client.put_manifest(row.state_id, artifact.manifest(config))
+        finally:
+            remove_tree(work)
+
+    # bundles --------------------------------------------------------------------------------
+    def export(self, row: StateRow) -> tuple[str, Callable[[], None]]:
+        """An OCI image layout holding ``row`` and its ancestors (a manifest each, named by
+        its state id) as a tar file, and how to remove it once sent."""
+        work = self._work_dir()
+        owner = f"export-{random_hex(4)}"
+        try:
+            self.instances.pin(owner, {row.state_dir})
+            packed: dict[str, str] = {}
+            artifact, directories = self._pack(row, work, packed)
+            blobs = os.path.join(work, "layout", "blobs", "sha256")
+            os.makedirs(blobs, mode=0o700)
+            for directory, (digest, _size) in zip(directories, artifact.layers, strict=True):
+                os.rename(self._packed(directory, digest, work, packed),
+                          os.path.join(blobs, digest.split(":")[1]))
+            manifests = []
+            for depth, entry in enumerate(artifact.chain):
+                if entry is None:
+                    continue
+                part = artifact.sub(depth)
+                config = part.config(self.engine_version)
+                manifest = part.manifest(config)
+                for data in (config, manifest):
+                    atomic_write(os.path.join(blobs, sha256_digest(data).split(":")[1]), data,
+                                 0o600, durable=False)
+                manifests.append({"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest),
+                                  "size": len(manifest),
+                                  "annotations": {OCI_REF_NAME: entry.state_id}})
+            layout = os.path.join(work, "layout")
+            atomic_write(os.path.join(layout, "oci-layout"),
+                         _canonical_json({"imageLayoutVersion": "1.0.0"}), 0o600, durable=False)
+            atomic_write(os.path.join(layout, "index.json"), _canonical_json(
+                {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
+                0o600, durable=False)
+            bundle = os.path.join(work, "bundle.tar")
+            with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
+                tar.copybufsize = BLOB_CHUNK  # type: ignore[attr-defined]  # (typeshed lacks it)
+                for name in ("oci-layout", "index.json", "blobs"):
+                    tar.add(os.path.join(layout, name), name, filter=_anonymous)
+            remove_tree(layout)
+        except BaseException:
+            remove_tree(work)
+            raise
+        finally:
+            self.instances.unpin(owner)
+        return bundle, partial(remove_tree, work)
+
+    def import_bundle(self, source: Callable[[typing.BinaryIO], int]
+                      ) -> tuple[list[str], list[str]]:
+        """Take an OCI image layout tar (written by ``source`` into a file here) and publish
+        the states it holds that are not here; (imported, present)."""
+        work = self._work_dir()
+        try:
+            bundle = os.path.join(work, "bundle.tar")
+            with open(bundle, "wb") as out:
+                source(out)
+            blobs = self._unpack_bundle(bundle, os.path.join(work, "blobs"))
+            os.unlink(bundle)
+            index = _json_object(_read_blob(blobs, *_index_entry(work)), "index.json")
+            entries = index.get("manifests")
+            if not isinstance(entries, list) or len(entries) > MAX_BUNDLE_MANIFESTS:
+                raise refused("index.json lists no manifests, or too many")
+            artifacts = []
+            seen: set[str] = set()
+            for item in entries:
+                if not isinstance(item, dict) or item.get("mediaType") != OCI_MANIFEST:
+                    raise refused("index.json holds something other than image manifests")
+                digest, size = item.get("digest"), item.get("size")
+                if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest) \
+                        or type(size) is not int:
+                    raise refused("index.json has an invalid descriptor")
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                config_ref, layers, gzipped = parse_manifest(_read_blob(blobs, digest, size))
+                artifacts.append(parse_artifact(_read_blob(blobs, *config_ref), layers, gzipped,
+                                                None,
+                                                None))
+            imported: list[str] = []
+            present: list[str] = []
+            for artifact in sorted(artifacts, key=lambda item: len(item.chain)):
+                image = self._image_for(artifact.image_id)
+                if self._ready(artifact.state_id):
+                    present.append(artifact.state_id)
+                    continue
+
+                def fetch(index: int, art: Artifact = artifact) -> str:
+                    digest, size = art.layers[index]
+                    path = os.path.join(work, f"layer-{random_hex(4)}")
+                    _check_blob(blobs, digest, size)
+                    shutil.copyfile(os.path.join(blobs, digest.split(":")[1]), path)
+                    return path
+
+                sub_work = os.path.join(work, f"m-{random_hex(4)}")
+                os.makedirs(sub_work, mode=0o700)
+                try:
+                    published = self._materialize(image, artifact, fetch, "imported",
+                                                  sub_work)
+                except OSError as exc:  # a layer that does not unpack (a file where a
+                    if exc.errno == errno.ENOSPC:  # directory is, …) is the bundle's fault
+                        raise disk_full("no space left for the import", str(exc)) from None
+                    raise refused("a layer of the bundle does not unpack", str(exc)) from None
+                remove_tree(sub_work)
+                imported.extend(state for state in published if state not in imported)
+                if artifact.state_id not in published and self._ready(artifact.state_id) \
+                        and artifact.state_id not in imported:
+                    present.append(artifact.state_id)
+            return imported, [state for state in present if state not in imported]
+        finally:
+            remove_tree(work)
+
+    def _image_for(self, image_id: str) -> ResolvedImage:
+        try:
+            image = self.runtimes.resolve(image_id)
+        except EngineError as exc:
+            raise refused(f"the bundle's image {image_id} is not available here",
+                          exc.message) from None
+        if image.resolved_id != image_id:
+            raise refused(f"the bundle's image {image_id} is not this machine's",
+                          image.resolved_id)
+        return image
+
+    @staticmethod
+    def _unpack_bundle(bundle: str, blobs: str) -> str:
+        """Extract a bundle's ``index.json`` and ``blobs/sha256/*`` (plain files only, by
+        hex name) next to it; anything else in it is refused."""
+        os.makedirs(blobs, mode=0o700)
+        try:
+            check_tar_headers(bundle)
+            with tarfile.open(bundle, mode="r:") as tar:
+                for member in tar:
+                    name = member.name.removeprefix("./")
+                    if member.isdir() and name in ("", "blobs", "blobs/sha256"):
+                        continue
+                    if not member.isfile():
+                        raise refused(f"bundle member {name!r} is not a plain file")
+                    if name in ("oci-layout", "index.json"):
+                        target = os.path.join(os.path.dirname(blobs), name)
+                    elif re.fullmatch(r"blobs/sha256/[0-9a-f]{64}", name):
+                        target = os.path.join(blobs, name.rsplit("/", 1)[1])
+                    else:
+                        raise refused(f"bundle member {name!r} is not part of an OCI layout")
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    with extracted, open(target, "xb") as out:
+                        shutil.copyfileobj(extracted, out, BLOB_CHUNK)
+        except FileExistsError:
+            raise refused("the bundle holds a file twice") from None
+        except tarfile.TarError as exc:
+            raise refused("the bundle is not a valid tar", str(exc)) from None
+        return blobs
+
+
+def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _index_entry(work: str) -> tuple[str, int]:
+    """index.json as a pseudo-blob of the bundle's work dir (it is no blob of its own)."""
+    path = os.path.join(work, "index.json")
+    if not os.path.isfile(path):
+        raise refused("the bundle has no index.json")
+    size = os.path.getsize(path)
+    if size > MAX_MANIFEST_BYTES:
+        raise refused("index.json too large")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    os.makedirs(os.path.join(work, "blobs"), exist_ok=True)
+    digest = sha256_digest(data)
+    target = os.path.join(work, "blobs", digest.split(":")[1])
+    if not os.path.exists(target):
+        atomic_write(target, data, 0o600, durable=False)
+    return digest, size
+
+
+def _check_blob(blobs: str, digest: str, size: int) -> str:
+    path = os.path.join(blobs, digest.split(":")[1])
+    if not os.path.isfile(path):
+        raise refused(f"the bundle lacks blob {digest[:19]}")
+    hashing = hashlib.sha256()
+    total = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(BLOB_CHUNK):
+            hashing.update(chunk)
+            total += len(chunk)
+    if "sha256:" + hashing.hexdigest() != digest or total != size:
+        raise refused(f"blob {digest[:19]} does not match its digest or size")
+    return path
+
+
+def _read_blob(blobs: str, digest: str, size: int) -> bytes:
+    if size > MAX_MANIFEST_BYTES:
+        raise refused(f"blob {digest[:19]} is too large for a manifest or config")
+    with open(_check_blob(blobs, digest, size), "rb") as handle:
+        return handle.read()
 
 
 ###############################################################################
@@ -5987,7 +7723,7 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
 ###############################################################################
 # executor: runs one job's tasks in order and records every step as events.
 # Owns the job's runtime and its Liquibase process while it runs; may call queue, store,
-# snapshot, dbms, runtime, instances, cache, planner.
+# snapshot, dbms, runtime, instances, cache, remote, planner.
 ###############################################################################
 
 HEARTBEAT_SECONDS = 0.5
@@ -6013,7 +7749,7 @@ class EventEmitter:
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def emit(self, event: JsonDict, *more: JsonDict, **job_fields: Any) -> None:
+    def emit(self, event: JsonDict, *more: JsonDict, **job_fields: Unpack[JobColumns]) -> None:
         """Append events (with job column updates) in one transaction; nothing is appended
         after the terminal status, whatever thread still reports."""
         with self._lock:
@@ -6035,7 +7771,7 @@ class EventEmitter:
         self.emit({"type": "log", "message": message})
 
     def task(self, task_id: str, status: str, error: ErrorBody | None = None,
-             **fields: Any) -> None:
+             cached: bool | None = None) -> None:
         event: JsonDict = {"type": "task", "task_id": task_id, "status": status}
         if error:
             event["error"] = error
@@ -6044,10 +7780,12 @@ class EventEmitter:
             if self._closed:
                 return
             now = format_ts()
-            times = {"started_at": now} if status == "running" else {"finished_at": now}
-            self.jobs.update_task(self.job_id, task_id, {**event, "ts": now}, status=status,
-                                  error_json=json.dumps(error) if error else None,
-                                  **times, **fields)
+            columns: TaskColumns = {"status": status,
+                                    "error_json": json.dumps(error) if error else None}
+            columns["started_at" if status == "running" else "finished_at"] = now
+            if cached is not None:
+                columns["cached"] = int(cached)
+            self.jobs.update_task(self.job_id, task_id, {**event, "ts": now}, **columns)
             self._last = event if status == "running" else None
             self._last_at, self._repeats = time.monotonic(), 0
 
@@ -6104,6 +7842,8 @@ class JobRun:
     #: the image's base cluster, initialised while the job plans (only jobs that build)
     base: Future[str] | None = None
     signature: str | None = None
+    #: states the remote cache was asked for and did not give (asked once per job)
+    remote_missing: set[str] = field(default_factory=set)
     #: guards ``processes`` and orders a registration against a cancel or stop: a client
     #: registered after one is killed at once, one registered before is killed by it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -6304,12 +8044,11 @@ class LiquibaseRunner:
             "JAVA_OPTS": java_opts, **lb.env, "LIQUIBASE_SHOW_BANNER": "false",
             "LIQUIBASE_COMMAND_URL": f"jdbc:postgresql://127.0.0.1:{handle.port}/postgres",
             "LIQUIBASE_COMMAND_USERNAME": SUPERUSER, "LIQUIBASE_COMMAND_PASSWORD": password})
-        as_user = self.dbms.as_server_user()
-        if as_user:
+        if not self.dbms.user.is_self:
             env["HOME"] = tempfile.gettempdir()
-        argv = [lb.exec_path, *args]
-        note(f"liquibase: exec {shlex.join(argv)}")
+        note(f"liquibase: exec {shlex.join([lb.exec_path, *args])}")
         note("liquibase: start")
+        argv, as_user = self.dbms.as_server_user([lb.exec_path, *args])
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **as_user)
@@ -6335,9 +8074,11 @@ class Executor:
 
     def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
                  runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
-                 cache: CacheManager, pool: WarmPool, engine_version: str) -> None:
+                 cache: CacheManager, pool: WarmPool, remote: RemoteCache,
+                 engine_version: str) -> None:
         self.jobs = jobs
         self.cache = cache
+        self.remote = remote
         self.pool = pool
         self.store = store
         self.layout = layout
@@ -6367,7 +8108,8 @@ class Executor:
         image = self.runtimes.resolve(request.image_id, emit.log if emit else None)
         if emit:
             emit.log(f"resolved image {image.resolved_id}")
-        if emit and run and not request.plan_only:
+        if emit and run and not request.plan_only and self.remote.client("pull") is None:
+            # with a remote cache the base may never be needed: a build initialises it then
             run.base = in_background("base-init", self.runtimes.ensure_base, image, emit.log)
         if request.lb is None:
             steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
@@ -6487,7 +8229,7 @@ class Executor:
         try:
             result = self._run_tasks(job, request, run, emit, retain)
             self._retain_finishing(run, retain)
-            fields: JsonDict = {"status": "succeeded", "finished_at": format_ts()}
+            fields: JobColumns = {"status": "succeeded", "finished_at": format_ts()}
             if result:
                 fields["result_json"] = json.dumps(result)
             more = [{"type": "result", "result": result}] if result else []
@@ -6560,21 +8302,24 @@ class Executor:
             if request.plan_only or task.type in ("plan", "resolve_image"):
                 emit.task(task.task_id, "succeeded")
             elif task.type == "state_execute":
-                step = steps[int(task.task_id.split("-")[1])]
-                cached = self._execute_step(job, request, image, step, run, emit)
-                emit.task(task.task_id, "succeeded", cached=int(cached))
+                index = int(task.task_id.split("-")[1])
+                cached = self._execute_step(job, request, image, steps[index:], run, emit)
+                emit.task(task.task_id, "succeeded", cached=cached)
             else:
                 return self._prepare_instance(job, request, image, steps[-1], run, emit)
         return None
 
     def _execute_step(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
-                      step: StepPlan, run: JobRun, emit: EventEmitter) -> bool:
+                      ahead: Sequence[StepPlan], run: JobRun, emit: EventEmitter) -> bool:
+        """Make the state of ``ahead[0]`` (the steps after it are what the remote cache may
+        bring at once); True when it was not built here."""
+        step = ahead[0]
         if self.state_ready(step.state_id):
             self._drop_ahead(run)
             return True
         lock = os.path.join(self.layout.states_dir(image), ".build", f"{step.state_id}.lock")
         with file_lock(lock):
-            if self.state_ready(step.state_id):
+            if self.state_ready(step.state_id) or self._pulled(image, ahead, run, emit):
                 self._drop_ahead(run)
                 return True
             run.check()
@@ -6593,8 +8338,30 @@ class Executor:
                     self._run_changeset(request.lb, handle, step.args, run, emit.log)
             run.check()
             self._snapshot(image, handle, step, request.prepare_kind, emit)
-            self.instances.pin_runtime(job.job_id, handle)
+            self.instances.pin_runtime(job.job_id, handle)  # the new state: the job's next
+            self.cache.enforce("after_snapshot")             # input, never an eviction's
             return False
+
+    def _pulled(self, image: ResolvedImage, ahead: Sequence[StepPlan], run: JobRun,
+                emit: EventEmitter) -> bool:
+        """Whether the remote cache brought ``ahead[0]``'s state (the deepest of ``ahead``
+        it has comes with its chain); the registry is asked once per job and state."""
+        wanted = [step.state_id for step in ahead if step.state_id not in run.remote_missing]
+        if not wanted or wanted[0] != ahead[0].state_id:
+            return False
+        if not self.remote.pull(image, wanted, emit.log, {ahead[0].state_id}, run.check):
+            run.remote_missing.update(wanted)
+        return self.state_ready(ahead[0].state_id)  # a pull cut short may have brought it
+
+    def remote_has(self, state_ids: Sequence[str]) -> set[str]:
+        """Which of ``state_ids`` the remote cache has (none when pull is off or it cannot
+        be asked)."""
+        try:
+            found = {state_id for state_id in state_ids if self.remote.lookup([state_id])}
+        except Exception as exc:  # an explain never fails for the remote's sake
+            log.info("remote: cannot tell what it has: %s", exc)
+            return set()
+        return found
 
     def _pin_state(self, job_id: str, state_id: str) -> StateRow:
         """Protect a job's input state from deletion and eviction before it is used."""
@@ -6677,6 +8444,7 @@ class Executor:
                 size_bytes=size, last_used_at=None, use_count=0,
                 state_dir=final_dir,
             ))
+            self.remote.queue_push(step.state_id)
         except BaseException as exc:  # a full disk (files or SQLite) or anything else:
             remove_tree(final_dir)      # no state directory without its row
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -6685,7 +8453,6 @@ class Executor:
             raise
         handle.content_id = step.state_id
         emit.log("snapshot: complete")
-        self.cache.enforce("after_snapshot")
 
     def _prepare_instance(self, job: JobRow, request: PrepareRequest, image: ResolvedImage,
                           last: StepPlan, run: JobRun, emit: EventEmitter) -> JsonDict:
@@ -6772,6 +8539,8 @@ class ExplainStep(TypedDict):
     index: Count
     state_id: Hex64
     cached: bool
+    remote: NotRequired[Annotated[bool | None, Doc(
+        "Not here, but the remote cache has it: a prepare pulls it instead of building it.")]]
 
 
 class CacheExplain(TypedDict):
@@ -6843,6 +8612,11 @@ class PrepareManager:
             resolved_image_id=image.resolved_id,
             steps=[ExplainStep(index=step.index, state_id=step.state_id, cached=cached)
                    for step, cached in zip(steps, ready, strict=True)])
+        remote = self.executor.remote_has(
+            [step.state_id for step, cached in zip(steps, ready, strict=True) if not cached])
+        for item in out["steps"]:
+            if item["state_id"] in remote:
+                item["remote"] = True
         if ready[-1]:
             out["matched_state_id"] = steps[-1].state_id
             return out
@@ -6851,6 +8625,8 @@ class PrepareManager:
         out["first_missing_step"] = first
         out["reason"] = ("no state for the first step" if first == 0 else
                          f"the chain stops at step {first}: steps before it are cached")
+        if remote:
+            out["reason"] += f"; {len(remote)} missing step(s) would come from the remote cache"
         return out
 
     def busy(self) -> bool:
@@ -7198,6 +8974,8 @@ class Request:
     query: dict[str, list[str]]
     header: Callable[[str], str | None]
     body: bytes
+    #: copies a streamed body (an upload route's) into a file; returns its length
+    upload: Callable[[typing.BinaryIO], int] | None = None
 
     def arg(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -7280,7 +9058,7 @@ def _nested_deeper(value: Any, limit: int) -> bool:
     return any(isinstance(node, dict | list) for node in level)
 
 
-def body_length(headers: Any) -> int:
+def body_length(headers: Any, limit: int = MAX_BODY_BYTES) -> int:
     """The request body's length from its framing headers; only a single non-negative
     decimal Content-Length frames a body (411 for a body without one, 413 above the limit)."""
     if headers.get("Transfer-Encoding") is not None:
@@ -7294,9 +9072,9 @@ def body_length(headers: Any) -> int:
     if values or not re.fullmatch(r"[0-9]{1,19}", text):
         raise invalid_argument("invalid Content-Length",
                                "Content-Length must be one non-negative decimal integer")
-    if int(text) > MAX_BODY_BYTES:
+    if int(text) > limit:
         raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "payload_too_large",
-                       "request body too large", f"limit is {MAX_BODY_BYTES} bytes")
+                       "request body too large", f"limit is {limit} bytes")
     return int(text)
 
 
@@ -7371,6 +9149,12 @@ class ResetBody(TypedDict):
         " default: the instance's own state.", pattern="^[0-9a-fA-F]{8,64}$")]]
 
 
+class ImportAnswer(TypedDict):
+    """``POST /v1/states/import``: the bundle's states, by what became of them."""
+    imported: Annotated[list[Hex64], Doc("Published here now (origin imported).")]
+    present: Annotated[list[Hex64], Doc("Here already: left as they were.")]
+
+
 class ResetAnswer(InstanceEntry):
     """An instance after a reset: the same id, DSN, port and password, the state's data."""
     disconnected_sessions: Annotated[Count, Doc(
@@ -7427,6 +9211,8 @@ class Operation:
     answers: dict[int, Answer]
     params: tuple[str, ...] = ()
     body: Any = None
+    #: the media type of a body streamed to the handler (``Request.upload``), not read whole
+    upload: str | None = None
 
 
 @dataclass
@@ -7464,6 +9250,8 @@ def json_schema(shape: Any, schemas: JsonDict, request: bool = False,
         return {"type": "object", "additionalProperties": json_schema(args[1], schemas, request)}
     if typing.is_typeddict(shape):
         return _component(shape, schemas, request)
+    if shape is bytes:  # a file, not JSON
+        return {"type": "string", "format": "binary"}
     names = {str: "string", int: "integer", float: "number", bool: "boolean"}
     return {"type": names[shape]} if shape in names else {}  # Any: every JSON value
 
@@ -7527,6 +9315,9 @@ def _operation(route: Route, method: str, op: Operation, schemas: JsonDict) -> J
     if op.body is not None:
         out["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": json_schema(op.body, schemas, request=True)}}}
+    if op.upload is not None:
+        out["requestBody"] = {"required": True, "content": {op.upload: {
+            "schema": json_schema(bytes, schemas)}}}
     if not route.auth:
         out["security"] = []
     return out
@@ -7569,6 +9360,7 @@ class Api:
     prepare: PrepareManager
     runs: RunManager
     pool: WarmPool
+    remote: RemoteCache
     routes: list[Route] = field(init=False)
     document: JsonDict = field(init=False)  #: the OpenAPI document, built once
 
@@ -7644,6 +9436,18 @@ class Api:
             Route("/v1/states", {"GET": op(self.states_list, "List states", {
                 200: Answer("Matching states.", list[StateEntry])}, ("kind", "image",
                                                                         "id_prefix"))}),
+            Route("/v1/states/import", {"POST": op(
+                self.states_import, "Import states from an OCI image layout (a tar)", {
+                    200: Answer("What was imported and what was here already.", ImportAnswer),
+                    400: err("Not an OCI layout of states, or refused (see message)."),
+                    411: err("A body without Content-Length."),
+                    413: err("Larger than the store could take."),
+                    415: err("Content-Type is not application/x-tar."),
+                    507: err("No room for the states.")}, upload="application/x-tar")}),
+            Route("/v1/states/{stateId}/export", {"GET": op(
+                self.state_export, "The state and its ancestors as an OCI image layout", {
+                    200: Answer("A tar (an OCI image layout; skopeo's oci-archive).", bytes,
+                                "application/x-tar"), 404: err("No such state.")})}),
             Route("/v1/states/{stateId}", {
                 "GET": op(self.state_get, "Get a state", {200: Answer("The state.", StateEntry),
                                                           **missing}),
@@ -7818,7 +9622,7 @@ class Api:
         row = self.pool.instance(state, ttl)
         pause_point("instances.before_name")
         if name is not None and not self.store.bind_name(name, row, only_if_free=True):
-            self.instances.destroy(row, terminate_connections=True)
+            self.instances.destroy(row)
             raise conflict("name already in use", name)
         created = self.store.get_instance(row.instance_id)
         assert created
@@ -7840,6 +9644,7 @@ class Api:
                 raise invalid_argument("invalid name", "name must be a string")
             validate_name(name)
         state = self.instances.snapshot(instance, name)
+        self.remote.queue_push(state.state_id)
         return json_response(HTTPStatus.CREATED, state.to_json(),
                              {"Location": f"/v1/states/{state.state_id}"})
 
@@ -7867,7 +9672,37 @@ class Api:
 
     def state_get(self, req: Request, state_id: str) -> Response:
         row = self.store.get_state(state_id) if is_state_id(state_id) else None
-        return json_response(HTTPStatus.OK, row.to_json()) if row else text_not_found()
+        if row is None:
+            return text_not_found()
+        entry = row.to_json()
+        if pushed := self.remote.push_status(row.state_id):
+            entry["push_status"], entry["push_error"] = pushed.status, pushed.error
+        return json_response(HTTPStatus.OK, omit_none(entry))
+
+    def state_export(self, req: Request, state_ref: str) -> Response:
+        row = self.registry.resolve_state(state_ref)
+        bundle, done = self.remote.export(row)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                with open(bundle, "rb") as handle:
+                    while chunk := handle.read(BLOB_CHUNK):
+                        yield chunk
+            finally:
+                done()
+
+        return Response(HTTPStatus.OK, content_type="application/x-tar", stream=chunks(),
+                        headers={"Content-Disposition":
+                                 f'attachment; filename="sqlrs-state-{row.state_id[:12]}.tar"'})
+
+    def states_import(self, req: Request) -> Response:
+        media = (req.header("Content-Type") or "").split(";")[0].strip().lower()
+        if media != "application/x-tar":
+            raise ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type",
+                           "an import is a tar", "Content-Type must be application/x-tar")
+        assert req.upload is not None
+        imported, present = self.remote.import_bundle(req.upload)
+        return json_response(HTTPStatus.OK, ImportAnswer(imported=imported, present=present))
 
     def state_delete(self, req: Request, state_id: str) -> Response:
         recurse, force, dry_run = req.flag("recurse"), req.flag("force"), req.flag("dry_run")
@@ -7937,7 +9772,13 @@ class Api:
 
     # cache --------------------------------------------------------------------------------
     def cache_status(self, req: Request) -> Response:
-        return json_response(HTTPStatus.OK, self.cache.status())
+        status = self.cache.status()
+        if url := self.config.value("cache.remote.url"):
+            counts = self.remote.counts()
+            status["remote_url"] = url
+            status["remote_pushes_pending"] = counts.get("pending", 0)
+            status["remote_pushes_failed"] = counts.get("failed", 0)
+        return json_response(HTTPStatus.OK, status)
 
     def cache_explain(self, req: Request) -> Response:
         return json_response(HTTPStatus.OK, self.prepare.explain(req.json()))
@@ -8026,6 +9867,10 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True  # a body never read must not become a request
             if isinstance(target, Response):
                 response = target
+            elif target[0].upload:  # streamed to disk: no larger than the store's room
+                length = body_length(self.headers, self.server.api.remote.room())
+                with self.server.activity.request():
+                    response = self._answer(target, b"", length)
             else:
                 body = self._read_body() if target[2] else b""
                 if body is None:
@@ -8055,12 +9900,16 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             return None
         return body
 
-    def _answer(self, target: tuple[Operation, tuple[str, ...], bool], body: bytes) -> Response:
+    def _answer(self, target: tuple[Operation, tuple[str, ...], bool], body: bytes,
+                upload_length: int = 0) -> Response:
         operation, groups, _ = target
         parts = urllib.parse.urlsplit(self.path)
+        received = [0]
         request = Request(self.command, parts.path,
                           urllib.parse.parse_qs(parts.query, keep_blank_values=True),
-                          self.headers.get, body)
+                          self.headers.get, body,
+                          partial(self._receive, upload_length, received) if operation.upload
+                          else None)
         try:
             return operation.handler(request, *groups)
         except EngineError as exc:
@@ -8069,6 +9918,31 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             log.exception("request %s %s failed", self.command, printable(self.path))
             return json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
                                  internal_error(str(exc)).body())
+        finally:
+            if operation.upload:
+                self.server.watch.done(self.connection)
+                if received[0] < upload_length:  # a body left unread ends the connection
+                    self.close_connection = True
+
+    def _receive(self, length: int, received: list[int], out: typing.BinaryIO) -> int:
+        """Copy an upload's body into ``out``: the read watch gives each chunk its timeout,
+        not the whole body (400 when the client stops early, 507 when the disk is full)."""
+        try:
+            while received[0] < length:
+                self.server.watch.reading(self.connection)
+                chunk = self.rfile.read(min(length - received[0], BLOB_CHUNK))
+                if not chunk:
+                    break
+                out.write(chunk)
+                received[0] += len(chunk)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise disk_full("no space left for the upload", str(exc)) from None
+            log.info("http upload not received: %s", exc)
+        if received[0] < length:
+            raise invalid_argument("request body ended early",
+                                   f"{received[0]} of {length} bytes received")
+        return length
 
     def _route(self) -> Response | tuple[Operation, tuple[str, ...], bool]:
         """The operation that answers this request (with its path parameters, and whether it
@@ -8358,7 +10232,7 @@ class Engine:
         self.token = random_hex(32)
         self.state_dir = state_dir
         self.store_root = store_root
-        self.db = Database(os.environ.get("SQLRS_STATE_DB") or
+        self.db = SqlitePool(os.environ.get("SQLRS_STATE_DB") or
                            os.path.join(store_root, "state.db"))
         self.store = MetadataStore(self.db)
         self.jobs = JobQueue(self.db)
@@ -8381,8 +10255,10 @@ class Engine:
         self.deletion = DeletionManager(self.store, self.instances, self.pool)
         self.cache = CacheManager(self.db, self.store, self.config, store_root, self.instances,
                                   self.pool, (self.snapshots.backend, self.snapshots.reason))
+        self.remote = RemoteCache(self.config, self.store, self.db, self.layout, self.runtimes,
+                                  self.snapshots, self.instances, self.cache, self.version)
         executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
-                            self.snapshots, self.cache, self.pool, self.version)
+                            self.snapshots, self.cache, self.pool, self.remote, self.version)
         self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
 
@@ -8395,6 +10271,7 @@ class Engine:
                 if name.startswith(LB_STAGE_PREFIX):
                     remove_tree(os.path.join(self.snapshots.expose_root, name))
         self._remove_half_states()
+        self.remote.sweep()
         try:
             self.cache.enforce("startup")
         except JobFailure as exc:
@@ -8527,7 +10404,7 @@ def run_engine(options: Options) -> int:
     log.info("snapshots: %s%s", backend, f" ({reason})" if reason else "")
     server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
                      engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
-                     engine.prepare, engine.runs, engine.pool)
+                     engine.prepare, engine.runs, engine.pool, engine.remote)
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.max_connections = max_connections
@@ -8549,6 +10426,8 @@ def run_engine(options: Options) -> int:
                      name="warm-pool").start()
     threading.Thread(target=server.watch.run, args=(stopped,), daemon=True,
                      name="read-watch").start()
+    threading.Thread(target=engine.remote.run_pushes, args=(stopped,), daemon=True,
+                     name="remote-push").start()
     reaper = Reaper(engine.store, engine.deletion)
     threading.Thread(target=reaper.run, args=(stopped,), daemon=True, name="reaper").start()
     if options.idle_timeout > 0:
@@ -8566,7 +10445,67 @@ def run_engine(options: Options) -> int:
     return 0
 
 
+def default_engine_json() -> str:
+    """The sqlrs CLI's ``engine.json`` (contract §1.5)."""
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Application Support/sqlrs/state/engine.json")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "sqlrs", "engine.json")
+
+
+def bundle_command(argv: Sequence[str]) -> int:
+    """``sqlrs-engine export STATE_ID -o FILE`` and ``sqlrs-engine import FILE``: a client of
+    the running engine that ``engine.json`` names (``--engine-json``; default the CLI's)."""
+    parser = argparse.ArgumentParser(prog="sqlrs-engine", allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a state and its ancestors to a file"
+                                 " (an OCI image layout tar)")
+    export.add_argument("state_id", help="state id or unique prefix")
+    export.add_argument("-o", "--output", required=True, help="the tar to write")
+    load = commands.add_parser("import", help="add the states of an exported file")
+    load.add_argument("file")
+    for command in (export, load):
+        command.add_argument("--engine-json", default=None,
+                             help="the running engine's engine.json (default: the CLI's)")
+    ns = parser.parse_args(argv)
+    try:
+        with open(ns.engine_json or default_engine_json(), encoding="utf-8") as handle:
+            found = json.load(handle)
+        host, _, port = str(found["endpoint"]).rpartition(":")
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=600,
+                                          blocksize=BLOB_CHUNK)
+        headers = {"Authorization": f"Bearer {found['authToken']}"}
+        if ns.command == "export":
+            conn.request("GET", f"/v1/states/{urllib.parse.quote(ns.state_id, safe='')}/export",
+                         headers=headers)
+            response = conn.getresponse()
+            if response.status != HTTPStatus.OK:
+                raise ValueError(response.read(4096).decode("utf-8", "replace").strip())
+            partial_file = f"{ns.output}.part"
+            with open(partial_file, "wb") as out:
+                shutil.copyfileobj(response, out, BLOB_CHUNK)
+            os.replace(partial_file, ns.output)
+            print(json.dumps({"file": ns.output, "bytes": os.path.getsize(ns.output)}))
+        else:
+            with open(ns.file, "rb") as body:
+                conn.request("POST", "/v1/states/import", body=body, headers={
+                    **headers, "Content-Type": "application/x-tar",
+                    "Content-Length": str(os.fstat(body.fileno()).st_size)})
+                response = conn.getresponse()
+            answer = response.read().decode("utf-8", "replace").strip()
+            if response.status != HTTPStatus.OK:
+                raise ValueError(answer)
+            print(answer)
+    except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
+        print(f"sqlrs-engine {ns.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in ("export", "import"):
+        return bundle_command(arguments)
     try:
         options = parse_options(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:

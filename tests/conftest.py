@@ -488,6 +488,18 @@ def openapi(engine: EngineProcess) -> OpenApiChecker:
     return OpenApiChecker(engine.get("/v1/openapi.json", auth=False).json())
 
 
+def job_to_end(engine: EngineProcess, job_id: str,
+               deadline_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read the job's whole NDJSON events stream, then return (job status, events)."""
+    events = engine.get(f"/v1/prepare-jobs/{job_id}/events", timeout=deadline_s)
+    assert events.status == 200, events.body
+    status = engine.get(f"/v1/prepare-jobs/{job_id}")
+    assert status.status == 200, status.body
+    job: dict[str, Any] = status.json()
+    assert job["status"] in ("succeeded", "failed"), job
+    return job, events.ndjson()
+
+
 def killed_at(engine: EngineProcess, hooks: Path, point: str, method: str, path: str,
               body: Any = None) -> None:
     """Arm the pause point ``point`` (``hooks`` is the engine's SQLRS_TEST_HOOKS_DIR), send

@@ -59,7 +59,9 @@ ENGINE_JSON_KEYS = {"endpoint", "pid", "startedAt", "authToken", "version", "ins
 CONFIG_DEFAULTS: dict[str, Any] = {
     "log": {"level": "debug"},
     "cache": {"capacity": {"maxBytes": 0, "reserveBytes": None, "highWatermark": 0.90,
-                           "lowWatermark": 0.80, "minStateAge": "10m"}},
+                           "lowWatermark": 0.80, "minStateAge": "10m"},
+              # beyond the contract: the remote cache (off)
+              "remote": {"url": "", "pull": True, "push": False, "insecure": False}},
     "container": {"runtime": "auto"},
     "snapshot": {"backend": "auto"},
     # the contract's defaults plus our job-history bounds and warm pool

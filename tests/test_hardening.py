@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,10 @@ def test_eviction_never_removes_a_builds_input(engine: EngineProcess) -> None:
 # ------------------------------------------------------------------- failing closed
 
 
+@pytest.mark.parametrize("runtime_image", ["docker"], indirect=True)
 def test_delete_is_blocked_when_connections_cannot_be_counted(engine: EngineProcess) -> None:
+    """On Docker sessions are counted in a session of the engine's own (the host runtime's
+    are read from the kernel's socket tables: the next test)."""
     state_id = prepared_state(engine)
     instance = create(engine, state_id).json()
     psql(instance["dsn"], "ALTER ROLE sqlrs NOLOGIN")  # the engine's own session is refused
@@ -234,6 +238,37 @@ def test_delete_is_blocked_when_connections_cannot_be_counted(engine: EngineProc
     assert engine.get(f"/v1/instances/{instance['instance_id']}").status == 200
     forced = engine.delete(f"/v1/instances/{instance['instance_id']}?force=true")
     assert forced.status == 200, forced.body
+
+
+def test_host_sessions_are_counted_without_a_session(engine: EngineProcess) -> None:
+    """On the host runtime the engine counts a server's sessions from /proc/net (no session
+    of its own): a TCP client (the DSN) and a unix-socket client (a run's psql) are each one,
+    and a session that ended is none."""
+    import psycopg2
+
+    instance = create(engine, prepared_state(engine)).json()
+    instance_id = instance["instance_id"]
+
+    def connections() -> int:
+        dry = engine.delete(f"/v1/instances/{instance_id}?dry_run=true")
+        return int(dry.json()["root"]["connections"])
+
+    client = psycopg2.connect(instance["dsn"])
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            blocked = engine.delete(f"/v1/instances/{instance_id}")
+            assert blocked.status == 409, blocked.body
+            assert blocked.json()["root"]["blocked"] == "active_connections"
+            assert blocked.json()["root"]["connections"] == 1
+            run = pool.submit(post_run, engine, instance_id, "-XAt", "-c",
+                              "select pg_sleep(120)")
+            poll(lambda: connections() == 2, 60, what="the run's session to be counted")
+        finally:
+            client.close()
+        poll(lambda: connections() == 1, 60, what="the closed session to go")
+        forced = engine.delete(f"/v1/instances/{instance_id}?force=true")
+        assert forced.status == 200, forced.body
+        assert run.result(timeout=60).status == 200
 
 
 # -------------------------------------------------------------------- bounded history

@@ -63,8 +63,8 @@ def test_sections_use_only_what_their_banner_allows() -> None:
     all_sections = sections(source)
     assert [s.name for s in all_sections] == [
         "ids", "errors", "config", "store", "queue", "registry", "auth", "stream", "snapshot",
-        "dbms", "runtime", "conntrack", "instances", "deletion", "cache", "planner", "executor",
-        "prepare manager", "runs", "httpapi", "cli/main"]
+        "dbms", "runtime", "conntrack", "instances", "deletion", "cache", "remote", "planner",
+        "executor", "prepare manager", "runs", "httpapi", "cli/main"]
     owner: dict[str, Section] = {}
     for node in tree.body:
         for name in top_level_names(node):

@@ -12,6 +12,7 @@ import ctypes
 import grp
 import os
 import pwd
+import secrets
 import signal
 import stat
 import subprocess
@@ -66,8 +67,8 @@ class Workspace:
         os.chown(path, self.user.pw_uid, self.user.pw_gid)
         return str(path)
 
-    def spawn(self, image: str, preexec: Any = None) -> EngineProcess:
-        state = self.root / "state"
+    def spawn(self, image: str, preexec: Any = None, name: str = "state") -> EngineProcess:
+        state = self.root / name
         for path in (state, state / "logs"):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chown(path, self.user.pw_uid, self.user.pw_gid)
@@ -260,6 +261,10 @@ def test_instances_survive_an_engine_restart(workspace: Workspace, image: str) -
         os.kill(int(runtime_id[5:]), signal.SIGKILL)
     else:
         subprocess.run(["docker", "rm", "-f", runtime_id], check=True, capture_output=True)
+    instance_path = f"/v1/instances/{job['result']['instance_id']}"
+    # SIGKILL is delivered, not finished, when kill returns: wait until the engine sees it
+    poll(lambda: again.get(instance_path).json()["status"] == "orphaned", 30,
+         what="the engine to see the server gone")
     assert sql_via_run(again, job["result"]["instance_id"], "select x from a") == "7"
 
 
@@ -354,3 +359,35 @@ def test_snapshot_and_reset_as_yourself(workspace: Workspace, image: str) -> Non
                         {"state_id": made.json()["state_id"]})
     assert reset.status == 200, reset.body
     assert psql(dsn, "select count(*) from a") == "10"
+
+
+@RUNTIMES
+def test_states_travel_as_yourself(workspace: Workspace, image: str) -> None:
+    """Two engines of the user's (two machines): one pushes what it built to the registry,
+    the other pulls it instead of running the scripts; everything stays the user's."""
+    kind = image_for(image)
+    repository = f"127.0.0.1:5000/sqlrs-nonroot-test/{secrets.token_hex(4)}"
+    builder, puller = workspace.spawn(kind, name="a"), workspace.spawn(kind, name="b")
+    for engine, push in ((builder, True), (puller, False)):
+        for path, value in (("cache.remote.url", repository), ("cache.remote.push", push)):
+            answer = engine.request("PATCH", "/v1/config", {"path": path, "value": value})
+            assert answer.status == 200, answer.body
+    args = ["-f", workspace.write("t1.sql", "create table t(x int);"
+                                  " insert into t select generate_series(1, 100);\n"),
+            "-f", workspace.write("t2.sql", "delete from t where x > 50;"
+                                  " create table gone(y int); drop table gone;\n")]
+    built = builder.prepare(args)
+    assert built["status"] == "succeeded", built.get("error")
+    state_id = built["result"]["state_id"]
+    poll(lambda: builder.get(f"/v1/states/{state_id}").json().get("push_status") == "pushed",
+         120, what="the push")
+    job_id = puller.submit(args)
+    pulled = puller.wait_job(job_id)
+    assert pulled["status"] == "succeeded", pulled.get("error")
+    messages = [event.get("message", "") for event in
+                puller.get(f"/v1/prepare-jobs/{job_id}/events").ndjson()]
+    assert any(message.startswith("remote: pull") for message in messages), messages
+    assert not any(message.startswith("psql:") for message in messages), messages
+    assert psql(pulled["result"]["dsn"], "select count(*) from t") == "50"
+    origins = {state["state_id"]: state["origin"] for state in puller.get("/v1/states").json()}
+    assert origins[state_id] == "pulled"

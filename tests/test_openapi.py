@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 def api() -> se.Api:
     managers: dict[str, Any] = dict.fromkeys(
         ("instance_id", "config", "store", "jobs", "registry", "instances", "deletion", "cache",
-         "prepare", "runs", "pool"))
+         "prepare", "runs", "pool", "remote"))
     return se.Api("test", **managers)
 
 

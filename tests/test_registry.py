@@ -20,6 +20,7 @@ from conftest import (
     DOCKER_IMAGE,
     EngineProcess,
     containers_of,
+    job_to_end,
     poll,
     psql,
     without_warm_pool,
@@ -104,18 +105,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_to_end(engine: EngineProcess, job_id: str,
-               deadline_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read the job's whole NDJSON events stream, then return (job status, events)."""
-    events = engine.get(f"/v1/prepare-jobs/{job_id}/events", timeout=deadline_s)
-    assert events.status == 200, events.body
-    status = engine.get(f"/v1/prepare-jobs/{job_id}")
-    assert status.status == 200, status.body
-    job: dict[str, Any] = status.json()
-    assert job["status"] in ("succeeded", "failed"), job
-    return job, events.ndjson()
-
-
 def log_messages(events: list[dict[str, Any]]) -> list[str]:
     return [str(e["message"]) for e in events if e["type"] == "log"]
 
@@ -123,7 +112,7 @@ def log_messages(events: list[dict[str, Any]]) -> list[str]:
 def assert_clean_pull_failure(engine: EngineProcess, image: str, code: str, message: str,
                               *detail_words: str) -> None:
     job_id = engine.submit(["-c", "create table t(x int)"], image=image)
-    job, events = run_to_end(engine, job_id, FAIL_DEADLINE)
+    job, events = job_to_end(engine, job_id, FAIL_DEADLINE)
     assert job["status"] == "failed", job
     error = job["error"]
     assert error["code"] == code, error
@@ -167,7 +156,7 @@ def test_absent_image_is_pulled_and_pinned_to_its_repo_digest(engine_factory: An
 
     engine: EngineProcess = without_warm_pool(engine_factory())
     job_id = engine.submit(["-c", "create table t(x int)"], image=REGISTRY_IMAGE)
-    job, events = run_to_end(engine, job_id, PULL_DEADLINE)
+    job, events = job_to_end(engine, job_id, PULL_DEADLINE)
     logs = log_messages(events)
     assert f"docker: pull {REGISTRY_IMAGE}" in logs, logs
     # The image is back, whatever happened after the pull.
@@ -199,7 +188,7 @@ def test_absent_image_is_pulled_and_pinned_to_its_repo_digest(engine_factory: An
          what="the instances' containers to be removed")
 
     # Present now: a second prepare resolves the same digest without pulling again.
-    again, events = run_to_end(engine, engine.submit(["-c", "select 1"], image=REGISTRY_IMAGE),
+    again, events = job_to_end(engine, engine.submit(["-c", "select 1"], image=REGISTRY_IMAGE),
                                PULL_DEADLINE)
     assert again["status"] == "succeeded", again.get("error")
     assert again["result"]["image_id"] == pinned

@@ -4,14 +4,17 @@ foreign state refused; a kill at any point leaves the old data or the new, never
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import psycopg2
 import pytest
 from conftest import (
+    HOST_IMAGE,
     PG_BIN,
     RUNTIMES,
     EngineProcess,
@@ -62,6 +65,77 @@ def test_reset_brings_back_the_state_with_the_same_dsn(engine: EngineProcess,
     again = reset(engine, "resettable", {"state_id": job["result"]["state_id"][:12]})
     assert again["dsn"] == dsn
     assert psql(dsn, "select count(*) from t") == "1"
+
+
+def seeds_resets(engine: EngineProcess) -> bool:
+    return engine.image == HOST_IMAGE and os.geteuid() == 0
+
+
+def test_later_resets_start_from_a_seed_with_the_password(engine: EngineProcess,
+                                                          tmp_path: Path) -> None:
+    """As root on the host the first reset to a state keeps what its start and the password
+    wrote (a seed); the next resets to that state start from it: the state's data, the same
+    DSN, the password still required. A reset to another state forgets the seed."""
+    if not seeds_resets(engine):
+        pytest.skip("reset seeds are made for root's host overlays only")
+    base = prepared(engine, tmp_path, "base", "create table t(x int); insert into t values (1);")
+    branch = prepared(engine, tmp_path, "branch", "insert into t values (2);", parent="base")
+    instance_id, dsn = base["result"]["instance_id"], base["result"]["dsn"]
+    base_id, branch_id = base["result"]["state_id"], branch["result"]["state_id"]
+    runtime = engine.store / "instances" / instance_id
+
+    def seeds() -> list[str]:
+        return sorted(path.name for path in runtime.glob("*seed-*"))
+
+    assert seeds() == []
+    reset(engine, instance_id)
+    assert seeds() == [f"seed-{base_id}"]
+    for _ in range(2):
+        psql(dsn, "insert into t values (9); create table scratch(y int)")
+        assert reset(engine, instance_id)["dsn"] == dsn
+        assert psql(dsn, "select string_agg(x::text, ',') from t") == "1"
+        assert psql(dsn, "select count(*) from pg_tables where tablename = 'scratch'") == "0"
+    parts = urllib.parse.urlsplit(dsn)
+    wrong = parts._replace(netloc=f"{parts.username}:wrong@{parts.hostname}:{parts.port}")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(urllib.parse.urlunsplit(wrong)).close()
+    reset(engine, instance_id, {"state_id": branch_id})
+    assert seeds() == [f"seed-{branch_id}"]
+    assert psql(dsn, "select string_agg(x::text, ',' order by x) from t") == "1,2"
+    reset(engine, instance_id, {"state_id": base_id})
+    assert seeds() == [f"seed-{base_id}"]
+    assert psql(dsn, "select string_agg(x::text, ',') from t") == "1"
+
+
+def test_the_seed_is_made_where_no_client_reaches(engine_factory: Any, tmp_path: Path) -> None:
+    """While a first reset makes its seed (paused there), the instance's port is not served:
+    a client with the DSN cannot connect, so nothing it writes can end up in every later
+    reset; the reset then answers and the DSN works again."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    engine: EngineProcess = without_warm_pool(engine_factory(
+        env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
+    if not seeds_resets(engine):
+        pytest.skip("reset seeds are made for root's host overlays only")
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    (hooks / "reset-seed-server").touch()
+    answer: list[Any] = []
+    thread = threading.Thread(target=lambda: answer.append(
+        engine.post(f"/v1/instances/{instance_id}/reset", None, timeout=300)), daemon=True)
+    thread.start()
+    try:
+        poll(lambda: (hooks / "reset-seed-server.reached").exists(), 120,
+             what="the seed's server")
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(dsn, connect_timeout=5).close()
+    finally:
+        (hooks / "reset-seed-server.release").touch()
+        thread.join(300)
+    assert answer and answer[0].status == 200, answer
+    psql(dsn, "insert into t values (1)")
+    assert reset(engine, instance_id)["dsn"] == dsn
+    assert psql(dsn, "select count(*) from t") == "0"
 
 
 def test_reset_to_another_state_of_the_image_and_back(engine: EngineProcess,
@@ -150,18 +224,23 @@ def test_a_state_of_another_image_is_refused(engine_factory: Any, tmp_path: Path
         assert psql(job["result"]["dsn"], "select count(*) from t") == "0"
 
 
-@pytest.mark.parametrize("point", ["reset", "reset-started"])
+@pytest.mark.parametrize("point", ["reset", "reset-started", "reset-seed-server",
+                                   "reset-seed"])
 def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any, tmp_path: Path,
                                                       point: str) -> None:
     """The engine is killed (-9) at the pause point ``reset`` (the server stopped, the intent
-    written, the data not yet replaced) or ``reset-started`` (the server runs on the new data,
-    without the instance's password, the row not updated): the next engine finishes the
-    reset; the instance holds the state's data (not a mix), its row says so, and it answers
-    with the same DSN on the next run."""
+    written, the data not yet replaced), ``reset-started`` (the server runs on the new data,
+    without the instance's password, the row not updated), ``reset-seed-server`` (a first
+    reset's seed server runs on a port of its own) or ``reset-seed`` (it stopped cleanly):
+    the next engine finishes the reset (and stops a seed server left behind); the
+    instance holds the state's data (not a mix), its row says so, and it answers with the
+    same DSN on the next run."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     engine: EngineProcess = without_warm_pool(engine_factory(
         env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
+    if point.startswith("reset-seed") and not seeds_resets(engine):
+        pytest.skip("reset seeds are made for root's host overlays only")
     job = prepared(engine, tmp_path, "base", "create table t(x int);")
     instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
     psql(dsn, "insert into t values (1)")

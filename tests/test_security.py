@@ -33,9 +33,11 @@ from conftest import (
     HttpResult,
     cleanup_store,
     exit_code,
+    expose_root,
     output,
     poll,
     post_run,
+    postgres_pids_below,
     run_events,
 )
 
@@ -528,3 +530,31 @@ def test_no_server_user_process_holds_the_engine_environment(
     holders = [cmdline.replace("\0", " ")[:200] for cmdline, environ in scanned.values()
                if secret_setup.secret.encode() in environ or SECRET_VAR.encode() in environ]
     assert not holders, holders
+
+
+def test_servers_and_clients_run_as_the_server_user_alone(engine: EngineProcess) -> None:
+    """A root engine runs Postgres and its clients as ``postgres`` (real, effective and saved
+    ids), with no supplementary groups and no capabilities: through util-linux's setpriv when
+    root owns it, else Popen's own switch."""
+    if os.geteuid() != 0:
+        pytest.skip("the engine drops privileges only as root")
+    server_user = pwd.getpwnam("postgres")
+    job = engine.prepare(["-c", "create table t(x int)"])
+    assert job["status"] == "succeeded", job.get("error")
+    pids = postgres_pids_below(engine.store, expose_root(engine.store))
+    assert pids, "no server of the engine found"
+    for pid in pids:
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        assert status["Uid"].split() == [str(server_user.pw_uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(server_user.pw_gid)] * 4, status["Gid"]
+        assert status["Groups"].split() == [], status["Groups"]
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    events = run_events(post_run(engine, job["result"]["instance_id"], "-XAt", "-c",
+                                 "select current_user, pg_backend_pid()"))
+    assert exit_code(events) == 0, events
+    # the client (psql) ran as the server user too: its whoami through the server
+    whoami = run_events(post_run(engine, job["result"]["instance_id"], "-XAt", "-c",
+                                 r"\! id -u; id -G"))
+    assert output(whoami).split() == [str(server_user.pw_uid), str(server_user.pw_gid)], \
+        output(whoami, "stderr")

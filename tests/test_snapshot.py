@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,48 @@ def test_a_snapshot_answers_before_its_flush_and_a_reboot_drops_an_unflushed_one
     assert again.get(f"/v1/states/{state['state_id']}").status == 404
     assert state["state_id"] not in state_dirs(again)
     assert again.get(f"/v1/states/{state['parent_state_id']}").status == 200
+
+
+def test_eviction_during_a_snapshot_takes_only_what_nothing_uses(engine_factory: Any,
+                                                                 tmp_path: Path) -> None:
+    """Cache pressure while a snapshot copies (arranged with a pause point): a prepare
+    publishes under a cache far too small, so eviction runs and takes the state nothing uses,
+    never the instance's (its row protects it) nor the prepare's own new state (its instance
+    is made from it next: on Docker that once failed the prepare); the snapshot then answers
+    with a whole state, and every listed state has its files and every state directory its
+    row."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    engine: EngineProcess = without_warm_pool(engine_factory(
+        env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
+    source = instance_of(engine, "create table t(x int); insert into t values (1);")
+    parent_id = engine.get(f"/v1/instances/{source['instance_id']}").json()["state_id"]
+    spare = instance_of(engine, "create table spare(x int);")
+    assert engine.delete(f"/v1/instances/{spare['instance_id']}").status == 200
+    size = int(engine.get(f"/v1/states/{parent_id}").json()["size_bytes"])
+    (hooks / "snapshot-copy").touch()
+    with ThreadPoolExecutor(1) as pool:
+        made = pool.submit(engine.post, f"/v1/instances/{source['instance_id']}/snapshot",
+                           None, timeout=300)
+        try:
+            poll(lambda: (hooks / "snapshot-copy.reached").exists(), 120,
+                 what="the snapshot to reach its copy")
+            for path, value in (("cache.capacity.minStateAge", "0s"),
+                                ("cache.capacity.lowWatermark", 0.2),
+                                ("cache.capacity.highWatermark", 0.3),
+                                ("cache.capacity.maxBytes", size * 3)):
+                patched = engine.request("PATCH", "/v1/config", {"path": path, "value": value})
+                assert patched.status == 200, patched.body
+            job = engine.prepare(["-c", "create table other(x int)"])
+            assert job["status"] == "succeeded", job.get("error")
+            assert engine.get(f"/v1/states/{spare['state_id']}").status == 404, \
+                "eviction did not run: the test arranged nothing"
+            assert engine.get(f"/v1/states/{parent_id}").status == 200
+        finally:
+            (hooks / "snapshot-copy.release").touch()
+        answer = made.result(timeout=300)
+    assert answer.status == 201, answer.body
+    branch = new_instance(engine, answer.json()["state_id"])
+    assert psql(branch["dsn"], "select count(*) from t") == "1"
+    listed = {s["state_id"] for s in engine.get("/v1/states").json()}
+    assert {Path(d).name for d in state_dirs(engine)} == listed

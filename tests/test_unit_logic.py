@@ -823,8 +823,8 @@ class FakeInstances:
         self.locks.append(instance_id)
         yield
 
-    def destroy(self, row: se.InstanceRow, terminate_connections: bool) -> None:
-        self.store.log.append(f"destroy {row.instance_id[:1]} terminate={terminate_connections}")
+    def destroy(self, row: se.InstanceRow) -> None:
+        self.store.log.append(f"destroy {row.instance_id[:1]}")
         del self.store.instances[row.instance_id]
 
 
@@ -917,7 +917,7 @@ def test_recurse_deletes_post_order(dirs: dict[str, str]) -> None:
     store, instances = tree(dirs)
     status, result = manager(store, instances).delete_state(ROOT, True, False, False)
     assert (status, result["outcome"]) == (200, "deleted")
-    assert store.log == ["destroy 1 terminate=False", "destroy 2 terminate=False",
+    assert store.log == ["destroy 1", "destroy 2",
                          "delete state c", "delete state b", "delete state a"]
     assert not any(os.path.exists(path) for path in dirs.values())
     assert instances.claimed == set()
@@ -948,7 +948,7 @@ def test_force_overrides_connections(dirs: dict[str, str]) -> None:
     assert result["root"]["children"][1]["children"][0]["connections"] == 0
     status, result = manager(store, instances).delete_state(ROOT, True, True, False)
     assert (status, result["outcome"]) == (200, "deleted")
-    assert store.log[:2] == ["destroy 1 terminate=True", "destroy 2 terminate=True"]
+    assert store.log[:2] == ["destroy 1", "destroy 2"]
 
 
 def test_connections_unknown_blocks_unless_forced(dirs: dict[str, str]) -> None:
@@ -1004,7 +1004,7 @@ def test_delete_instance(dirs: dict[str, str]) -> None:
     assert deletion.delete_instance(INST, False, False)[0] == 409
     assert deletion.delete_instance(INST, False, True)[1]["outcome"] == "blocked"
     assert deletion.delete_instance(INST, True, False)[1]["outcome"] == "deleted"
-    assert store.log == ["destroy 1 terminate=True"]
+    assert store.log == ["destroy 1"]
     with raises_api(404, "not_found", "instance not found"):
         deletion.delete_instance(INST, False, True)
     with raises_api(404, "not_found", "instance not found"):
@@ -1232,3 +1232,39 @@ def test_lb_plan_files_hashed_fails_closed_on_files_outside(tmp_path: Path) -> N
     assert not hashed('<sqlFile path="../shared/body.sql" relativeToChangelogFile="true"/>')
     assert not hashed("", se.Changeset("1", "a", "../shared/body.sql", "9:x"))
     assert not hashed("", se.Changeset("1", "a", "gone.yaml", "9:x"))  # cannot be found
+
+
+# ------------------------------------------------------------------ session counting
+
+
+def test_sessions_are_counted_from_the_socket_tables(tmp_path: Path) -> None:
+    """Accepted TCP connections on the port and accepted streams on the unix socket are
+    sessions; the listeners, the client ends and a closed connection are not."""
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        port = listener.getsockname()[1]
+        path = str(tmp_path / f".s.PGSQL.{port}")
+        unix_listener = stack.enter_context(socket.socket(socket.AF_UNIX))
+        unix_listener.bind(path)
+        unix_listener.listen()
+        assert (se.tcp_sessions(port), se.unix_sessions(path)) == (0, 0)
+        clients = [stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+                   for _ in range(2)]
+        accepted = [stack.enter_context(listener.accept()[0]) for _ in clients]
+        unix_client = stack.enter_context(socket.socket(socket.AF_UNIX))
+        unix_client.connect(path)
+        stack.enter_context(unix_listener.accept()[0])
+        assert (se.tcp_sessions(port), se.unix_sessions(path)) == (2, 1)
+        accepted[0].close()
+        assert se.tcp_sessions(port) == 1
+
+
+def test_job_and_task_updates_take_declared_columns_only() -> None:
+    """Column names in an UPDATE come from the TypedDicts that declare them, never from a
+    caller's keyword: an unknown one is refused before any SQL is built."""
+    assert se._assignments({"status": "x", "attempts": 1}, se.JobColumns) == \
+        "status = ?, attempts = ?"
+    with pytest.raises(ValueError, match="not a column of TaskColumns"):
+        se._assignments({"status": "x", "status = 'y' --": 1}, se.TaskColumns)

@@ -117,7 +117,7 @@ def test_database_is_private_and_vacuums_incrementally(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     old_umask = os.umask(0o022)
     try:
-        db = se.Database(str(path))
+        db = se.SqlitePool(str(path))
         se.JobQueue(db)
     finally:
         os.umask(old_umask)
@@ -129,7 +129,7 @@ def test_database_is_private_and_vacuums_incrementally(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_in_sqlite_is_a_full_disk(tmp_path: Path) -> None:
-    db = se.Database(str(tmp_path / "state.db"))
+    db = se.SqlitePool(str(tmp_path / "state.db"))
     full = sqlite3.OperationalError("database or disk is full")
     full.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
     with pytest.raises(OSError) as raised, db.write():
@@ -311,7 +311,7 @@ class NothingPinned:
 def test_eviction_stops_the_warm_pool_before_giving_up(tmp_path: Path) -> None:
     """Usage just over the limit, the only state held by an instance: stopping the pooled
     runtimes (counted in the usage) brings it under the watermark (issue 19, defect 7)."""
-    db = se.Database(str(tmp_path / "state.db"))
+    db = se.SqlitePool(str(tmp_path / "state.db"))
     store = se.MetadataStore(db)
     state_id, size, pooled = "b" * 64, 80 << 20, 30 << 20
     store.insert_state(se.StateRow(state_id, None, "host:15", "psql", "", "2020-01-01T00:00:00Z",
@@ -334,7 +334,7 @@ def test_eviction_stops_the_warm_pool_before_giving_up(tmp_path: Path) -> None:
 # locks are not held over slow work (issue 19, defect 8) -------------------------------------
 
 def test_a_build_does_not_wait_for_another_jobs_eviction_pass(tmp_path: Path) -> None:
-    db = se.Database(str(tmp_path / "state.db"))
+    db = se.SqlitePool(str(tmp_path / "state.db"))
     store = se.MetadataStore(db)
     cache = se.CacheManager(db, store, se.ConfigManager(str(tmp_path / "config.json")),
                             str(tmp_path), cast(se.InstanceManager, NothingPinned()),
@@ -434,3 +434,67 @@ def test_a_handout_that_fails_leaves_no_pin_and_no_server(tmp_path: Path) -> Non
         raise sqlite3.OperationalError("the row could not be written")
     assert instances.pins == {} and instances.discarded == ["k"]
     assert pool._ready["s"] == []
+
+
+def test_setpriv_is_used_only_when_root_alone_may_change_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The privilege-dropping trampoline is trusted only when it and the directories above it
+    are root's and not group/other-writable; otherwise (or when missing) Popen switches
+    users itself."""
+    assert se.trusted_setpriv() == se.SETPRIV  # Debian's util-linux, root's
+    fake = tmp_path / "bin" / "setpriv"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    monkeypatch.setattr(se, "SETPRIV", str(fake))
+    if os.geteuid() == 0:
+        fake.chmod(0o755)
+        assert se.trusted_setpriv() == str(fake)  # root's alone (/tmp above is sticky)
+        fake.parent.chmod(0o775)
+        assert se.trusted_setpriv() is None  # its directory: group-writable
+        fake.parent.chmod(0o755)
+        fake.chmod(0o757)
+        assert se.trusted_setpriv() is None  # itself: writable by others
+        os.chown(fake, 65534, 0)
+        fake.chmod(0o755)
+        assert se.trusted_setpriv() is None  # another user's
+    monkeypatch.setattr(se, "SETPRIV", str(tmp_path / "missing"))
+    assert se.trusted_setpriv() is None
+    user = se.ServerUser(uid=12345, gid=23456, name="someone")
+    dbms = se.PostgresDbms(user)
+    argv, keywords = dbms.as_server_user(["/bin/true", "-x"])
+    assert (argv, keywords) == (["/bin/true", "-x"],
+                                {"user": 12345, "group": 23456, "extra_groups": []})
+
+
+def test_a_layer_is_copied_whole_and_nothing_is_followed(tmp_path: Path) -> None:
+    """``copy_layer`` (reset seeds) keeps modes, owners, the overlay's opaque marks and its
+    whiteouts, and refuses a symlink rather than follow it and a FIFO without hanging."""
+    if os.geteuid() != 0:
+        pytest.skip("layers with whiteouts and trusted xattrs are root's")
+    source, dest = tmp_path / "upper", tmp_path / "seed"
+    (source / "base" / "5").mkdir(parents=True)
+    (source / "base" / "5" / "1259").write_bytes(b"x" * 70000)
+    os.chmod(source / "base" / "5" / "1259", 0o600)
+    os.chown(source / "base" / "5" / "1259", 65534, 65534)
+    os.setxattr(source / "base", "trusted.overlay.opaque", b"y")
+    os.mknod(source / "gone", stat.S_IFCHR | 0o000, 0)
+    dest.mkdir()
+    se.copy_layer(str(source), str(dest))
+    copied = dest / "base" / "5" / "1259"
+    assert copied.read_bytes() == b"x" * 70000
+    assert (stat.S_IMODE(copied.stat().st_mode), copied.stat().st_uid) == (0o600, 65534)
+    assert os.getxattr(dest / "base", "trusted.overlay.opaque") == b"y"
+    gone = os.lstat(dest / "gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    (source / "base" / "link").symlink_to("/etc/shadow")
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(OSError):
+        se.copy_layer(str(source), str(again))
+    assert not (again / "base" / "link").exists()
+    (source / "base" / "link").unlink()
+    os.mkfifo(source / "base" / "fifo")  # opened without blocking, refused by fstat
+    third = tmp_path / "third"
+    third.mkdir()
+    with pytest.raises(OSError, match="not a file"):
+        se.copy_layer(str(source), str(third))
