@@ -48,7 +48,10 @@ Where things happen:
   it for the deepest missing step (``RemoteCache.pull``: ``RegistryClient``, ``scan_layer``,
   ``apply_layer``, ``_materialize``); a published state is queued for a push
   (``queue_push``); bundles are ``RemoteCache.export`` / ``import_bundle``.
-- Background threads (started by ``run_engine``, stopped with the server): the warm pool's
+- Background threads (``Engine.running`` starts them and stops them with the server;
+  resources are taken in ``with`` blocks that release them on every path: pins
+  ``InstanceManager.holding``, claims ``claiming``, pooled hand-outs ``WarmPool.handout``,
+  a job's clients ``JobRun.client``, its heartbeat ``EventEmitter.heartbeat``): the warm pool's
   refill (``WarmPool.run``), the remote cache's pushes (``RemoteCache.run_pushes``), the
   read watchdog that cuts slow clients (``ReadWatch.run``), the TTL reaper
   (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
@@ -4294,6 +4297,16 @@ class InstanceManager:
         with self._lock:
             self._pins.pop(owner, None)
 
+    @contextlib.contextmanager
+    def holding(self, owner: str, state_dirs: set[str]) -> Iterator[None]:
+        """``state_dirs`` pinned for ``owner`` during the block (``pin`` inside it replaces
+        them), unpinned however the block ends."""
+        self.pin(owner, state_dirs)
+        try:
+            yield
+        finally:
+            self.unpin(owner)
+
     def pinned(self, state_dir: str) -> bool:
         """Whether a build or clone reads the state (warm-pool pins do not count: a pooled
         runtime is stopped before its state is deleted or evicted)."""
@@ -4301,18 +4314,21 @@ class InstanceManager:
             return any(state_dir in paths for owner, paths in self._pins.items()
                        if not owner.startswith(POOL_PIN))
 
-    def claim(self, state_dirs: set[str]) -> bool:
-        """Reserve ``state_dirs`` for deletion; False when one is pinned or claimed."""
+    @contextlib.contextmanager
+    def claiming(self, state_dirs: set[str]) -> Iterator[bool]:
+        """``state_dirs`` reserved for deletion during the block, which gets True; False
+        (and no claim) when one of them is pinned or claimed."""
         with self._lock:
-            if state_dirs & self._claimed or any(
-                    state_dirs & paths for paths in self._pins.values()):
-                return False
-            self._claimed |= state_dirs
-            return True
-
-    def unclaim(self, state_dirs: set[str]) -> None:
-        with self._lock:
-            self._claimed -= state_dirs
+            claimed = not (state_dirs & self._claimed or any(
+                state_dirs & paths for paths in self._pins.values()))
+            if claimed:
+                self._claimed |= state_dirs
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                with self._lock:
+                    self._claimed -= state_dirs
 
     @contextlib.contextmanager
     def locked(self, instance_id: str) -> Iterator[None]:
@@ -4437,8 +4453,7 @@ class InstanceManager:
         """A new instance from ``state``: clone, start, register."""
         image, source = self.source_of(state)
         key = random_hex(16)
-        self.pin(key, {state.state_dir})  # until the row protects the state
-        try:
+        with self.holding(key, {state.state_dir}):  # until the row protects the state
             if self.store.get_state(state.state_id) is None:
                 raise not_found("state not found")
             handle = self.new_runtime(key, image, source, state.state_id)
@@ -4450,8 +4465,6 @@ class InstanceManager:
             except BaseException:
                 self.discard(handle)
                 raise
-        finally:
-            self.unpin(key)
 
     def live_handle(self, row: InstanceRow) -> RuntimeHandle | None:
         with self._lock:
@@ -4608,12 +4621,8 @@ class InstanceManager:
                 raise conflict("state belongs to another image",
                                f"the instance runs {current.image_id}, the state is of"
                                f" {state.image_id}")
-            owner = f"reset-{row.instance_id}"
-            self.pin(owner, {state.state_dir})  # until the row protects it
-            try:
-                return self._reset(current, state)
-            finally:
-                self.unpin(owner)
+            with self.holding(f"reset-{row.instance_id}", {state.state_dir}):
+                return self._reset(current, state)  # (the row protects it after)
 
     def _reset(self, row: InstanceRow, state: StateRow) -> tuple[InstanceRow, int]:
         image, source = self.source_of(state)
@@ -5184,17 +5193,15 @@ class DeletionManager:
         states = self._states_in(node)
         self.pool.drain({row.state_id for row in states})  # pooled servers go first
         dirs = {row.state_dir for row in states}
-        if not self.instances.claim(dirs):
-            node["blocked"] = "active_tasks"
-            return delete_result(dry_run, node)
-        try:
+        with self.instances.claiming(dirs) as claimed:
+            if not claimed:
+                node["blocked"] = "active_tasks"
+                return delete_result(dry_run, node)
             again = self._state_node(state, recurse, force)  # what changed before the claim
             if "blocked" in again or _tree_ids(again) != _tree_ids(node):
                 again.setdefault("blocked", "active_tasks")
                 return delete_result(dry_run, again)
             self._carry_out(again, force)
-        finally:
-            self.instances.unclaim(dirs)
         return status, result
 
     def _states_in(self, node: DeleteNode) -> list[StateRow]:
@@ -5499,17 +5506,13 @@ class CacheManager:
     def _evict(self, state: StateRow) -> bool:
         """Remove one candidate, unless something started to use it since it was chosen."""
         self.pool.drain({state.state_id})
-        if not self.instances.claim({state.state_dir}):
-            return False
-        try:
-            current = self.store.get_state(state.state_id)
+        with self.instances.claiming({state.state_dir}) as claimed:
+            current = self.store.get_state(state.state_id) if claimed else None
             if current is None or current.refcount or current.children:
                 return False
             remove_state_files(current)
             self.store.delete_state(current.state_id)
             return True
-        finally:
-            self.instances.unclaim({state.state_dir})
 
     def _record(self, trigger: str, before: CacheUsage, after: CacheUsage, evicted: int,
                 freed: int, blocked: list[StateRow], eligible: list[StateRow]) -> None:
@@ -6684,10 +6687,9 @@ class RemoteCache:
             with self.db.write() as conn:
                 conn.execute("DELETE FROM remote_pushes WHERE state_id = ?", (state_id,))
             return
-        owner = f"push-{state_id}"
         try:
-            self.instances.pin(owner, {row.state_dir})
-            self.push(row, client)
+            with self.instances.holding(f"push-{state_id}", {row.state_dir}):
+                self.push(row, client)
         except Exception as exc:
             message = exc.message if isinstance(exc, EngineError) else str(exc)
             if not isinstance(exc, (RemoteError, OSError)):
@@ -6703,8 +6705,6 @@ class RemoteCache:
                               time.time() + min(PUSH_BACKOFF_MAX_S, 2.0 ** attempts),
                               message[:500], state_id))
             return
-        finally:
-            self.instances.unpin(owner)
         with self.db.write() as conn:
             conn.execute("UPDATE remote_pushes SET status = 'pushed', error = NULL WHERE"
                          " state_id = ?", (state_id,))
@@ -6733,47 +6733,49 @@ class RemoteCache:
         """An OCI image layout holding ``row`` and its ancestors (a manifest each, named by
         its state id) as a tar file, and how to remove it once sent."""
         work = self._work_dir()
-        owner = f"export-{random_hex(4)}"
         try:
-            self.instances.pin(owner, {row.state_dir})
-            packed: dict[str, str] = {}
-            artifact, directories = self._pack(row, work, packed)
-            blobs = os.path.join(work, "layout", "blobs", "sha256")
-            os.makedirs(blobs, mode=0o700)
-            for directory, (digest, _size) in zip(directories, artifact.layers, strict=True):
-                os.rename(self._packed(directory, digest, work, packed),
-                          os.path.join(blobs, digest.split(":")[1]))
-            manifests = []
-            for depth, entry in enumerate(artifact.chain):
-                if entry is None:
-                    continue
-                part = artifact.sub(depth)
-                config = part.config(self.engine_version)
-                manifest = part.manifest(config)
-                for data in (config, manifest):
-                    atomic_write(os.path.join(blobs, sha256_digest(data).split(":")[1]), data,
-                                 0o600, durable=False)
-                manifests.append({"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest),
-                                  "size": len(manifest),
-                                  "annotations": {OCI_REF_NAME: entry.state_id}})
-            layout = os.path.join(work, "layout")
-            atomic_write(os.path.join(layout, "oci-layout"),
-                         _canonical_json({"imageLayoutVersion": "1.0.0"}), 0o600, durable=False)
-            atomic_write(os.path.join(layout, "index.json"), _canonical_json(
-                {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
-                0o600, durable=False)
-            bundle = os.path.join(work, "bundle.tar")
-            with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
-                tar.copybufsize = BLOB_CHUNK  # type: ignore[attr-defined]  # (typeshed lacks it)
-                for name in ("oci-layout", "index.json", "blobs"):
-                    tar.add(os.path.join(layout, name), name, filter=_anonymous)
-            remove_tree(layout)
+            with self.instances.holding(f"export-{random_hex(4)}", {row.state_dir}):
+                bundle = self._write_bundle(row, work)
         except BaseException:
             remove_tree(work)
             raise
-        finally:
-            self.instances.unpin(owner)
         return bundle, partial(remove_tree, work)
+
+    def _write_bundle(self, row: StateRow, work: str) -> str:
+        """The tar of ``export`` written in ``work``; its path."""
+        packed: dict[str, str] = {}
+        artifact, directories = self._pack(row, work, packed)
+        blobs = os.path.join(work, "layout", "blobs", "sha256")
+        os.makedirs(blobs, mode=0o700)
+        for directory, (digest, _size) in zip(directories, artifact.layers, strict=True):
+            os.rename(self._packed(directory, digest, work, packed),
+                      os.path.join(blobs, digest.split(":")[1]))
+        manifests = []
+        for depth, entry in enumerate(artifact.chain):
+            if entry is None:
+                continue
+            part = artifact.sub(depth)
+            config = part.config(self.engine_version)
+            manifest = part.manifest(config)
+            for data in (config, manifest):
+                atomic_write(os.path.join(blobs, sha256_digest(data).split(":")[1]), data,
+                             0o600, durable=False)
+            manifests.append({"mediaType": OCI_MANIFEST, "digest": sha256_digest(manifest),
+                              "size": len(manifest),
+                              "annotations": {OCI_REF_NAME: entry.state_id}})
+        layout = os.path.join(work, "layout")
+        atomic_write(os.path.join(layout, "oci-layout"),
+                     _canonical_json({"imageLayoutVersion": "1.0.0"}), 0o600, durable=False)
+        atomic_write(os.path.join(layout, "index.json"), _canonical_json(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}),
+            0o600, durable=False)
+        bundle = os.path.join(work, "bundle.tar")
+        with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.copybufsize = BLOB_CHUNK  # type: ignore[attr-defined]  # (typeshed lacks it)
+            for name in ("oci-layout", "index.json", "blobs"):
+                tar.add(os.path.join(layout, name), name, filter=_anonymous)
+        remove_tree(layout)
+        return bundle
 
     def import_bundle(self, source: Callable[[typing.BinaryIO], int]
                       ) -> tuple[list[str], list[str]]:
@@ -7746,7 +7748,6 @@ class EventEmitter:
         #: ``_closed`` (the heartbeat thread shares them)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._closed = False
 
     def emit(self, event: JsonDict, *more: JsonDict, **job_fields: Unpack[JobColumns]) -> None:
@@ -7789,15 +7790,17 @@ class EventEmitter:
             self._last = event if status == "running" else None
             self._last_at, self._repeats = time.monotonic(), 0
 
-    def start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id[:8]}",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop_heartbeat(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
+    @contextlib.contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """The heartbeat thread runs during the block and is stopped and joined after it."""
+        beat = threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id[:8]}",
+                                daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            beat.join()
 
     def _beat(self) -> None:
         """Repeat the last event through a quiet stretch: every HEARTBEAT_SECONDS at first,
@@ -7951,10 +7954,10 @@ class LiquibaseRunner:
     ``archive_dir`` (owned by the user Liquibase runs as); later runs map it instead of
     loading them again (≈ 15 % less JVM start). A JVM that cannot use it ignores it."""
 
-    def __init__(self, instances: InstanceManager, archive_dir: str,
+    def __init__(self, instances: InstanceManager, dbms: PostgresDbms, archive_dir: str,
                  stage_root: str | None = None) -> None:
         self.instances = instances
-        self.dbms = instances.runtimes.host.dbms
+        self.dbms = dbms
         self.archive_dir = archive_dir
         #: where workspaces the server user may not enter are staged (None: never needed)
         self.stage_root = stage_root
@@ -8075,7 +8078,7 @@ class Executor:
     def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
                  runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
                  cache: CacheManager, pool: WarmPool, remote: RemoteCache,
-                 engine_version: str) -> None:
+                 liquibase: LiquibaseRunner, engine_version: str) -> None:
         self.jobs = jobs
         self.cache = cache
         self.remote = remote
@@ -8086,8 +8089,7 @@ class Executor:
         self.instances = instances
         self.snapshots = snapshots
         self.engine_version = engine_version
-        self.liquibase = LiquibaseRunner(instances, os.path.join(
-            snapshots.expose_root or layout.root, ".liquibase"), snapshots.expose_root)
+        self.liquibase = liquibase
 
     # planning -----------------------------------------------------------------------------
     def check_image(self, image_id: str) -> None:
@@ -8225,33 +8227,31 @@ class Executor:
         emit.emit({"type": "status", "status": "running"}, status="running",
                   started_at=format_ts(), attempts=job.attempts + 1,
                   prepare_args_normalized=request.normalized)
-        emit.start_heartbeat()
-        try:
-            result = self._run_tasks(job, request, run, emit, retain)
-            self._retain_finishing(run, retain)
-            fields: JobColumns = {"status": "succeeded", "finished_at": format_ts()}
-            if result:
-                fields["result_json"] = json.dumps(result)
-            more = [{"type": "result", "result": result}] if result else []
-            emit.emit({"type": "status", "status": "succeeded"}, *more, **fields)
-        except EngineStopping:
-            self._interrupt(job, run, emit)
-        except EngineError as exc:
-            self._retain_finishing(run, retain)
-            self._fail(job.job_id, run, emit, exc.body())
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+        # the job's pin (``_pin_state`` replaces what it holds) ends with the job
+        with emit.heartbeat(), self.instances.holding(job.job_id, set()):
+            try:
+                result = self._run_tasks(job, request, run, emit, retain)
+                self._retain_finishing(run, retain)
+                fields: JobColumns = {"status": "succeeded", "finished_at": format_ts()}
+                if result:
+                    fields["result_json"] = json.dumps(result)
+                more = [{"type": "result", "result": result}] if result else []
+                emit.emit({"type": "status", "status": "succeeded"}, *more, **fields)
+            except EngineStopping:
+                self._interrupt(job, run, emit)
+            except EngineError as exc:
+                self._retain_finishing(run, retain)
+                self._fail(job.job_id, run, emit, exc.body())
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    log.exception("job %s crashed", job.job_id)
+                failure = disk_full("no space left for the build", str(exc)) \
+                    if exc.errno == errno.ENOSPC else internal_error(str(exc))
+                self._fail(job.job_id, run, emit, failure.body())
+            except Exception as exc:
                 log.exception("job %s crashed", job.job_id)
-            failure = disk_full("no space left for the build", str(exc)) \
-                if exc.errno == errno.ENOSPC else internal_error(str(exc))
-            self._fail(job.job_id, run, emit, failure.body())
-        except Exception as exc:
-            log.exception("job %s crashed", job.job_id)
-            self._fail(job.job_id, run, emit,
-                       internal_error(str(exc)).body())
-        finally:
-            self.instances.unpin(job.job_id)
-            emit.stop_heartbeat()
+                self._fail(job.job_id, run, emit,
+                           internal_error(str(exc)).body())
 
     @staticmethod
     def _retain_finishing(run: JobRun, retain: Callable[[str, bool], None]) -> None:
@@ -10257,8 +10257,12 @@ class Engine:
                                   self.pool, (self.snapshots.backend, self.snapshots.reason))
         self.remote = RemoteCache(self.config, self.store, self.db, self.layout, self.runtimes,
                                   self.snapshots, self.instances, self.cache, self.version)
+        liquibase = LiquibaseRunner(self.instances, self.runtimes.host.dbms, os.path.join(
+            self.snapshots.expose_root or self.layout.root, ".liquibase"),
+            self.snapshots.expose_root)
         executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
-                            self.snapshots, self.cache, self.pool, self.remote, self.version)
+                            self.snapshots, self.cache, self.pool, self.remote, liquibase,
+                            self.version)
         self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
 
@@ -10328,6 +10332,35 @@ class Engine:
 
     def busy(self) -> bool:
         return self.prepare.busy()
+
+    def api(self) -> Api:
+        """The HTTP endpoints over these managers."""
+        return Api(version=self.version, instance_id=self.instance_id, config=self.config,
+                   store=self.store, jobs=self.jobs, registry=self.registry,
+                   instances=self.instances, deletion=self.deletion, cache=self.cache,
+                   prepare=self.prepare, runs=self.runs, pool=self.pool, remote=self.remote)
+
+    @contextlib.contextmanager
+    def running(self, server: EngineHttpServer, idle_timeout: float) -> Iterator[None]:
+        """Every background thread of the engine runs during the block: the warm pool's
+        refill, the read watch of slow clients, remote pushes, the reaper of expired
+        instances and (``idle_timeout`` > 0) the idle timer. After the block they are told to
+        stop (each ends at its next wake-up; none holds anything a restart needs) and the
+        managers close: running jobs are stopped, pooled servers too."""
+        stopped = threading.Event()
+        background: list[tuple[str, Callable[[threading.Event], None]]] = [
+            ("warm-pool", self.pool.run), ("read-watch", server.watch.run),
+            ("remote-push", self.remote.run_pushes),
+            ("reaper", Reaper(self.store, self.deletion).run)]
+        if idle_timeout > 0:
+            background.append(("idle", partial(watch_idle, server, self, idle_timeout)))
+        for name, loop in background:
+            threading.Thread(target=loop, args=(stopped,), daemon=True, name=name).start()
+        try:
+            yield
+        finally:
+            stopped.set()
+            self.close()
 
     def close(self) -> None:
         self.prepare.shutdown()
@@ -10402,9 +10435,7 @@ def run_engine(options: Options) -> int:
     engine = Engine(options, state_dir, store_root)
     backend, reason = engine.snapshots.backend, engine.snapshots.reason
     log.info("snapshots: %s%s", backend, f" ({reason})" if reason else "")
-    server.api = Api(engine.version, engine.instance_id, engine.config, engine.store,
-                     engine.jobs, engine.registry, engine.instances, engine.deletion, engine.cache,
-                     engine.prepare, engine.runs, engine.pool, engine.remote)
+    server.api = engine.api()
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
     server.guard = Guard(engine.token, bound_host, bound_port)
     server.max_connections = max_connections
@@ -10414,7 +10445,6 @@ def run_engine(options: Options) -> int:
     engine.recover()
     endpoint = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
     write_engine_json(engine_json, endpoint, engine, format_ts())
-    stopped = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: shutting down", signum)
@@ -10422,26 +10452,14 @@ def run_engine(options: Options) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    threading.Thread(target=engine.pool.run, args=(stopped,), daemon=True,
-                     name="warm-pool").start()
-    threading.Thread(target=server.watch.run, args=(stopped,), daemon=True,
-                     name="read-watch").start()
-    threading.Thread(target=engine.remote.run_pushes, args=(stopped,), daemon=True,
-                     name="remote-push").start()
-    reaper = Reaper(engine.store, engine.deletion)
-    threading.Thread(target=reaper.run, args=(stopped,), daemon=True, name="reaper").start()
-    if options.idle_timeout > 0:
-        threading.Thread(target=watch_idle, args=(server, engine, options.idle_timeout, stopped),
-                         daemon=True, name="idle").start()
-    log.info("listening on %s", endpoint)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        stopped.set()
-        remove_engine_json(engine_json, engine.instance_id)
-        server.server_close()
-        engine.close()
-        log.info("stopped")
+    with engine.running(server, options.idle_timeout):
+        log.info("listening on %s", endpoint)
+        try:
+            server.serve_forever(poll_interval=0.2)
+        finally:
+            remove_engine_json(engine_json, engine.instance_id)
+            server.server_close()
+    log.info("stopped")
     return 0
 
 

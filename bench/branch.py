@@ -116,6 +116,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pgbench-seconds", type=int, default=PGBENCH_SECONDS,
                         help=f"pgbench -T of each snapshot sample (default {PGBENCH_SECONDS}); "
                              "it must outlast the snapshot")
+    parser.add_argument("--resets-only", action="store_true",
+                        help="measure only the resets (no big state, no snapshots)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +441,22 @@ def floor_sample(engine: Engine, state: BuiltState, work: Path, seconds: int,
         shutil.rmtree(target, ignore_errors=True)
 
 
+def measure_snapshots(engine: Engine, states: Sequence[BuiltState], work: Path, seconds: int,
+                      runs_per_state: int) -> dict[str, SnapshotRuns]:
+    """Engine snapshots and the floor by hand, interleaved (the order alternates per run)."""
+    print(f"snapshots: {runs_per_state} runs per state and method, interleaved, "
+          f"pgbench -c {PGBENCH_CLIENTS} -T {seconds} each; load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    results = {s.label: SnapshotRuns() for s in states}
+    for index in range(runs_per_state):
+        for state in states:
+            order = (engine_sample, floor_sample) if index % 2 == 0 else \
+                (floor_sample, engine_sample)
+            for sample in order:
+                sample(engine, state, work, seconds, results[state.label])
+    return results
+
+
 def report_snapshots(states: Sequence[BuiltState], results: dict[str, SnapshotRuns],
                      server_s: list[float]) -> None:
     rows = []
@@ -595,31 +613,31 @@ def bench(options: Options) -> None:
     try:
         with engine_session(work / "engine") as engine:
             small = build_state(engine, size_label(SMALL_ROWS), SMALL_ROWS)
-            big = build_state(engine, size_label(big_rows), big_rows)
-            states = (small, big)
+            big = None if options.extra.resets_only else \
+                build_state(engine, size_label(big_rows), big_rows)
             pool_off(engine)
-            print(f"snapshots: {options.runs} runs per state and method, interleaved, "
-                  f"pgbench -c {PGBENCH_CLIENTS} -T {seconds} each; load average "
-                  f"{os.getloadavg()[0]:.2f}", flush=True)
-            results = {s.label: SnapshotRuns() for s in states}
-            for index in range(options.runs):
-                for state in states:
-                    runs = results[state.label]
-                    order = (engine_sample, floor_sample) if index % 2 == 0 else \
-                        (floor_sample, engine_sample)
-                    for sample in order:
-                        sample(engine, state, work, seconds, runs)
+            results = {} if big is None else \
+                measure_snapshots(engine, (small, big), work, seconds, options.runs)
             print(f"resets: {options.runs} runs, interleaved with new instances", flush=True)
             resets = measure_resets(engine, small, options.runs)
             snapshot_server, reset_server = served_in(engine, "snapshot"), served_in(engine,
                                                                                       "reset")
-        report_snapshots(states, results, snapshot_server)
+        reset, create = median(resets.reset_s), median(resets.create_s)
+        reset_goals = [
+            Goal(f"reset median, {small.label} state", reset, 0.05, "s"),
+            Goal("reset / new instance (pool off)", ratio(reset, create), 0.6, "x"),
+            Goal("reset problems", float(len(resets.problems)), 0, "n"),
+        ]
+        if big is None:
+            report_resets(small, resets, reset_server)
+            print_goals(reset_goals)
+            return
+        report_snapshots((small, big), results, snapshot_server)
         report_resets(small, resets, reset_server)
         big_runs, small_runs = results[big.label], results[small.label]
         snap_big, snap_small = median(big_runs.engine_s), median(small_runs.engine_s)
         print(f"snapshot {big.label} / {small.label}: {fmt_x(ratio(snap_big, snap_small))}; "
               f"load average at the end {os.getloadavg()[0]:.2f}")
-        reset, create = median(resets.reset_s), median(resets.create_s)
         print_goals([
             Goal(f"snapshot median, {big.label} state, under pgbench", snap_big, 0.25, "s"),
             Goal(f"snapshot / floor, {big.label} state", ratio(snap_big,
@@ -629,9 +647,7 @@ def bench(options: Options) -> None:
                  1.3, "x"),
             Goal("pgbench runs with a problem", float(len(big_runs.problems) +
                                                        len(small_runs.problems)), 0, "n"),
-            Goal(f"reset median, {small.label} state", reset, 0.05, "s"),
-            Goal("reset / new instance (pool off)", ratio(reset, create), 0.6, "x"),
-            Goal("reset problems", float(len(resets.problems)), 0, "n"),
+            *reset_goals,
         ])
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -809,14 +809,16 @@ class FakeInstances:
     def pinned(self, state_dir: str) -> bool:
         return state_dir in self.pins
 
-    def claim(self, state_dirs: set[str]) -> bool:
+    @contextlib.contextmanager
+    def claiming(self, state_dirs: set[str]) -> Iterator[bool]:
         if not self.claimable:
-            return False
+            yield False
+            return
         self.claimed |= state_dirs
-        return True
-
-    def unclaim(self, state_dirs: set[str]) -> None:
-        self.claimed -= state_dirs
+        try:
+            yield True
+        finally:
+            self.claimed -= state_dirs
 
     @contextlib.contextmanager
     def locked(self, instance_id: str) -> Iterator[None]:
