@@ -852,7 +852,6 @@ STORE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS states (
     state_id TEXT PRIMARY KEY,
     parent_state_id TEXT,
-    state_fingerprint TEXT UNIQUE,
     image_id TEXT NOT NULL,
     prepare_kind TEXT NOT NULL,
     prepare_args_normalized TEXT NOT NULL DEFAULT '',
@@ -883,8 +882,7 @@ CREATE INDEX IF NOT EXISTS instances_state ON instances(state_id);
 CREATE TABLE IF NOT EXISTS names (
     name TEXT PRIMARY KEY,
     instance_id TEXT,
-    state_id TEXT,
-    state_fingerprint TEXT NOT NULL,
+    state_id TEXT NOT NULL,
     image_id TEXT NOT NULL,
     last_used_at TEXT,
     is_primary INTEGER NOT NULL DEFAULT 0
@@ -1010,7 +1008,8 @@ class NameEntry(TypedDict):
     instance_id: NotRequired[Hex32 | None]
     image_id: str
     state_id: Hex64
-    state_fingerprint: Hex64
+    state_fingerprint: Annotated[Hex64, Doc("The state id again (the contract's fingerprint of"
+                                           " a state; ours is its content address).")]
     status: Annotated[str, Doc(enum=["active", "expired"])]
     last_used_at: NotRequired[Timestamp | None]
 
@@ -1068,8 +1067,7 @@ class InstanceRow:
 class NameRow:
     name: str
     instance_id: str | None
-    state_id: str | None
-    state_fingerprint: str
+    state_id: str
     image_id: str
     last_used_at: str | None
     instance_expires_at: str | None
@@ -1078,8 +1076,7 @@ class NameRow:
         expired = bool(self.instance_expires_at and self.instance_expires_at < format_ts())
         return omit_none(NameEntry(
             name=self.name, instance_id=self.instance_id, image_id=self.image_id,
-            state_id=self.state_id or self.state_fingerprint,
-            state_fingerprint=self.state_fingerprint,
+            state_id=self.state_id, state_fingerprint=self.state_id,
             status="expired" if expired else "active", last_used_at=self.last_used_at,
         ))
 
@@ -1137,6 +1134,12 @@ class MetadataStore:
                 db.migrate(f"ALTER TABLE states ADD COLUMN {column} TEXT")
         db.migrate("CREATE UNIQUE INDEX IF NOT EXISTS states_name ON states(name)"
                    " WHERE name IS NOT NULL")
+        with db.read() as conn:  # stores of engines that kept a copy of the state id
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(names)")}
+        if "state_fingerprint" in columns:  # (the one of states is UNIQUE: it stays, NULL)
+            db.migrate("BEGIN IMMEDIATE; UPDATE names SET state_id = state_fingerprint"
+                       " WHERE state_id IS NULL; ALTER TABLE names DROP COLUMN"
+                       " state_fingerprint; COMMIT")
 
     # states -------------------------------------------------------------------------------
     def insert_state(self, state: StateRow) -> None:
@@ -1144,12 +1147,12 @@ class MetadataStore:
         with self.db.write() as conn:
             try:
                 conn.execute(
-                    f"{verb} INTO states (state_id, parent_state_id, state_fingerprint,"
+                    f"{verb} INTO states (state_id, parent_state_id,"
                     " image_id, prepare_kind, prepare_args_normalized, created_at, size_bytes,"
                     " last_used_at, use_count, state_dir, name, source_instance_id,"
-                    " unflushed_boot, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " unflushed_boot, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
-                        state.state_id, state.parent_state_id, state.state_id, state.image_id,
+                        state.state_id, state.parent_state_id, state.image_id,
                         state.prepare_kind, state.prepare_args_normalized, state.created_at,
                         state.size_bytes, state.created_at, 0, state.state_dir, state.name,
                         state.source_instance_id, state.unflushed_boot, state.origin,
@@ -1265,7 +1268,7 @@ class MetadataStore:
         where, params = _where(
             [
                 ("n.instance_id = ?", instance),
-                ("COALESCE(n.state_id, n.state_fingerprint) = ?", state),
+                ("n.state_id = ?", state),
                 ("n.image_id = ?", image),
             ]
         )
@@ -1290,13 +1293,12 @@ class MetadataStore:
             conn.execute("UPDATE names SET is_primary = 0 WHERE instance_id = ?",
                          (inst.instance_id,))
             conn.execute(
-                "INSERT INTO names (name, instance_id, state_id, state_fingerprint, image_id,"
-                " last_used_at, is_primary) VALUES (?,?,?,?,?,?,1) ON CONFLICT(name) DO UPDATE"
+                "INSERT INTO names (name, instance_id, state_id, image_id, last_used_at,"
+                " is_primary) VALUES (?,?,?,?,?,1) ON CONFLICT(name) DO UPDATE"
                 " SET instance_id = excluded.instance_id, state_id = excluded.state_id,"
-                " state_fingerprint = excluded.state_fingerprint, image_id = excluded.image_id,"
-                " last_used_at = excluded.last_used_at, is_primary = 1",
-                (name, inst.instance_id, inst.state_id, inst.state_id, inst.image_id,
-                 format_ts()),
+                " image_id = excluded.image_id, last_used_at = excluded.last_used_at,"
+                " is_primary = 1",
+                (name, inst.instance_id, inst.state_id, inst.image_id, format_ts()),
             )
         return holder is None or only_if_free
 
@@ -1478,6 +1480,9 @@ class PlanTask:
     started_at: str | None = None
     finished_at: str | None = None
     error_json: str | None = None
+    #: the index of the step a ``state_execute`` task runs (the plan's, in memory only: a
+    #: resumed job plans again)
+    step: int | None = field(default=None, compare=False)
 
     def to_json(self, job_id: str | None = None) -> TaskEntry:
         listed = job_id is not None  # GET /v1/tasks carries the job's view of the task
@@ -7709,7 +7714,8 @@ def build_tasks(request: PrepareRequest, resolved_image: str, steps: Sequence[St
                               resolved_image_id=resolved_image))
     for step in steps:
         tasks.append(PlanTask(
-            f"execute-{step.index}", "state_execute", input_kind=step.input_kind,
+            f"execute-{step.index}", "state_execute", step=step.index,
+            input_kind=step.input_kind,
             input_id=step.input_id, task_hash=step.task_hash, output_state_id=step.state_id,
             cached=cached(step.state_id), args_summary=step.summary,
             changeset_id=step.changeset.id if step.changeset else None,
@@ -8301,9 +8307,8 @@ class Executor:
             emit.task(task.task_id, "running")
             if request.plan_only or task.type in ("plan", "resolve_image"):
                 emit.task(task.task_id, "succeeded")
-            elif task.type == "state_execute":
-                index = int(task.task_id.split("-")[1])
-                cached = self._execute_step(job, request, image, steps[index:], run, emit)
+            elif task.step is not None:  # a state_execute task
+                cached = self._execute_step(job, request, image, steps[task.step:], run, emit)
                 emit.task(task.task_id, "succeeded", cached=cached)
             else:
                 return self._prepare_instance(job, request, image, steps[-1], run, emit)

@@ -11,6 +11,7 @@ import http.client
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -1270,3 +1271,31 @@ def test_job_and_task_updates_take_declared_columns_only() -> None:
         "status = ?, attempts = ?"
     with pytest.raises(ValueError, match="not a column of TaskColumns"):
         se._assignments({"status": "x", "status = 'y' --": 1}, se.TaskColumns)
+
+
+def test_a_store_that_kept_state_fingerprints_is_migrated(tmp_path: Path) -> None:
+    """Stores of earlier engines copied the state id into ``state_fingerprint`` columns: the
+    names table loses its copy (a NULL state id takes it first), the states table keeps its
+    UNIQUE column, NULL from then on; the wire still says state_fingerprint = state_id."""
+    path = str(tmp_path / "state.db")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            se.STORE_SCHEMA.replace("parent_state_id TEXT,",
+                                    "parent_state_id TEXT, state_fingerprint TEXT UNIQUE,")
+            .replace("state_id TEXT NOT NULL,\n    image_id",
+                     "state_id TEXT,\n    state_fingerprint TEXT NOT NULL,\n    image_id"))
+        conn.execute("INSERT INTO names (name, instance_id, state_id, state_fingerprint,"
+                     " image_id) VALUES ('old', NULL, NULL, ?, 'host:15')", ("a" * 64,))
+    conn.close()
+    db = se.SqlitePool(path)
+    store = se.MetadataStore(db)
+    store.insert_state(state_row("b" * 64, None, str(tmp_path / "b")))
+    store.insert_state(state_row("c" * 64, None, str(tmp_path / "c")))  # NULLs are not equal
+    name = store.get_name("old")
+    assert name is not None and name.to_json()["state_id"] == "a" * 64
+    assert name.to_json()["state_fingerprint"] == "a" * 64
+    assert [n.name for n in store.list_names(state="a" * 64)] == ["old"]
+    with db.read() as conn:
+        assert "state_fingerprint" not in {r["name"] for r in
+                                           conn.execute("PRAGMA table_info(names)")}
+    db.close()
