@@ -1880,6 +1880,26 @@ FICLONE = 0x40049409
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 #: written into a published state's directory last: a state without it is half-built
 STATE_MARKER = ".build.ok"
+#: written into an initialised base cluster's directory last (``Runtimes.ensure_base``)
+BASE_MARKER = ".init.ok"
+
+
+def is_published(directory: str, marker: str = STATE_MARKER) -> bool:
+    """Whether a state (or, with ``BASE_MARKER``, a base cluster) was published whole."""
+    return os.path.exists(os.path.join(directory, marker))
+
+
+def mark_published(directory: str, marker: str = STATE_MARKER, durable: bool = True) -> None:
+    """Write a directory's marker: the last step of publishing it (see ``is_published``)."""
+    atomic_write(os.path.join(directory, marker), b"ok\n", 0o600, durable=durable)
+
+
+def remove_published(directory: str) -> None:
+    """Remove a state's directory, its marker first, so a crash mid-way never leaves a
+    complete-looking half state."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, STATE_MARKER))
+    remove_tree(directory)
 
 
 class Libc:
@@ -2075,6 +2095,13 @@ def _runtime_file(runtime_dir: str, name: str, text: str) -> None:
     atomic_write(os.path.join(runtime_dir, name), text.encode(), 0o600, durable=False)
 
 
+def runtime_source(runtime_dir: str) -> str:
+    """What a runtime's data is made from (its ``source`` file): the overlay's lower dirs,
+    top first, joined by ``:``, or the one state directory it copied."""
+    with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
+        return handle.read()
+
+
 class SnapshotManager:
     """Clones states into writable data directories and publishes immutable states.
 
@@ -2189,8 +2216,7 @@ class SnapshotManager:
         work = os.path.join(runtime_dir, "work")
         remove_tree(work)
         os.makedirs(work, mode=0o700)
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            lower = handle.read()
+        lower = runtime_source(runtime_dir)
         return NamespaceMount(self._libc, data_dir,
                               self._overlay_options(lower, runtime_dir) + ",volatile")
 
@@ -2200,13 +2226,11 @@ class SnapshotManager:
         work = os.path.join(runtime_dir, "work")
         remove_tree(work)
         os.makedirs(work, mode=0o700)
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            return f"lowerdir={handle.read()},upperdir={runtime_dir}/upper,workdir={work}"
+        return f"lowerdir={runtime_source(runtime_dir)},upperdir={runtime_dir}/upper,workdir={work}"
 
     def container_view(self, runtime_dir: str) -> str:
         """The options of a read-only overlay of a stopped container runtime's layers."""
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            return f"ro,lowerdir={runtime_dir}/upper:{handle.read()}"
+        return f"ro,lowerdir={runtime_dir}/upper:{runtime_source(runtime_dir)}"
 
     def files_dir_for(self, runtime_dir: str, data_dir: str) -> str:
         """Where the engine reads and writes the server's own files from outside."""
@@ -2286,8 +2310,7 @@ class SnapshotManager:
         if self._in_namespace(runtime_dir):
             return os.path.join(runtime_dir, "data")  # mounted by the server's next start
         if os.path.isdir(os.path.join(runtime_dir, "upper")):
-            with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-                source = handle.read()
+            source = runtime_source(runtime_dir)
             work = os.path.join(runtime_dir, "work")
             remove_tree(work)  # a volatile mount leaves work/incompat behind; overlay refuses it
             os.makedirs(work, mode=0o700)
@@ -2342,11 +2365,10 @@ class SnapshotManager:
         """Bytes a full copy of a stopped runtime's data would take (at most)."""
         if not self._in_namespace(runtime_dir):
             return dir_size(data_dir)
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            lowers = handle.read().split(":")
+        lowers = runtime_source(runtime_dir).split(":")
         return sum(dir_size(path) for path in [os.path.join(runtime_dir, "upper"), *lowers])
 
-    def publish(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str,
+    def publish(self, runtime_dir: str, data_dir: str, final_dir: str,
                 copy_out: Callable[[str], None] | None = None) -> int:
         """Copy a stopped runtime's data into ``final_dir/pgdata`` atomically; return its size
         in bytes. A namespaced overlay is copied through a read-only view of its layers in a
@@ -2354,8 +2376,7 @@ class SnapshotManager:
         the runtime's directory, which is then moved into place)."""
         enter = None
         if self.mount_mode(runtime_dir) == "namespace":
-            with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-                lowers = f"{runtime_dir}/upper:{handle.read()}"
+            lowers = f"{runtime_dir}/upper:{runtime_source(runtime_dir)}"
             enter = NamespaceMount(self._libc, data_dir, self._overlay_options(lowers, None),
                                    MS_RDONLY)
 
@@ -2373,10 +2394,10 @@ class SnapshotManager:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(tmp, "pgdata", "postmaster.pid"))
 
-        return self._publish_atomically(final_dir, marker, fill)
+        return self._publish_atomically(final_dir, fill)
 
     @staticmethod
-    def _publish_atomically(final_dir: str, marker: str, fill: Callable[[str], None],
+    def _publish_atomically(final_dir: str, fill: Callable[[str], None],
                             flush: bool = True) -> int:
         """Build a state in a temporary sibling directory, flush it, rename it into place, then
         write the marker; a crash at any point leaves no complete-looking half state. Without
@@ -2396,17 +2417,17 @@ class SnapshotManager:
             raise
         if flush:
             fsync_dir(parent)
-        atomic_write(os.path.join(final_dir, marker), b"ok\n", 0o600, durable=flush)
+        mark_published(final_dir, durable=flush)
         return dir_size(final_dir)
 
-    def publish_tree(self, pgdata: str, final_dir: str, marker: str, move: bool,
+    def publish_tree(self, pgdata: str, final_dir: str, move: bool,
                      flush: bool = True) -> int:
         """Publish a full data directory made elsewhere (moved when ``move``, else copied;
         ``flush`` as for ``_publish_atomically``)."""
         def fill(tmp: str) -> None:
             (os.rename if move else copy_tree)(pgdata, os.path.join(tmp, "pgdata"))
 
-        return self._publish_atomically(final_dir, marker, fill, flush)
+        return self._publish_atomically(final_dir, fill, flush)
 
     @property
     def stacks_layers(self) -> bool:
@@ -2414,7 +2435,7 @@ class SnapshotManager:
         whose whiteouts and opaque marks need root."""
         return self.backend == "overlay"
 
-    def publish_upper(self, final_dir: str, marker: str, lowers: str,
+    def publish_upper(self, final_dir: str, lowers: str,
                       make: Callable[[str, Callable[[str], None], Callable[[str], None]], None],
                       flush: bool = True) -> int:
         """Publish a layer over ``lowers`` made by ``make(layer_dir, whiteout, opaque)``: it
@@ -2435,7 +2456,7 @@ class SnapshotManager:
             make(layer, whiteout, opaque)
             atomic_write(os.path.join(tmp, "lowers"), lowers.encode(), 0o600, durable=flush)
 
-        return self._publish_atomically(final_dir, marker, fill, flush)
+        return self._publish_atomically(final_dir, fill, flush)
 
     @staticmethod
     def flush_state(final_dir: str) -> None:
@@ -2459,17 +2480,15 @@ class SnapshotManager:
         upper = os.path.join(runtime_dir, "upper")
         if self.mount_mode(runtime_dir) in ("", "engine-flat") or not os.path.isdir(upper):
             return None
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            if len(handle.read()) > MAX_LOWER_CHARS:
-                return None
+        if len(runtime_source(runtime_dir)) > MAX_LOWER_CHARS:
+            return None
         return dir_size(upper)
 
     def publish_layer(self, runtime_dir: str, key: str, owner: tuple[int, int],
-                      final_dir: str, marker: str) -> int:
+                      final_dir: str) -> int:
         """Publish a stopped overlay runtime's upper layer as a state without copying it, and
         mount the runtime again on top of the new state; return the layer's size."""
-        with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-            lowers = handle.read()
+        lowers = runtime_source(runtime_dir)
         if not self._in_namespace(runtime_dir):  # a namespace's mount died with its server
             self._libc.umount(os.path.join(self.exposed_path(key), "data"), lazy=False)
 
@@ -2479,7 +2498,7 @@ class SnapshotManager:
                 os.unlink(os.path.join(tmp, "layer", "postmaster.pid"))
             atomic_write(os.path.join(tmp, "lowers"), lowers.encode(), 0o600)
 
-        size = self._publish_atomically(final_dir, marker, fill)
+        size = self._publish_atomically(final_dir, fill)
         self._remount(runtime_dir, key, owner, self.source_of(final_dir))
         return size
 
@@ -2495,7 +2514,7 @@ class SnapshotManager:
         self._remount(runtime_dir, key, owner, self.source_of(state_dir))
 
     # snapshots of live runtimes ------------------------------------------------------------
-    def publish_online(self, runtime_dir: str, data_dir: str, final_dir: str, marker: str,
+    def publish_online(self, runtime_dir: str, data_dir: str, final_dir: str,
                        backup_start: Callable[[], None],
                        backup_stop: Callable[[], tuple[str, str]],
                        copy: Callable[[Sequence[str], str], None] = copy_live) -> int:
@@ -2528,10 +2547,10 @@ class SnapshotManager:
                 if content:
                     write_file_in(dest, name, content.encode(), 0o600, (st.st_uid, st.st_gid))
             if layered:
-                with open(os.path.join(runtime_dir, "source"), encoding="utf-8") as handle:
-                    atomic_write(os.path.join(tmp, "lowers"), handle.read().encode(), 0o600)
+                atomic_write(os.path.join(tmp, "lowers"), runtime_source(runtime_dir).encode(),
+                             0o600)
 
-        return self._publish_atomically(final_dir, marker, fill, flush=False)
+        return self._publish_atomically(final_dir, fill, flush=False)
 
     # resets -------------------------------------------------------------------------------
     @staticmethod
@@ -4114,10 +4133,10 @@ class Runtimes:
         """Initialise the base cluster of ``image`` once (under a lock); return its pgdata."""
         base = self.layout.base_dir(image)
         pgdata = os.path.join(base, "pgdata")
-        if os.path.exists(os.path.join(base, ".init.ok")):
+        if is_published(base, BASE_MARKER):
             return pgdata
         with file_lock(os.path.join(self.layout.engine_dir(image), ".init.lock")):
-            if os.path.exists(os.path.join(base, ".init.ok")):
+            if is_published(base, BASE_MARKER):
                 return pgdata
             emit(f"{image.runtime_kind}: init base {image.resolved_id}")
             remove_tree(base)
@@ -4136,7 +4155,7 @@ class Runtimes:
             self.snapshots.unexpose(key)
             fsync_tree(work)
             os.rename(work, base)
-            atomic_write(os.path.join(base, ".init.ok"), b"ok\n", 0o600)
+            mark_published(base, BASE_MARKER)
             return pgdata
 
 
@@ -4292,8 +4311,8 @@ class InstanceManager:
     def pin_runtime(self, owner: str, handle: RuntimeHandle) -> None:
         """Pin the states a runtime is layered on (its ``source`` file lists them)."""
         try:
-            with open(os.path.join(handle.runtime_dir, "source"), encoding="utf-8") as source:
-                paths = {os.path.dirname(path) for path in source.read().split(":")}
+            paths = {os.path.dirname(path)
+                     for path in runtime_source(handle.runtime_dir).split(":")}
         except FileNotFoundError:
             return
         self.pin(owner, paths)
@@ -4602,7 +4621,7 @@ class InstanceManager:
                 return str(label), str(tablespaces or "")
 
             return self.snapshots.publish_online(
-                handle.runtime_dir, handle.data_dir, final_dir, STATE_MARKER,
+                handle.runtime_dir, handle.data_dir, final_dir,
                 lambda: query("SELECT pg_backup_start(%s, true)", f"sqlrs {state_id}"), stop,
                 partial(handle.runtime.copy_live, handle))
 
@@ -5226,7 +5245,7 @@ class DeletionManager:
             return
         state = self.store.get_state(node["id"])
         if state:
-            remove_state_files(state)
+            remove_published(state.state_dir)
             self.store.delete_state(state.state_id)
 
 
@@ -5272,14 +5291,6 @@ class Reaper:
                 self.sweep()
             except Exception:
                 log.exception("ttl reaper failed")
-
-
-def remove_state_files(state: StateRow) -> None:
-    """Drop the ``.build.ok`` marker first, so a crash mid-way never leaves a complete-looking
-    half state."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(state.state_dir, ".build.ok"))
-    remove_tree(state.state_dir)
 
 
 
@@ -5515,7 +5526,7 @@ class CacheManager:
             current = self.store.get_state(state.state_id) if claimed else None
             if current is None or current.refcount or current.children:
                 return False
-            remove_state_files(current)
+            remove_published(current.state_dir)
             self.store.delete_state(current.state_id)
             return True
 
@@ -6553,15 +6564,14 @@ class RemoteCache:
         final_dir = self.layout.state_dir(image, entry.state_id)
 
         def publish() -> int:
-            return self.snapshots.publish_upper(final_dir, STATE_MARKER, lowers, make,
-                                                flush=False)
+            return self.snapshots.publish_upper(final_dir, lowers, make, flush=False)
 
         return self.snapshots.source_of(final_dir) if self._publish(
             image, image_id, entry, publish, False, origin, held) else None
 
     def _ready(self, state_id: str) -> bool:
         row = self.store.get_state(state_id)
-        return bool(row and os.path.exists(os.path.join(row.state_dir, STATE_MARKER)))
+        return bool(row and is_published(row.state_dir))
 
     def _publish(self, image: ResolvedImage, image_id: str, entry: ChainEntry,
                  pgdata: str | Callable[[], int], move: bool, origin: str, held: bool) -> bool:
@@ -6576,7 +6586,7 @@ class RemoteCache:
             remove_tree(final_dir)
             try:  # flushed in the background, recorded until then (as a snapshot is)
                 size = pgdata() if callable(pgdata) else self.snapshots.publish_tree(
-                    pgdata, final_dir, STATE_MARKER, move=move, flush=False)
+                    pgdata, final_dir, move=move, flush=False)
                 row = StateRow(
                     state_id=entry.state_id, parent_state_id=entry.parent_state_id,
                     image_id=image_id, prepare_kind=entry.prepare_kind,
@@ -8104,7 +8114,7 @@ class Executor:
 
     def state_ready(self, state_id: str) -> bool:
         state = self.store.get_state(state_id)
-        return bool(state and os.path.exists(os.path.join(state.state_dir, STATE_MARKER)))
+        return bool(state and is_published(state.state_dir))
 
     def plan(self, request: PrepareRequest, emit: EventEmitter | None,
              run: JobRun | None = None
@@ -8435,12 +8445,11 @@ class Executor:
         try:
             if layer is None:
                 size = self.snapshots.publish(handle.runtime_dir, handle.data_dir, final_dir,
-                                              STATE_MARKER, partial(handle.runtime.copy_out,
-                                                                    handle))
+                                              partial(handle.runtime.copy_out, handle))
                 self.snapshots.rebase(handle.runtime_dir, handle.key, image.owner, final_dir)
             else:
                 size = self.snapshots.publish_layer(handle.runtime_dir, handle.key, image.owner,
-                                                    final_dir, STATE_MARKER)
+                                                    final_dir)
             self.store.insert_state(StateRow(
                 state_id=step.state_id,
                 parent_state_id=step.input_id if step.input_kind == "state" else None,
@@ -10318,7 +10327,7 @@ class Engine:
         for states_dir in _glob_dirs(engines, 2, "states"):
             for name in os.listdir(states_dir):
                 path = os.path.join(states_dir, name)
-                complete = os.path.exists(os.path.join(path, STATE_MARKER))
+                complete = is_published(path)
                 if name.startswith(".tmp-") or (is_state_id(name) and (
                         path not in known or not complete)):
                     remove_tree(path)
@@ -10331,8 +10340,8 @@ class Engine:
                 log.warning("state %s was not flushed before a reboot and may be incomplete;"
                             " delete it with its instances and children", row.state_id)
             if unused and ((lost and not row.children) or _trusts_tcp(row.state_dir)
-                           or not os.path.exists(os.path.join(row.state_dir, STATE_MARKER))):
-                remove_state_files(row)
+                           or not is_published(row.state_dir)):
+                remove_published(row.state_dir)
                 self.store.delete_state(row.state_id)
 
     def busy(self) -> bool:
