@@ -2327,6 +2327,15 @@ class SnapshotManager:
         self._libc.mount(private, target, "", MS_BIND, "")
         return target
 
+    @contextlib.contextmanager
+    def exposed(self, private: str, key: str) -> Iterator[str]:
+        """``private`` reachable by the server user during the block (``expose``), and
+        no longer after it however it ends."""
+        try:
+            yield self.expose(private, key)
+        finally:  # also after a half-made exposure
+            self.unexpose(key)
+
     def _mount_point(self, key: str) -> str:
         target = os.path.join(self.exposed_path(key), "data")
         os.makedirs(target, mode=0o700, exist_ok=True)
@@ -4143,16 +4152,14 @@ class Runtimes:
             work = os.path.join(self.layout.engine_dir(image), f".init-{random_hex(4)}")
             os.makedirs(os.path.join(work, "pgdata"), mode=0o700)
             pause_point("init-base")
-            key = f"init-{random_hex(8)}"
             try:
-                exposed = self.snapshots.expose(work, key)
-                os.chown(os.path.join(work, "pgdata"), *image.owner)
-                self.for_image(image.requested).init_base(image, os.path.join(exposed, "pgdata"))
+                with self.snapshots.exposed(work, f"init-{random_hex(8)}") as exposed:
+                    os.chown(os.path.join(work, "pgdata"), *image.owner)
+                    self.for_image(image.requested).init_base(image,
+                                                              os.path.join(exposed, "pgdata"))
             except BaseException:
-                self.snapshots.unexpose(key)
                 remove_tree(work)
                 raise
-            self.snapshots.unexpose(key)
             fsync_tree(work)
             os.rename(work, base)
             mark_published(base, BASE_MARKER)
