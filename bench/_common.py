@@ -3,15 +3,17 @@
 The benchmarks are run as scripts (``python bench/startup.py``), so this module is imported as
 ``_common`` from the ``bench`` directory. Nothing here asserts on timings: the scripts print
 measurements, ratios against baselines measured in the same run, and PASS/MISS per goal.
+
+The engine harness (the process, its health wait, HTTP, the cleanup helpers) is
+``tests/harness.py``, shared with the tests; this module gives it the benchmarks' flavour
+(:class:`Engine`) and re-exports the names the scripts import from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import http.client
-import json
 import os
 import shutil
 import signal
@@ -21,24 +23,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST_IMAGE = "host:15"
-PG_BIN = "/usr/lib/postgresql/15/bin"
+# the shared harness, and the engine module it and _pg read, come from this checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from harness import HOST_IMAGE as HOST_IMAGE
+from harness import PG_BIN as PG_BIN
+from harness import ROOT as ROOT
+from harness import HttpResult as HttpResult
+from harness import JsonDict as JsonDict
+from harness import SpawnedEngine, engine_argv, send, sweep_store, to_epoch
+from harness import kill_leftovers as kill_leftovers
+
 POLL_S = 0.002
 STARTUP_DEADLINE_S = 10.0
-ENGINE_RUN_ROOT = Path("/run/sqlrs-engine")
 #: the small script whose state the cached-prepare and warm-pool benchmarks hand out
 SMALL_SCRIPT = (
     "create table items(id int primary key, label text not null);\n"
     "insert into items select g, 'item ' || g from generate_series(1, 1000) g;\n"
 )
-
-JsonDict = dict[str, Any]
 
 
 class BenchError(Exception):
@@ -199,15 +206,6 @@ def timed(action: Callable[[], object]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class HttpResult:
-    status: int
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
 class Client:
     """One keep-alive HTTP/1.1 connection to the engine with its bearer token."""
 
@@ -218,31 +216,9 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, *,
                 auth: bool = True) -> HttpResult:
-        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        payload = None if body is None else json.dumps(body).encode()
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
         if self.conn.sock is None:
             self.reconnects += 1
-        self.conn.request(method, path, body=payload, headers=headers)
-        resp = self.conn.getresponse()
-        data = resp.read()
-        if resp.will_close:
-            self.conn.close()
-        return HttpResult(resp.status, data)
-
-    def stream(self, path: str) -> Iterator[JsonDict]:
-        """An NDJSON stream, one decoded object per line, until the server ends it."""
-        self.conn.request("GET", path, headers={"Authorization": f"Bearer {self.token}"})
-        resp = self.conn.getresponse()
-        if resp.status != 200:
-            raise BenchError(f"GET {path}: {resp.status} {resp.read()[:500]!r}")
-        try:
-            for line in iter(resp.readline, b""):
-                if line.strip():
-                    yield json.loads(line)
-        finally:
-            self.conn.close()
+        return send(self.conn, method, path, body, token=self.token if auth else None)
 
     def close(self) -> None:
         self.conn.close()
@@ -253,45 +229,17 @@ class Client:
 # --------------------------------------------------------------------------------------------
 
 
-def engine_argv(state_dir: Path, argv0: Sequence[str] | None = None) -> list[str]:
-    """The CLI's command line (contract §1.5), idle timeout disabled."""
-    return [*(argv0 or [sys.executable, "-m", "sqlrs_engine"]),
-            "--listen", "127.0.0.1:0", "--write-engine-json", str(state_dir / "engine.json"),
-            "--idle-timeout", "0"]
+class Engine(SpawnedEngine):
+    """A running engine in the benchmarks' flavour: output in ``bench-spawn.log``, long
+    request timeouts, a :class:`BenchError` when it dies or is not healthy in time."""
 
-
-@dataclass
-class Engine:
-    proc: subprocess.Popen[bytes]
-    state_dir: Path
-    info: JsonDict = field(default_factory=dict)
-
-    @property
-    def engine_json(self) -> Path:
-        return self.state_dir / "engine.json"
-
-    @property
-    def host(self) -> str:
-        return str(self.info["endpoint"]).rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(str(self.info["endpoint"]).rsplit(":", 1)[1])
-
-    @property
-    def store(self) -> Path:
-        return self.state_dir / "state-store"
+    spawn_log = "bench-spawn.log"
+    request_timeout_s = 600.0
+    health_timeout_s = 2.0
+    failure = BenchError
 
     def client(self, timeout: float = 600.0) -> Client:
-        return Client(self.host, self.port, str(self.info["authToken"]), timeout)
-
-    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-                timeout: float = 600.0) -> HttpResult:
-        client = self.client(timeout)
-        try:
-            return client.request(method, path, body, auth=auth)
-        finally:
-            client.close()
+        return Client(self.host, self.port, self.token, timeout)
 
     def call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
         """A JSON request that must answer ``expect``; its decoded body."""
@@ -300,50 +248,30 @@ class Engine:
             raise BenchError(f"{method} {path}: {result.status} {result.body[:500]!r}")
         return result.json()
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         """SIGTERM and wait (SIGKILL after ``timeout``)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            return super().stop(sig, timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
 
 
 def launch_engine(state_dir: Path, argv0: Sequence[str] | None = None) -> Engine:
-    """Start the engine (cwd = repository root) without waiting for it."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / "engine.json").unlink()
-    log_path = state_dir / "bench-spawn.log"
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(engine_argv(state_dir, argv0), cwd=ROOT, stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    return Engine(proc, state_dir)
-
-
-def _healthy(engine: Engine) -> bool:
-    if engine.proc.poll() is not None:
-        tail = (engine.state_dir / "bench-spawn.log").read_text(errors="replace")[-2000:]
-        raise BenchError(f"engine exited with {engine.proc.returncode}: {tail}")
-    try:
-        engine.info = json.loads(engine.engine_json.read_text())
-        result = engine.request("GET", "/v1/health", auth=False, timeout=2)
-    except (OSError, ValueError, KeyError, http.client.HTTPException):
-        return False
-    return result.status == 200 and result.json().get("instanceId") == engine.info["instanceId"]
+    """Start the engine (cwd = repository root, idle timeout disabled) without waiting for it."""
+    (state_dir / "engine.json").unlink(missing_ok=True)
+    return Engine.launch(state_dir, engine_argv(state_dir, argv0=argv0), stdin=subprocess.DEVNULL)
 
 
 def wait_healthy(engine: Engine, interval: float = POLL_S,
                  deadline_s: float = STARTUP_DEADLINE_S) -> None:
-    """Poll for engine.json plus a 200 from ``GET /v1/health`` every ``interval`` seconds."""
-    end = time.monotonic() + deadline_s
-    while not _healthy(engine):
-        if time.monotonic() > end:
-            engine.stop()
-            raise BenchError(f"engine not healthy within {deadline_s}s")
-        time.sleep(interval)
+    """Poll for engine.json plus a 200 from ``GET /v1/health`` every ``interval`` seconds (the
+    engine is stopped if it does not get there)."""
+    try:
+        engine.wait_ready(deadline_s, interval)
+    except BenchError:
+        engine.stop()
+        raise
 
 
 def spawn_engine(state_dir: Path, argv0: Sequence[str] | None = None) -> Engine:
@@ -383,12 +311,11 @@ def follow_events(engine: Engine, job_id: str, until_result: bool = False,
                   timeout: float = 900.0) -> list[JsonDict]:
     """The job's events to the end of the stream (or to its ``result`` event)."""
     events: list[JsonDict] = []
-    client = engine.client(timeout)
-    for event in client.stream(f"/v1/prepare-jobs/{job_id}/events"):
-        events.append(event)
-        if until_result and event.get("type") in ("result", "error"):
-            break
-    client.close()
+    with contextlib.closing(engine.stream(f"/v1/prepare-jobs/{job_id}/events", timeout)) as stream:
+        for event in stream:
+            events.append(event)
+            if until_result and event.get("type") in ("result", "error"):
+                break
     return events
 
 
@@ -417,10 +344,8 @@ def prepare(engine: Engine, psql_args: Sequence[str], stdin: str | None = None,
 
 
 def event_time(event: JsonDict) -> float:
-    """Seconds since the epoch of an event's RFC 3339 UTC ``ts`` with nanoseconds."""
-    head, _, frac = str(event["ts"]).rstrip("Z").partition(".")
-    whole = datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return whole.timestamp() + (float(f"0.{frac}") if frac else 0.0)
+    """Seconds since the epoch of an event's RFC 3339 UTC ``ts`` (to the microsecond)."""
+    return to_epoch(str(event["ts"]))
 
 
 def create_instance(engine: Engine, state_id: str) -> JsonDict:
@@ -476,66 +401,15 @@ def state_pgdata(engine: Engine, state_id: str) -> Path:
     return found[0]
 
 
-def delete_all_instances(engine: Engine) -> None:
-    if engine.proc.poll() is not None:
-        return
-    for inst in engine.call("GET", "/v1/instances") or []:
-        with contextlib.suppress(BenchError, OSError):
-            delete_instance(engine, str(inst["instance_id"]))
-
-
 # --------------------------------------------------------------------------------------------
 # cleanup
 # --------------------------------------------------------------------------------------------
 
 
-def expose_root(store: Path) -> Path:
-    """Where the engine (as root) mounts instance data dirs: /run/sqlrs-engine/<hash>."""
-    return ENGINE_RUN_ROOT / hashlib.sha256(str(store).encode()).hexdigest()[:12]
-
-
-def mounts_below(prefix: Path) -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == str(prefix) or point.startswith(str(prefix) + "/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
-def postgres_pids_below(*prefixes: Path) -> list[int]:
-    """Postmasters whose command line names a path under one of ``prefixes``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            if not args or not args[0].endswith(b"postgres"):
-                continue
-            if any(str(p).encode() in arg for arg in args for p in prefixes):
-                pids.append(int(entry.name))
-    return pids
-
-
-def kill_leftovers(*roots: Path) -> None:
-    """Last resort: SIGKILL postgres processes under ``roots`` and lazily unmount their mounts."""
-    for pid in postgres_pids_below(*roots):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for root in roots:
-        for point in mounts_below(root):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-
-
 def cleanup_engine(engine: Engine) -> None:
     """Delete the engine's instances, stop it, then kill anything it left behind."""
-    with contextlib.suppress(BenchError, OSError, http.client.HTTPException):
-        delete_all_instances(engine)
-    with contextlib.suppress(OSError):
-        engine.stop()
-    kill_leftovers(engine.store, expose_root(engine.store))
-    shutil.rmtree(expose_root(engine.store), ignore_errors=True)
+    engine.shut_down()
+    sweep_store(engine.store)
 
 
 def temp_dir(prefix: str) -> Path:

@@ -1,77 +1,40 @@
-"""Shared fixtures: start the engine exactly as the sqlrs CLI does and talk to it over HTTP."""
+"""Shared fixtures: start the engine exactly as the sqlrs CLI does and talk to it over HTTP.
+
+The engine harness itself (the process, its health wait, HTTP, the cleanup helpers) lives in
+``tests/harness.py``, shared with the benchmarks; this module re-exports the names the tests
+import from it and adds the fixtures and the assertions on the engine's answers."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import http.client
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import HOST_IMAGE as HOST_IMAGE
+from harness import PG_BIN as PG_BIN
+from harness import ROOT as ROOT
+from harness import STARTUP_DEADLINE as STARTUP_DEADLINE
+from harness import HttpResult as HttpResult
+from harness import SpawnedEngine, engine_argv, engine_label, sweep_store
+from harness import expose_root as expose_root
+from harness import mounts_below as mounts_below
+from harness import poll as poll
+from harness import postgres_pids_below as postgres_pids_below
+from harness import to_epoch as to_epoch
 
-from sqlrs_engine import mounts_under
-
-ROOT = Path(__file__).resolve().parent.parent
-HOST_IMAGE = "host:15"
 DOCKER_IMAGE = os.environ.get("SQLRS_TEST_IMAGE", "sqlrs-test/postgres:15")
-PG_BIN = "/usr/lib/postgresql/15/bin"
-# A start may sweep or adopt servers (and run a helper container) left by an earlier engine;
-# on a busy 2-core machine that takes seconds. Polling still returns as soon as it is healthy.
-STARTUP_DEADLINE = 30.0
 ITEMS_SCHEMA = "create table items(id int primary key, label text not null);\n"
 HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
 UNKNOWN_INSTANCE = "0123456789abcdef0123456789abcdef"
 UNKNOWN_STATE = "f" * 64
-TIMESTAMP_RE = re.compile(
-    r"(?P<whole>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(?P<fraction>\d{1,9}))?Z")
-
-
-def poll(predicate: Any, deadline_s: float, interval: float = 0.02, what: str = "condition") -> Any:
-    """Call ``predicate`` until it returns something truthy or the deadline passes."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
-        time.sleep(interval)
-
-
-def to_epoch(ts: str) -> float:
-    """Seconds since the epoch of an engine timestamp, RFC 3339 in UTC with up to nine fraction
-    digits (``2026-07-21T08:15:30.123456789Z``). The fraction is cut to the microseconds that
-    ``datetime`` holds and the offset spelled ``+00:00``, so the value is read as UTC whatever
-    the local time zone and its daylight saving time."""
-    match = TIMESTAMP_RE.fullmatch(ts)
-    assert match, f"not an RFC 3339 UTC timestamp: {ts!r}"
-    micros = (match["fraction"] or "")[:6].ljust(6, "0")
-    return datetime.fromisoformat(f"{match['whole']}.{micros}+00:00").timestamp()
-
-
-@dataclass
-class HttpResult:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def ndjson(self) -> list[Any]:
-        return [json.loads(line) for line in self.body.splitlines() if line.strip()]
 
 
 def assert_json(result: HttpResult, status: int) -> Any:
@@ -102,49 +65,12 @@ def assert_error(result: HttpResult, status: int, code: str | None = None,
 
 
 @dataclass
-class EngineProcess:
-    """A running engine subprocess and a small HTTP client for it."""
+class EngineProcess(SpawnedEngine):
+    """A running engine subprocess (the shared harness with the tests' flavour: output in
+    ``logs/spawn.log``, an ``AssertionError`` when it dies) and the requests the tests make;
+    ``image`` is what its prepare jobs run on unless told otherwise."""
 
-    proc: subprocess.Popen[bytes]
-    state_dir: Path
-    engine_json: Path
-    info: dict[str, Any] = field(default_factory=dict)
     image: str = HOST_IMAGE
-
-    @property
-    def host(self) -> str:
-        return str(self.info["endpoint"]).rsplit(":", 1)[0]
-
-    @property
-    def port(self) -> int:
-        return int(str(self.info["endpoint"]).rsplit(":", 1)[1])
-
-    @property
-    def token(self) -> str:
-        return str(self.info["authToken"])
-
-    @property
-    def store(self) -> Path:
-        return self.state_dir / "state-store"
-
-    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-                headers: dict[str, str] | None = None, raw: bytes | None = None,
-                timeout: float = 60.0) -> HttpResult:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            hdrs = dict(headers or {})
-            if auth:
-                hdrs.setdefault("Authorization", f"Bearer {self.token}")
-            payload = raw if raw is not None else (
-                json.dumps(body).encode() if body is not None else None)
-            if payload is not None:
-                hdrs.setdefault("Content-Type", "application/json")
-            conn.request(method, path, body=payload, headers=hdrs)
-            resp = conn.getresponse()
-            return HttpResult(resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                              resp.read())
-        finally:
-            conn.close()
 
     def get(self, path: str, **kw: Any) -> HttpResult:
         return self.request("GET", path, **kw)
@@ -164,28 +90,13 @@ class EngineProcess:
 
     def wait_job(self, job_id: str, deadline_s: float = 120.0) -> dict[str, Any]:
         """Follow the events stream to its end, then return the job status."""
-        events = self.get(f"/v1/prepare-jobs/{job_id}/events", timeout=deadline_s)
-        assert events.status == 200, events.body
-        status = self.get(f"/v1/prepare-jobs/{job_id}")
-        assert status.status == 200
-        job: dict[str, Any] = status.json()
-        assert job["status"] in ("succeeded", "failed"), job
-        return job
+        return job_to_end(self, job_id, deadline_s)[0]
 
     def follow_events(self, job_id: str,
                       deadline_s: float = 60.0) -> Generator[dict[str, Any], None, None]:
         """The job's events from one live events request, each as it arrives, to the stream's
         end (close the generator to hang up early)."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=deadline_s)
-        try:
-            conn.request("GET", f"/v1/prepare-jobs/{job_id}/events",
-                         headers={"Authorization": f"Bearer {self.token}"})
-            resp = conn.getresponse()
-            assert resp.status == 200
-            for line in iter(resp.readline, b""):
-                yield json.loads(line)
-        finally:
-            conn.close()
+        return self.stream(f"/v1/prepare-jobs/{job_id}/events", deadline_s)
 
     def events_until(self, job_id: str, predicate: Any,
                      deadline_s: float = 60.0) -> list[dict[str, Any]]:
@@ -202,43 +113,13 @@ class EngineProcess:
                 **extra: Any) -> dict[str, Any]:
         return self.wait_job(self.submit(psql_args, image, **extra))
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def healthy(self) -> bool:
-        """engine.json is readable and ``/v1/health`` answers 200 (raises if the engine died)."""
-        if self.proc.poll() is not None:
-            log = self.state_dir / "logs" / "spawn.log"
-            raise AssertionError(f"engine exited with {self.proc.returncode}: "
-                                 f"{log.read_text()[-2000:]}")
-        try:
-            self.info = json.loads(self.engine_json.read_text())
-            return self.get("/v1/health", auth=False, timeout=1).status == 200
-        except (OSError, ValueError, KeyError):
-            return False
-
-    def wait_ready(self, deadline_s: float = STARTUP_DEADLINE) -> EngineProcess:
-        poll(self.healthy, deadline_s, what="engine.json and /v1/health")
-        return self
-
 
 def spawn_engine(state_dir: Path, *extra: str, idle: str = "0", env: dict[str, str] | None = None,
                  argv0: list[str] | None = None, wait: bool = True) -> EngineProcess:
     """Start the engine with the CLI's argv (§1.5) and wait for a healthy engine.json (with
     ``wait=False``, return at once: call ``wait_ready`` later, to start several together)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    engine_json = state_dir / "engine.json"
-    log_dir = state_dir / "logs"
-    log_dir.mkdir(exist_ok=True)
-    cmd = [*(argv0 or [sys.executable, "-m", "sqlrs_engine"]),
-           "--run-dir", str(state_dir / "run"), "--listen", "127.0.0.1:0",
-           "--write-engine-json", str(engine_json), "--idle-timeout", idle, *extra]
-    with open(log_dir / "spawn.log", "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=out,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-    engine = EngineProcess(proc, state_dir, engine_json)
+    argv = engine_argv(state_dir, *extra, argv0=argv0, idle=idle, run_dir=True)
+    engine = EngineProcess.launch(state_dir, argv, env={**os.environ, **(env or {})})
     return engine.wait_ready() if wait else engine
 
 
@@ -259,16 +140,6 @@ def start_prepared(root: Path, image: str = HOST_IMAGE) -> tuple[EngineProcess, 
     return engine, job
 
 
-def expose_root(store: Path) -> Path:
-    digest = hashlib.sha256(str(store).encode()).hexdigest()[:12]
-    return Path("/run/sqlrs-engine") / digest
-
-
-def mounts_below(prefix: Path) -> list[str]:
-    """Mount points at or below ``prefix``, deepest first."""
-    return mounts_under(str(prefix))
-
-
 def state_dirs(engine: EngineProcess) -> list[str]:
     """Names of the state directories in the engine's store."""
     found = []
@@ -280,33 +151,8 @@ def state_dirs(engine: EngineProcess) -> list[str]:
 
 def stop_engine(proc: EngineProcess) -> None:
     """Delete the engine's instances, stop it and clean its store, whatever state it is in."""
-    with contextlib.suppress(Exception):
-        if proc.proc.poll() is None:
-            for inst in proc.get("/v1/instances").json() or []:
-                proc.delete(f"/v1/instances/{inst['instance_id']}?force=true")
-    with contextlib.suppress(Exception):
-        proc.stop()
-    with contextlib.suppress(Exception):
-        proc.proc.kill()
+    proc.shut_down()
     cleanup_store(proc.store)
-
-
-def postgres_pids_below(*prefixes: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            if not args or not args[0].endswith(b"postgres"):
-                continue
-            if any(str(prefix).encode() in arg for arg in args for prefix in prefixes):
-                pids.append(int(entry.name))
-    return pids
-
-
-def engine_label(store: Path) -> str:
-    return hashlib.sha256(str(store).encode()).hexdigest()[:12]
 
 
 def containers_of(store: Path) -> list[str]:
@@ -330,14 +176,7 @@ def cleanup_store(store: Path) -> None:
     containers = containers_of(store)
     if containers:
         subprocess.run(["docker", "rm", "-f", *containers], check=False, capture_output=True)
-    roots = [store, expose_root(store)]
-    for pid in postgres_pids_below(*roots):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for root in roots:
-        for point in mounts_below(root):
-            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    subprocess.run(["rm", "-rf", str(expose_root(store))], check=False)
+    sweep_store(store)
 
 
 def docker_available() -> bool:
