@@ -86,6 +86,7 @@ import pwd
 import queue
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -128,8 +129,8 @@ JsonDict = dict[str, Any]
 
 ###############################################################################
 # ids: identifier formats, validation, timestamps, Go durations, and the file-system helpers
-# every layer shares (atomic writes, locks, tree removal, background work). Owns nothing; may
-# call only the standard library.
+# every layer shares (atomic writes, locks, tree removal, background work, the system calls
+# made through ctypes). Owns nothing; may call only the standard library.
 ###############################################################################
 
 HEX32_RE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -471,6 +472,50 @@ def safe_path_component(value: str) -> str:
     """Map an arbitrary string (an image id) to one safe path component."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", value).strip(".")
     return cleaned[:120] or "_"
+
+
+MNT_DETACH = 2
+IPC_RMID = 0
+
+
+class Libc:
+    """``mount(2)``, ``umount2(2)``, ``unshare(2)`` and ``shmctl(2)`` through ctypes: no
+    process spawn on the hot path. The bound functions are looked up once, so a child between
+    fork and exec (``NamespaceMount``) only makes the calls."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        self.c_ulong = ctypes.c_ulong
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.mount_fn = libc.mount
+        self.umount2_fn = libc.umount2
+        self.unshare_fn = libc.unshare
+        self.shmctl_fn = libc.shmctl
+
+    def mount(self, source: str, target: str, fstype: str, flags: int, data: str) -> None:
+        ok = self.mount_fn(source.encode(), target.encode(), fstype.encode(),
+                           self._ctypes.c_ulong(flags), data.encode())
+        if ok != 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+    def umount(self, target: str, lazy: bool = True) -> None:
+        if self.umount2_fn(target.encode(), MNT_DETACH if lazy else 0) != 0:
+            err = self._ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOENT):
+                raise OSError(err, f"umount {target}: {os.strerror(err)}")
+
+    def remove_shm(self, shmid: int) -> None:
+        """Mark a System V shared memory segment for removal (``IPC_RMID``)."""
+        if self.shmctl_fn(shmid, IPC_RMID, None) != 0:
+            err = self._ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.EIDRM):
+                raise OSError(err, f"shmctl {shmid}: {os.strerror(err)}")
+
+    def errno(self) -> int:
+        return int(self._ctypes.get_errno())
 
 
 ###############################################################################
@@ -1871,7 +1916,6 @@ def event_index(digits: str) -> int:
 # and errors.
 ###############################################################################
 
-MNT_DETACH = 2
 MS_RDONLY = 1
 MS_BIND = 4096
 CLONE_NEWNS = 0x00020000
@@ -1900,38 +1944,6 @@ def remove_published(directory: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(directory, STATE_MARKER))
     remove_tree(directory)
-
-
-class Libc:
-    """``mount(2)``, ``umount2(2)`` and ``unshare(2)`` through ctypes: no process spawn on the
-    hot path. The bound functions are looked up once, so a child between fork and exec
-    (``NamespaceMount``) only makes the calls."""
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self._ctypes = ctypes
-        self.c_ulong = ctypes.c_ulong
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.mount_fn = libc.mount
-        self.umount2_fn = libc.umount2
-        self.unshare_fn = libc.unshare
-
-    def mount(self, source: str, target: str, fstype: str, flags: int, data: str) -> None:
-        ok = self.mount_fn(source.encode(), target.encode(), fstype.encode(),
-                           self._ctypes.c_ulong(flags), data.encode())
-        if ok != 0:
-            err = self._ctypes.get_errno()
-            raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
-
-    def umount(self, target: str, lazy: bool = True) -> None:
-        if self.umount2_fn(target.encode(), MNT_DETACH if lazy else 0) != 0:
-            err = self._ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.ENOENT):
-                raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-    def errno(self) -> int:
-        return int(self._ctypes.get_errno())
 
 
 class NamespaceMount:
@@ -2583,12 +2595,13 @@ class SnapshotManager:
         overlay runtime; starting as a copy of ``seed``, see ``reset_seed``: True when it
         does), or its copy in place of the old one (the directory itself stays: a container
         or a bind mount holds it). Idempotent, so an interrupted reset is finished by doing
-        it again; the intent stays until ``end_reset``."""
+        it again; the intent stays until ``end_reset``. The old upper layer is left for
+        ``remove_trash``, which the caller runs once its server is up."""
         mode = self.mount_mode(runtime_dir)
         if mode in ("engine", "engine-flat"):
             self._libc.umount(os.path.join(self.exposed_path(key), "data"))
         if mode:
-            return self._remount(runtime_dir, key, owner, source, seed)
+            return self._remount(runtime_dir, key, owner, source, seed, keep_trash=True)
         else:
             data = os.path.join(runtime_dir, "data")
             fresh = os.path.join(runtime_dir, "data.reset")
@@ -2614,6 +2627,12 @@ class SnapshotManager:
         path = os.path.join(runtime_dir, f"seed-{state_id}")
         return path if self.can_seed(runtime_dir) and os.path.isdir(path) else None
 
+    def swaps_data(self, runtime_dir: str) -> bool:
+        """Whether a reset gives the runtime new data beside the old (a new overlay on a fresh
+        upper layer), so its old server may still be ending meanwhile; False when the data
+        is replaced in place."""
+        return self.mount_mode(runtime_dir) in ("engine", "engine-flat", "namespace")
+
     def can_seed(self, runtime_dir: str) -> bool:
         return self.mount_mode(runtime_dir) == "engine"
 
@@ -2637,6 +2656,31 @@ class SnapshotManager:
             remove_tree(staged)
             raise
 
+    def stage_seed(self, runtime_dir: str, state_id: str) -> None:
+        """Copy the runtime's seed for ``state_id`` ahead of its next reset (``seed-<id>.staged``,
+        made aside and renamed: whole or absent), which then renames it into place instead of
+        copying. Nothing to do without a seed or when a copy is staged already."""
+        seed = self.reset_seed(runtime_dir, state_id)
+        if seed is None or os.path.isdir(f"{seed}.staged"):
+            return
+        making = os.path.join(runtime_dir, f".seed-{random_hex(4)}")
+        os.mkdir(making, 0o700)
+        try:
+            copy_layer(seed, making)
+            os.rename(making, f"{seed}.staged")
+        except BaseException:
+            remove_tree(making)
+            raise
+
+    @staticmethod
+    def remove_trash(runtime_dir: str) -> None:
+        """Remove the upper layers resets moved aside (``.trash-*``); a runtime removed
+        meanwhile has none."""
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(runtime_dir):
+                if name.startswith(".trash-"):
+                    _remove_logged(os.path.join(runtime_dir, name))
+
     @staticmethod
     def end_reset(runtime_dir: str) -> None:
         """The reset is recorded everywhere: its intent goes."""
@@ -2644,22 +2688,29 @@ class SnapshotManager:
             os.unlink(os.path.join(runtime_dir, "reset"))
 
     def _remount(self, runtime_dir: str, key: str, owner: tuple[int, int], source: str,
-                 seed: str | None = None) -> bool:
+                 seed: str | None = None, keep_trash: bool = False) -> bool:
         """A fresh upper layer on ``source`` (a copy of ``seed``, made before the mount, when
-        given: True when it was); the old one (what an instance wrote before a reset) is
-        moved aside and removed in the background (a removal that fails is logged and the
-        runtime's own removal takes it later)."""
+        given: True when it was; the copy ``stage_seed`` made ahead is taken when there is
+        one); the old one (what an instance wrote before a reset) is moved aside and removed
+        in the background, or with ``keep_trash`` left for ``remove_trash`` (a removal that
+        fails is logged and the runtime's own removal takes it later)."""
         trash = os.path.join(runtime_dir, f".trash-{random_hex(4)}")
         os.mkdir(trash, 0o700)
         for sub in ("upper", "work"):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(os.path.join(runtime_dir, sub), os.path.join(trash, sub))
-            os.makedirs(os.path.join(runtime_dir, sub), mode=0o700)
-        in_background("remove-old-layer", _remove_logged, trash)
+        upper, seeded = os.path.join(runtime_dir, "upper"), False
+        if seed and os.path.isdir(f"{seed}.staged"):
+            os.rename(f"{seed}.staged", upper)
+            seeded = True
+        else:
+            os.mkdir(upper, 0o700)
+        os.mkdir(os.path.join(runtime_dir, "work"), 0o700)
+        if not keep_trash:
+            in_background("remove-old-layer", _remove_logged, trash)
         if owner != (os.geteuid(), os.getegid()):
-            os.chown(os.path.join(runtime_dir, "upper"), *owner)
-        seeded = False
-        if seed:
+            os.chown(upper, *owner)
+        if seed and not seeded:
             try:
                 copy_layer(seed, os.path.join(runtime_dir, "upper"))
                 seeded = True
@@ -2973,11 +3024,13 @@ class PostgresDbms:
     def start(self, bindir: str, data_dir: str, files_dir: str, socket_dir: str,
               log_path: str, enter: Callable[[], None] | None = None,
               port: int | None = None, settings: Sequence[str] = SERVER_SETTINGS,
-              deadline_s: float = 60.0) -> tuple[int, int]:
+              deadline_s: float = 60.0,
+              port_freed: Callable[[], None] | None = None) -> tuple[int, int]:
         """Start a server on a free loopback port (``port`` first, when given: a reset keeps
         the instance's); return (pid, port) once it accepts. ``files_dir`` is where the
         engine sees the server's own files (its data dir, unless ``enter``, run in the server
-        process before exec, mounts that in a namespace)."""
+        process before exec, mounts that in a namespace). ``port_freed`` waits for an earlier
+        server that may still hold ``port``: called before the port is tried again."""
         os.makedirs(socket_dir, mode=0o700, exist_ok=True)
         os.chown(socket_dir, self.user.uid, self.user.gid)
         write_hba(files_dir, (self.user.uid, self.user.gid))
@@ -2992,6 +3045,9 @@ class PostgresDbms:
             self.kill(pid)
             if "could not bind" not in last_error and "already in use" not in last_error:
                 break
+            if port_freed:
+                port_freed()
+                port_freed = None
         raise DbmsError(f"postgres did not start: {last_error.strip()[-2000:]}")
 
     def _spawn(self, bindir: str, data_dir: str, socket_dir: str, log_path: str,
@@ -3046,8 +3102,19 @@ class PostgresDbms:
             self._signal_and_wait(pid, signal.SIGKILL, 5.0)
 
     def _signal_and_wait(self, pid: int, signum: int, timeout_s: float) -> None:
+        """Signal the postmaster and wait for its end: a server this process started is
+        waited for (woken the moment it exits), any other polled."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+        with self._lock:
+            child = self._children.get(pid)
+        if child is not None and child.poll() is None:  # (Popen.wait polls, backing off)
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                try:
+                    select.select([pidfd], [], [], timeout_s)  # readable once it has exited
+                finally:
+                    os.close(pidfd)
         deadline = time.monotonic() + timeout_s
         while self.alive(pid) and time.monotonic() < deadline:
             time.sleep(READY_POLL_SECONDS)
@@ -3122,6 +3189,9 @@ class RuntimeHandle:
     mounted: bool | None = None
     #: an instance's server (its WAL allows an online backup), not a build's
     serving: bool = False
+    #: the wait for this runtime's previous server, still ending (``Runtime.abandon``): a
+    #: start that finds the port still taken calls it before trying the port again
+    ending: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def runtime_id(self) -> str | None:
@@ -3344,16 +3414,41 @@ class HostRuntime:
         self.dbms.initdb(image.bindir, pgdata)
 
     def start(self, handle: RuntimeHandle) -> None:
-        pid, port = self.dbms.start(
-            handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
-            handle.log_path, self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir),
-            handle.port, server_settings(handle.serving))
-        handle.pid, handle.port = pid, port
+        """Start the server; one started while the previous server of the runtime was still
+        ending (``abandon``) gets the port once that has exited, and is started again in the
+        unlikely case that the old one removed their shared socket files after it."""
+        while True:
+            pid, port = self.dbms.start(
+                handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
+                handle.log_path,
+                self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir),
+                handle.port, server_settings(handle.serving), port_freed=handle.ending)
+            handle.pid, handle.port = pid, port
+            ending, handle.ending = handle.ending, None
+            if ending is None:
+                return
+            ending()  # at once: it has exited, the new server has the port
+            if os.path.exists(os.path.join(handle.socket_dir, f".s.PGSQL.{port}")):
+                return
+            log.warning("server %d lost its socket to the one it replaced: starting again", pid)
+            self.dbms.kill(pid)
 
     def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
         if handle.pid:
             (self.dbms.kill if immediate else self.dbms.stop)(handle.pid)
         handle.pid = None
+
+    def abandon(self, handle: RuntimeHandle) -> None:
+        """SIGQUIT now; the wait (and SIGKILL after 5 s) is ``handle.ending``. A server
+        whose data is replaced in place (not layered) is waited for here."""
+        if handle.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGQUIT)
+            handle.ending = partial(self.dbms.kill, handle.pid)
+            handle.pid = None
+        if handle.ending and not self.snapshots.swaps_data(handle.runtime_dir):
+            handle.ending()
+            handle.ending = None
 
     def discard(self, handle: RuntimeHandle) -> None:
         if handle.pid:
@@ -3461,6 +3556,10 @@ class Runtime(Protocol):
     def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
         """Stop the server (fast shutdown, a checkpoint; ``immediate``: no checkpoint, for data
         about to be thrown away); its data stays."""
+    def abandon(self, handle: RuntimeHandle) -> None:
+        """Begin the immediate shutdown of a server whose data is thrown away; the next
+        ``start`` may begin before it has ended (``handle.ending`` waits for that). A runtime
+        that cannot overlap them waits here."""
     def discard(self, handle: RuntimeHandle) -> None: ...
     def alive(self, handle: RuntimeHandle) -> bool: ...
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool: ...
@@ -3892,6 +3991,10 @@ class DockerRuntime:
             log.warning("docker exec %s exited %s: %s", command[0], result.exit_code,
                         output.strip()[-500:])
         return output
+
+    def abandon(self, handle: RuntimeHandle) -> None:
+        """A container's server ends before anything else (its overlay is the container's)."""
+        self.stop(handle, immediate=True)
 
     def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
         """The postmaster is signalled from here (SIGINT fast, SIGQUIT immediate: the engine
@@ -4662,36 +4765,57 @@ class InstanceManager:
         if handle is not None:
             with contextlib.suppress(ConntrackError):
                 disconnected = self.conntrack.active(handle)
-            handle.runtime.stop(handle, immediate=True)  # every session ends; no checkpoint:
-                                                         # the data is thrown away
+            # every session ends; no checkpoint: the data is thrown away; the new server
+            # starts while the old one is still ending (it binds the port after it)
+            handle.runtime.abandon(handle)
         else:
             handle = self._handle(row.instance_id, image)
             handle.runtime.discard(handle)
             self.snapshots.reattach(handle.runtime_dir, handle.key)
-        handle.port, handle.serving = row.port, True
-        if state.state_id != row.state_id:  # a seed is only sure while the row protects its
-            self.snapshots.drop_seeds(handle.runtime_dir)  # state (the same id, same bytes)
-        seed = self.snapshots.reset_seed(handle.runtime_dir, state.state_id)
-        self.snapshots.begin_reset(handle.runtime_dir, state.state_id)  # from here on: the
-        pause_point("reset")                                             # new state's data
-        seeded = self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner,
-                                             source, seed)
-        if not seeded and row.password and self.snapshots.can_seed(handle.runtime_dir):
-            seeded = self._seed(handle, row, state)
-        handle.runtime.start(handle)
-        self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
-                                           "active")  # a restart finds (adopts) this server
-        pause_point("reset-started")
-        if not seeded:
-            self._restore_password(handle, row)
-        self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
-                                           "active", state.state_id)
-        self.snapshots.end_reset(handle.runtime_dir)
-        with self._lock:
-            self._handles[row.instance_id] = handle
-        reset = self.store.get_instance(row.instance_id)
-        assert reset is not None
-        return reset, disconnected
+        try:
+            handle.port, handle.serving = row.port, True
+            if state.state_id != row.state_id:  # a seed is only sure while the row protects its
+                self.snapshots.drop_seeds(handle.runtime_dir)  # state (the same id, same bytes)
+            seed = self.snapshots.reset_seed(handle.runtime_dir, state.state_id)
+            self.snapshots.begin_reset(handle.runtime_dir, state.state_id)  # from here on: the
+            pause_point("reset")                                             # new state's data
+            seeded = self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner,
+                                                 source, seed)
+            if not seeded and row.password and self.snapshots.can_seed(handle.runtime_dir):
+                seeded = self._seed(handle, row, state)
+            handle.runtime.start(handle)
+            self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
+                                               "active")  # a restart finds (adopts) this server
+            pause_point("reset-started")
+            if not seeded:
+                self._restore_password(handle, row)
+            self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
+                                               "active", state.state_id)
+            self.snapshots.end_reset(handle.runtime_dir)
+            with self._lock:
+                self._handles[row.instance_id] = handle
+            reset = self.store.get_instance(row.instance_id)
+            assert reset is not None
+            in_background("after-reset", self._after_reset, row.instance_id, handle.runtime_dir,
+                          state.state_id)
+            return reset, disconnected
+        finally:
+            if handle.ending:  # a reset that failed before its start: the old server's end
+                handle.ending()  # is waited for all the same
+                handle.ending = None
+
+    def _after_reset(self, instance_id: str, runtime_dir: str, state_id: str) -> None:
+        """Off a reset's path, once its server runs: the old layer is removed and the seed's
+        copy for the next reset is staged (under the instance's lock, which resets and
+        deletions take: never beside them, never for a state the instance has left)."""
+        self.snapshots.remove_trash(runtime_dir)
+        try:
+            with self.locked(instance_id):
+                row = self.store.get_instance(instance_id)
+                if row is not None and row.state_id == state_id:
+                    self.snapshots.stage_seed(runtime_dir, state_id)
+        except OSError as exc:  # the next reset copies the seed itself
+            log.warning("instance %s: no reset seed staged: %s", instance_id, exc)
 
     def _seed(self, handle: RuntimeHandle, row: InstanceRow, state: StateRow) -> bool:
         """The first reset of an instance to ``state``, its fresh layer mounted: the server
@@ -4742,6 +4866,7 @@ class InstanceManager:
             handle.runtime.discard(handle)  # whatever server may still hold the data
             self.snapshots.finish_reset(handle.runtime_dir, handle.key, handle.image.owner,
                                         self.snapshots.source_of(state.state_dir))
+            self.snapshots.remove_trash(handle.runtime_dir)
         self.store.update_instance_state(row.instance_id, state.state_id)
         self.snapshots.end_reset(handle.runtime_dir)
 
