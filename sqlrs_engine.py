@@ -475,12 +475,11 @@ def safe_path_component(value: str) -> str:
 
 
 MNT_DETACH = 2
-IPC_RMID = 0
 
 
 class Libc:
-    """``mount(2)``, ``umount2(2)``, ``unshare(2)`` and ``shmctl(2)`` through ctypes: no
-    process spawn on the hot path. The bound functions are looked up once, so a child between
+    """``mount(2)``, ``umount2(2)`` and ``unshare(2)`` through ctypes: no process spawn on
+    the hot path. The bound functions are looked up once, so a child between
     fork and exec (``NamespaceMount``) only makes the calls."""
 
     def __init__(self) -> None:
@@ -492,7 +491,6 @@ class Libc:
         self.mount_fn = libc.mount
         self.umount2_fn = libc.umount2
         self.unshare_fn = libc.unshare
-        self.shmctl_fn = libc.shmctl
 
     def mount(self, source: str, target: str, fstype: str, flags: int, data: str) -> None:
         ok = self.mount_fn(source.encode(), target.encode(), fstype.encode(),
@@ -506,13 +504,6 @@ class Libc:
             err = self._ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOENT):
                 raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-    def remove_shm(self, shmid: int) -> None:
-        """Mark a System V shared memory segment for removal (``IPC_RMID``)."""
-        if self.shmctl_fn(shmid, IPC_RMID, None) != 0:
-            err = self._ctypes.get_errno()
-            if err not in (errno.EINVAL, errno.EIDRM):
-                raise OSError(err, f"shmctl {shmid}: {os.strerror(err)}")
 
     def errno(self) -> int:
         return int(self._ctypes.get_errno())
@@ -3106,6 +3097,7 @@ class PostgresDbms:
         waited for (woken the moment it exits), any other polled."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+        deadline = time.monotonic() + timeout_s
         with self._lock:
             child = self._children.get(pid)
         if child is not None and child.poll() is None:  # (Popen.wait polls, backing off)
@@ -3115,7 +3107,6 @@ class PostgresDbms:
                     select.select([pidfd], [], [], timeout_s)  # readable once it has exited
                 finally:
                     os.close(pidfd)
-        deadline = time.monotonic() + timeout_s
         while self.alive(pid) and time.monotonic() < deadline:
             time.sleep(READY_POLL_SECONDS)
         with self._lock:

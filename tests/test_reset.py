@@ -4,7 +4,9 @@ foreign state refused; a kill at any point leaves the old data or the new, never
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import threading
 import urllib.parse
@@ -254,3 +256,34 @@ def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any, tmp_p
     out = subprocess.run([f"{PG_BIN}/psql", "-XAt", dsn, "-c", "select 1"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.stdout.strip() == "1", out.stderr
+
+
+def test_a_reset_whose_old_server_is_slow_to_end_keeps_its_port(engine: EngineProcess,
+                                                                 tmp_path: Path) -> None:
+    """On the host the new server starts while the old one is still ending; arranged here:
+    the old postmaster is stopped (SIGSTOP) so that it holds the port through the reset. The
+    new server cannot bind it, the engine waits for the old one (SIGKILL after its grace)
+    and starts the new one again on the same port: the same DSN, the state's data."""
+    if engine.image != HOST_IMAGE:
+        pytest.skip("a Docker instance's server ends inside its container before the next")
+    job = prepared(engine, tmp_path, "base", "create table t(x int); insert into t values (1);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    reset(engine, instance_id)  # (as root, the first reset makes the seed of the next)
+    psql(dsn, "insert into t values (2)")
+    runtime_id = engine.get(f"/v1/instances/{instance_id}").json()["runtime_id"]
+    old_pid = int(runtime_id.removeprefix("host:"))
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        entry = reset(engine, instance_id)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old_pid, signal.SIGCONT)
+    assert entry["dsn"] == dsn and entry["runtime_id"] != runtime_id
+    assert psql(dsn, "select string_agg(x::text, ',') from t") == "1"
+    server_log = engine.store / "instances" / instance_id / "postgres.log"
+    assert "could not bind" in server_log.read_text(errors="replace")  # the race was arranged
+    poll(lambda: not os.path.exists(f"/proc/{old_pid}")
+         or "zombie" in Path(f"/proc/{old_pid}/status").read_text().lower(), 30,
+         what="the old postmaster gone")
+    again = reset(engine, instance_id)  # and the next reset is an ordinary one
+    assert again["dsn"] == dsn
