@@ -25,9 +25,10 @@ Where things happen:
   ``Api._routes``) and renders any ``EngineError`` at its one catch point (``_answer``).
 - A prepare: ``PrepareManager.submit`` validates (``PrepareRequest``; psql arguments in
   ``plan_psql``, Liquibase's in ``plan_liquibase``) and queues a job row; a worker runs
-  ``Executor.run``: plan (``plan_steps`` / ``Executor.plan`` for Liquibase, which asks
-  Liquibase for the pending changesets), then per step: cached state? else clone the input
-  (``InstanceManager.new_runtime`` → ``SnapshotManager.clone``), start, run psql or Liquibase
+  ``Executor.run``: plan (``plan_steps``; for Liquibase ``plan_lb_steps`` on the changesets
+  ``LiquibasePlanner.changesets`` gets from Liquibase, step 0 run meanwhile), then per
+  step: cached state? else clone the input (``InstanceManager.new_runtime`` →
+  ``SnapshotManager.clone``), start, run psql or Liquibase
   (``_run_psql`` / ``LiquibaseRunner``), stop, publish (``Executor._snapshot`` →
   ``SnapshotManager.publish`` or ``publish_layer``), record the state row; last, an instance
   (``_prepare_instance``, from the warm pool when one is ready). Every change is a job event
@@ -8084,6 +8085,21 @@ def relocate_lb_option(token: str, moved: Mapping[str, str]) -> str:
     return f"{name}={','.join(map(move, value.split(',')))}"
 
 
+def state_ready(store: MetadataStore, state_id: str) -> bool:
+    """Whether the state has a row and was published whole."""
+    state = store.get_state(state_id)
+    return bool(state and is_published(state.state_dir))
+
+
+def discard_quietly(instances: InstanceManager, run: JobRun, handle: RuntimeHandle) -> None:
+    """Discard a job's runtime; a failure is logged (the job's outcome stands; the next
+    start sweeps what is left)."""
+    try:
+        instances.discard(handle)
+    except Exception:
+        log.exception("job %s: cannot discard its runtime %s", run.job_id, handle.key)
+
+
 class LiquibaseRunner:
     """Runs Liquibase on this machine against a started runtime: as the server's OS user
     when the engine is root, in the request's work dir, connected over JDBC to 127.0.0.1 with
@@ -8211,57 +8227,24 @@ class LiquibaseRunner:
         return "\n".join(stdout), code
 
 
-class Executor:
-    """Plans and executes prepare jobs; every change is persisted before it is announced."""
+class LiquibasePlanner:
+    """What a Liquibase prepare needs before its steps run: the changesets its changelog
+    would apply to a fresh cluster (``changesets``: one ``update-sql`` run on a throw-away
+    clone of the image's base, remembered by the hashes of the files it read), and step 0
+    run ahead meanwhile when it is probably not cached (``run.ahead``, kept only if it applied
+    exactly the plan's first changeset). ``run_changeset`` runs one step's changesets."""
 
-    def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
-                 runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
-                 cache: CacheManager, pool: WarmPool, remote: RemoteCache,
-                 liquibase: LiquibaseRunner, engine_version: str) -> None:
+    def __init__(self, jobs: JobQueue, store: MetadataStore, runtimes: Runtimes,
+                 instances: InstanceManager, cache: CacheManager,
+                 liquibase: LiquibaseRunner) -> None:
         self.jobs = jobs
-        self.cache = cache
-        self.remote = remote
-        self.pool = pool
         self.store = store
-        self.layout = layout
         self.runtimes = runtimes
         self.instances = instances
-        self.snapshots = snapshots
-        self.engine_version = engine_version
+        self.cache = cache
         self.liquibase = liquibase
 
-    # planning -----------------------------------------------------------------------------
-    def check_image(self, image_id: str) -> None:
-        """Refuse at submission an image id no job could use (see ``Runtimes.check_image``)."""
-        self.runtimes.check_image(image_id)
-
-    def state_ready(self, state_id: str) -> bool:
-        state = self.store.get_state(state_id)
-        return bool(state and is_published(state.state_dir))
-
-    def plan(self, request: PrepareRequest, emit: EventEmitter | None,
-             run: JobRun | None = None
-             ) -> tuple[ResolvedImage, list[StepPlan], str, list[PlanTask]]:
-        """Resolve the image and hash the scripts; a job's base cluster is initialised
-        meanwhile, in the background, since it does not depend on the scripts."""
-        if emit:
-            emit.log(f"resolve image {request.image_id}")
-        image = self.runtimes.resolve(request.image_id, emit.log if emit else None)
-        if emit:
-            emit.log(f"resolved image {image.resolved_id}")
-        if emit and run and not request.plan_only and self.remote.client("pull") is None:
-            # with a remote cache the base may never be needed: a build initialises it then
-            run.base = in_background("base-init", self.runtimes.ensure_base, image, emit.log)
-        if request.lb is None:
-            steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
-        else:
-            changesets = self._pending_changesets(request.lb, image, emit, run)
-            steps, signature = plan_lb_steps(request, image.resolved_id, self.engine_version,
-                                             changesets)
-        tasks = build_tasks(request, image.resolved_id, steps, self.state_ready)
-        return image, steps, signature, tasks
-
-    def _pending_changesets(self, lb: LiquibasePlan, image: ResolvedImage,
+    def changesets(self, lb: LiquibasePlan, image: ResolvedImage,
                             emit: EventEmitter | None, run: JobRun | None) -> list[Changeset]:
         """Every changeset the changelog would apply to a fresh cluster of ``image``, by one
         ``update-sql`` run against a throw-away clone of its base. A job that will likely
@@ -8306,7 +8289,7 @@ class Executor:
         if not latest:
             return True
         first = lb_task_hash(image.resolved_id, Changeset(**latest[0]))
-        return not self.state_ready(state_id_for("image", image.resolved_id, first))
+        return not state_ready(self.store, state_id_for("image", image.resolved_id, first))
 
     def _run_ahead(self, lb: LiquibasePlan, image: ResolvedImage, base: str, run: JobRun,
                    emit: EventEmitter) -> RuntimeHandle | None:
@@ -8321,10 +8304,10 @@ class Executor:
                                             image.resolved_id, run.job_id)
         try:
             self.instances.start(handle)
-            self._run_changeset(lb, handle, lb.args_for("update-count", "--count=1"), run, note)
+            self.run_changeset(lb, handle, lb.args_for("update-count", "--count=1"), run, note)
             return handle
         except BaseException as exc:
-            self._discard_quietly(run, handle)
+            discard_quietly(self.instances, run, handle)
             if not isinstance(exc, Exception):
                 raise
             log.info("job %s: step 0 run ahead of the plan failed: %s", run.job_id, exc)
@@ -8345,19 +8328,63 @@ class Executor:
             return
         note(f"liquibase: execute-0 run while planning does not match the plan ({row}):"
              " it runs again")
-        self._discard_quietly(run, run.ahead)
+        discard_quietly(self.instances, run, run.ahead)
         run.ahead = None
 
-    def _discard_quietly(self, run: JobRun, handle: RuntimeHandle) -> None:
-        try:
-            self.instances.discard(handle)
-        except Exception:  # the job's outcome stands; the next start sweeps what is left
-            log.exception("job %s: cannot discard its runtime %s", run.job_id, handle.key)
-
-    def _run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
+    def run_changeset(self, lb: LiquibasePlan, handle: RuntimeHandle, args: Sequence[str],
                        run: JobRun, note: Callable[[str], None]) -> None:
         self.liquibase.run(lb, handle, args, note, run)
         self.instances.clear_password(handle)  # the state must not keep a credential
+
+
+class Executor:
+    """Plans and executes prepare jobs; every change is persisted before it is announced."""
+
+    def __init__(self, jobs: JobQueue, store: MetadataStore, layout: StoreLayout,
+                 runtimes: Runtimes, instances: InstanceManager, snapshots: SnapshotManager,
+                 cache: CacheManager, pool: WarmPool, remote: RemoteCache,
+                 lb_planner: LiquibasePlanner, engine_version: str) -> None:
+        self.jobs = jobs
+        self.cache = cache
+        self.remote = remote
+        self.pool = pool
+        self.store = store
+        self.layout = layout
+        self.runtimes = runtimes
+        self.instances = instances
+        self.snapshots = snapshots
+        self.engine_version = engine_version
+        self.lb_planner = lb_planner
+
+    # planning -----------------------------------------------------------------------------
+    def check_image(self, image_id: str) -> None:
+        """Refuse at submission an image id no job could use (see ``Runtimes.check_image``)."""
+        self.runtimes.check_image(image_id)
+
+    def state_ready(self, state_id: str) -> bool:
+        return state_ready(self.store, state_id)
+
+    def plan(self, request: PrepareRequest, emit: EventEmitter | None,
+             run: JobRun | None = None
+             ) -> tuple[ResolvedImage, list[StepPlan], str, list[PlanTask]]:
+        """Resolve the image and hash the scripts; a job's base cluster is initialised
+        meanwhile, in the background, since it does not depend on the scripts."""
+        if emit:
+            emit.log(f"resolve image {request.image_id}")
+        image = self.runtimes.resolve(request.image_id, emit.log if emit else None)
+        if emit:
+            emit.log(f"resolved image {image.resolved_id}")
+        if emit and run and not request.plan_only and self.remote.client("pull") is None:
+            # with a remote cache the base may never be needed: a build initialises it then
+            run.base = in_background("base-init", self.runtimes.ensure_base, image, emit.log)
+        if request.lb is None:
+            steps, signature = plan_steps(request, image.resolved_id, self.engine_version)
+        else:
+            changesets = self.lb_planner.changesets(request.lb, image, emit, run)
+            steps, signature = plan_lb_steps(request, image.resolved_id, self.engine_version,
+                                             changesets)
+        tasks = build_tasks(request, image.resolved_id, steps, self.state_ready)
+        return image, steps, signature, tasks
 
     # execution ----------------------------------------------------------------------------
     def run(self, job: JobRow, request: PrepareRequest, run: JobRun,
@@ -8405,13 +8432,13 @@ class Executor:
         """Drop step 0 run ahead of the plan (another job built that state, or this one
         ends)."""
         if run.ahead:
-            self._discard_quietly(run, run.ahead)
+            discard_quietly(self.instances, run, run.ahead)
             run.ahead = None
 
     def _drop_runtime(self, run: JobRun) -> None:
         self._drop_ahead(run)
         if run.runtime:
-            self._discard_quietly(run, run.runtime)
+            discard_quietly(self.instances, run, run.runtime)
             run.runtime = None
 
     def _interrupt(self, job: JobRow, run: JobRun, emit: EventEmitter) -> None:
@@ -8473,7 +8500,7 @@ class Executor:
                 if request.lb is None:
                     self._run_psql(request, handle, step, run, emit)
                 elif step.changeset is not None:
-                    self._run_changeset(request.lb, handle, step.args, run, emit.log)
+                    self.lb_planner.run_changeset(request.lb, handle, step.args, run, emit.log)
             run.check()
             self._snapshot(image, handle, step, request.prepare_kind, emit)
             self.instances.pin_runtime(job.job_id, handle)  # the new state: the job's next
@@ -10397,8 +10424,10 @@ class Engine:
         liquibase = LiquibaseRunner(self.instances, self.runtimes.host.dbms, os.path.join(
             self.snapshots.expose_root or self.layout.root, ".liquibase"),
             self.snapshots.expose_root)
+        lb_planner = LiquibasePlanner(self.jobs, self.store, self.runtimes, self.instances,
+                                      self.cache, liquibase)
         executor = Executor(self.jobs, self.store, self.layout, self.runtimes, self.instances,
-                            self.snapshots, self.cache, self.pool, self.remote, liquibase,
+                            self.snapshots, self.cache, self.pool, self.remote, lb_planner,
                             self.version)
         self.prepare = PrepareManager(self.jobs, executor, self.config, self.instances)
         self.runs = RunManager(self.registry, self.instances)
