@@ -4357,6 +4357,8 @@ def unix_sessions(path: str) -> int:
 
 
 POOL_PIN = "pool:"  #: pin owners of pooled runtimes
+#: how long a deletion waits for sessions that have just ended to leave (``connections``)
+SESSION_SETTLE_S, SESSION_SETTLE_POLL_S = 0.5, 0.01
 
 
 class InstanceEntry(TypedDict):
@@ -4864,12 +4866,18 @@ class InstanceManager:
 
     def connections(self, row: InstanceRow) -> int | None:
         """Client sessions of a live instance (0 when it is not running); None when they
-        cannot be counted, which callers must treat as "maybe in use"."""
+        cannot be counted, which callers must treat as "maybe in use". A count above 0 is
+        taken again for up to ``SESSION_SETTLE_S``: a session that has just ended (the
+        engine's own, after a create, or a client's) keeps its backend and its socket for a
+        moment, and a deletion right after it must not be refused for it."""
         handle = self.live_handle(row)
         if handle is None:
             return 0
+        settled = time.monotonic() + SESSION_SETTLE_S
         try:
-            return self.conntrack.active(handle)
+            while (count := self.conntrack.active(handle)) and time.monotonic() < settled:
+                time.sleep(SESSION_SETTLE_POLL_S)
+            return count
         except ConntrackError as exc:
             log.warning("conntrack failed for %s: %s", row.instance_id, exc)
             return None

@@ -3,6 +3,7 @@ that forces an eviction, or a pause point inside the engine ($SQLRS_TEST_HOOKS_D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -269,6 +271,35 @@ def test_host_sessions_are_counted_without_a_session(engine: EngineProcess) -> N
         forced = engine.delete(f"/v1/instances/{instance_id}?force=true")
         assert forced.status == 200, forced.body
         assert run.result(timeout=60).status == 200
+
+
+def test_a_session_that_just_ended_does_not_block_a_deletion(engine: EngineProcess) -> None:
+    """A session that has ended keeps its backend (and on the host its socket) for a moment:
+    a deletion right after it waits for that instead of answering "active_connections" (the
+    engine's own session of a create made DELETE-after-POST fail now and then). Arranged: a
+    unix-socket client's backend is stopped (SIGSTOP) while the client disconnects, and goes
+    on (SIGCONT) while the deletion is waiting."""
+    import psycopg2
+
+    if engine.image != HOST_IMAGE or os.geteuid() != 0:
+        pytest.skip("the arrangement connects over the server's private socket, as root")
+    instance = create(engine, prepared_state(engine)).json()
+    instance_id, port = instance["instance_id"], urllib.parse.urlsplit(instance["dsn"]).port
+    sockets = expose_root(engine.store) / instance_id / "sock"
+    client = psycopg2.connect(host=str(sockets), port=port, user="sqlrs", dbname="postgres")
+    backend = client.get_backend_pid()
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        client.close()  # the backend cannot see it: its socket stays connected
+        with ThreadPoolExecutor(1) as pool:
+            deletion = pool.submit(engine.delete, f"/v1/instances/{instance_id}")
+            threading.Event().wait(0.15)  # (a delay inside the deletion's settle window,
+            os.kill(backend, signal.SIGCONT)  # not a wait for readiness)
+            deleted = deletion.result(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(backend, signal.SIGCONT)
+    assert deleted.status == 200, deleted.body
 
 
 # -------------------------------------------------------------------- bounded history
