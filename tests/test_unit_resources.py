@@ -167,3 +167,37 @@ def test_a_client_registered_on_a_job_is_killed_when_its_block_raises() -> None:
         assert registered is client and run.processes == {client}
         raise Injected
     assert run.processes == set() and client.killed == 1
+
+
+def test_a_job_runner_that_crashes_leaves_no_run_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever escapes the executor, the prepare manager forgets the job's run (the engine
+    is not kept busy by it), marks it done and logs why."""
+
+    class CrashingExecutor:
+        def check_image(self, _image_id: str) -> None:
+            pass
+
+        def run(self, *_args: Any) -> None:
+            raise RuntimeError("a bug in the executor")
+
+    class Jobs:
+        def __init__(self) -> None:
+            self.created: list[se.JobRow] = []
+
+        def create_job(self, job: se.JobRow) -> None:
+            self.created.append(job)
+
+        def jobs_in(self, _statuses: Any) -> list[se.JobRow]:
+            return []
+
+    jobs = Jobs()
+    manager = se.PrepareManager(jobs, CrashingExecutor(), None, None,  # type: ignore[arg-type]
+                                workers=1)
+    with caplog.at_level("ERROR", logger="sqlrs-engine"):
+        job = manager.submit({"prepare_kind": "psql", "image_id": "host:15",
+                              "psql_args": ["-c", "select 1"]})
+        manager._pool.shutdown(wait=True)
+    assert [j.job_id for j in jobs.created] == [job.job_id]
+    assert not manager.busy()
+    assert f"job {job.job_id} runner failed" in caplog.text
+    assert "a bug in the executor" in caplog.text
