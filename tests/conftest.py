@@ -24,6 +24,7 @@ from harness import ROOT as ROOT
 from harness import STARTUP_DEADLINE as STARTUP_DEADLINE
 from harness import HttpResult as HttpResult
 from harness import SpawnedEngine, engine_argv, engine_label, sweep_store
+from harness import container_postmaster_pid as container_postmaster_pid
 from harness import expose_root as expose_root
 from harness import mounts_below as mounts_below
 from harness import poll as poll

@@ -284,6 +284,17 @@ def postgres_pids_below(*prefixes: Path) -> list[int]:
     return pids
 
 
+def container_postmaster_pid(container_id: str) -> int:
+    """The host pid of the postmaster running in a container (``postgres -D …``)."""
+    top = subprocess.run(["docker", "top", container_id, "-o", "pid,args"], check=True,
+                         capture_output=True, text=True, timeout=30).stdout
+    pids = [int(line.split()[0]) for line in top.splitlines()[1:]
+            if len(line.split()) > 2 and line.split()[1].rsplit("/", 1)[-1] == "postgres"
+            and line.split()[2] == "-D"]
+    assert len(pids) == 1, top
+    return pids[0]
+
+
 def kill_leftovers(*roots: Path) -> None:
     """Last resort: SIGKILL postgres processes under ``roots`` and lazily unmount their mounts."""
     for pid in postgres_pids_below(*roots):

@@ -14,6 +14,7 @@ from conftest import (
     EngineProcess,
     assert_error,
     containers_of,
+    job_to_end,
     output,
     poll,
     post_run,
@@ -140,3 +141,37 @@ def test_the_start_up_sweep_spares_this_process_containers(engine_factory: Any,
     assert job["status"] == "succeeded", job.get("error")
     poll(lambda: not leftovers & set(containers_of(again.store)), 60,
          what="the earlier process's containers to be swept")
+
+
+def test_psql_arguments_stdin_and_output_reach_the_container_exactly(
+        engine: EngineProcess, tmp_path: Path) -> None:
+    """A build's psql runs through the container's command agent: every argument (newlines,
+    backslashes, quotes, a shell's specials, non-ASCII), a script on stdin and output that
+    does not end in a newline arrive unchanged; a failing step's output is its error."""
+    without_warm_pool(engine)
+    tricky = "line one\nline 'two' \\ \"three\" $HOME `id` * ünïcødé\t"
+    script = tmp_path / "script.sql"
+    script.write_text("create table t(v text);\ninsert into t values (:'tricky');\n"
+                      "\\echo -n no-newline-at-the-end\n")
+    job = engine.prepare(["-v", f"tricky={tricky}", "-f", str(script),
+                          "-c", f"insert into t values ($q${tricky}$q$)"])
+    assert job["status"] == "succeeded", job
+    values = psql(job["result"]["dsn"], "select encode(convert_to(v, 'UTF8'), 'hex') from t")
+    assert [bytes.fromhex(row).decode() for row in values.split("\n")] == [tricky, tricky]
+    logs = [event.get("message", "") for event in job_to_end(engine, job["job_id"], 60)[1]]
+    assert "psql: no-newline-at-the-end" in logs, logs
+    failing = engine.prepare(["-c", "select 1/0"])
+    assert failing["status"] == "failed", failing
+    assert "division by zero" in failing["error"]["details"], failing["error"]
+
+
+def test_a_cancel_ends_a_running_psql_in_the_container(engine: EngineProcess) -> None:
+    """A cancel kills the psql the agent runs: the job ends at once, not after the script."""
+    without_warm_pool(engine)
+    job_id = engine.submit(["-c", "select pg_sleep(600)"])
+    engine.events_until(job_id, lambda event: event.get("message") == "psql: start", 120)
+    assert engine.post(f"/v1/prepare-jobs/{job_id}/cancel").status == 202
+    job = engine.wait_job(job_id, 60)
+    assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
+    assert engine.get("/v1/states").json() == []
+    poll(lambda: containers_of(engine.store) == [], 60, what="the job's container to go")

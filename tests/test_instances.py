@@ -45,6 +45,7 @@ from conftest import (
     HttpResult,
     OpenApiChecker,
     assert_error,
+    container_postmaster_pid,
     exit_code,
     expose_root,
     leftover_servers,
@@ -146,12 +147,7 @@ def postmaster_pid(engine: EngineProcess, entry: dict[str, Any]) -> int:
     server = server_of(engine, entry)
     if on_host(engine):
         return int(server.removeprefix("pid:"))
-    top = subprocess.run(["docker", "top", entry["runtime_id"], "-o", "pid,args"], check=True,
-                         capture_output=True, text=True, timeout=30).stdout
-    pids = [int(line.split()[0]) for line in top.splitlines()[1:]
-            if len(line.split()) > 1 and line.split()[1].endswith("/postgres")]
-    assert len(pids) == 1, top
-    return pids[0]
+    return container_postmaster_pid(entry["runtime_id"])
 
 
 def kill_server(engine: EngineProcess, entry: dict[str, Any]) -> None:

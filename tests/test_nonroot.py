@@ -28,6 +28,7 @@ from conftest import (
     ROOT,
     EngineProcess,
     cleanup_store,
+    container_postmaster_pid,
     docker_available,
     poll,
     psql,
@@ -126,13 +127,7 @@ def server_uids(engine: EngineProcess, instance_id: str) -> int:
     runtime_id = engine.get(f"/v1/instances/{instance_id}").json()["runtime_id"]
     if runtime_id.startswith("host:"):
         return os.stat(f"/proc/{runtime_id[5:]}").st_uid
-    pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", runtime_id],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    postmasters = [child for child in children
-                   if Path(f"/proc/{child}/comm").read_text().strip() == "postgres"]
-    assert postmasters, "no postmaster in the container"
-    return os.stat(f"/proc/{postmasters[0]}").st_uid
+    return os.stat(f"/proc/{container_postmaster_pid(runtime_id)}").st_uid
 
 
 def sizes(engine: EngineProcess, state_ids: list[str]) -> list[int]:

@@ -30,6 +30,7 @@ from conftest import (
     RUNTIMES,
     EngineProcess,
     assert_error,
+    container_postmaster_pid,
     exit_code,
     expose_root,
     mounts_below,
@@ -133,12 +134,7 @@ def postmaster_pid(engine: EngineProcess, instance_id: str) -> int | None:
     if on_host(engine):
         assert runtime_id.startswith("host:"), entry
         return int(runtime_id.removeprefix("host:"))
-    top = subprocess.run(["docker", "top", runtime_id, "-o", "pid,args"], check=True,
-                         capture_output=True, text=True, timeout=30).stdout
-    pids = [int(line.split()[0]) for line in top.splitlines()[1:]
-            if len(line.split()) > 1 and line.split()[1].endswith("/postgres")]
-    assert len(pids) == 1, top
-    return pids[0]
+    return container_postmaster_pid(runtime_id)
 
 
 def gone(pid: int) -> bool:

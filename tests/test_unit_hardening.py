@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import docker
@@ -124,17 +125,29 @@ def test_docker_client_failures_are_told_apart(monkeypatch: pytest.MonkeyPatch,
     assert str(error) in str(info.value.details)
 
 
-class FailingExec:
-    def exec_run(self, command: list[str], user: str) -> Any:
-        return type("Result", (), {"exit_code": 1, "output": b"tail: cannot open"})()
+class FailingAgent:
+    """A container's command agent whose commands all fail."""
+
+    container_id = "c" * 64
+    user = "100:102"
+    broken = False
+
+    def run(self, command: list[str]) -> tuple[int, str]:
+        return 1, "tail: cannot open"
+
+    def close(self) -> None:
+        self.broken = True
 
 
-def test_a_failing_exec_is_an_error_or_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_exec_is_an_error_or_logged(caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = se.DockerRuntime("label")
+    monkeypatch.setattr(runtime, "_checkout", lambda container_id, user: FailingAgent())
+    container = SimpleNamespace(id=FailingAgent.container_id)
     image = se.ResolvedImage("img", "img@sha256:0", "docker", "img", owner=(100, 102))
     with pytest.raises(se.DbmsError, match="cannot open"):
-        runtime._exec(FailingExec(), image, ["pg_ctl", "stop"])
+        runtime._exec(container, image, ["pg_ctl", "stop"])
     with caplog.at_level(logging.WARNING, logger="sqlrs-engine"):
-        assert runtime._exec(FailingExec(), image, ["tail", "x"], check=False) \
+        assert runtime._exec(container, image, ["tail", "x"], check=False) \
             == "tail: cannot open"
     assert "docker exec tail exited 1" in caplog.text
