@@ -8690,8 +8690,10 @@ class Executor:
         emit.emit({"type": "status", "status": "running"}, status="running",
                   started_at=format_ts(), attempts=job.attempts + 1,
                   prepare_args_normalized=request.normalized)
-        # the job's pin (``_pin_state`` replaces what it holds) ends with the job
-        with emit.heartbeat(), self.instances.holding(job.job_id, set()):
+        # the job's pin (``_pin_state`` replaces what it holds) and its build servers end
+        # with the job (the failure paths drop the servers first, before saying so)
+        with emit.heartbeat(), self.instances.holding(job.job_id, set()), \
+                self._building(run):
             try:
                 result = self._run_tasks(job, request, run, emit, retain)
                 self._retain_finishing(run, retain)
@@ -8731,6 +8733,16 @@ class Executor:
         if run.ahead:
             discard_quietly(self.instances, run, run.ahead)
             run.ahead = None
+
+    @contextlib.contextmanager
+    def _building(self, run: JobRun) -> Iterator[None]:
+        """The job's build servers (its runtime and step 0 run ahead) are discarded when the
+        block ends, on every path: a successful job has handed its last one to its
+        instance."""
+        try:
+            yield
+        finally:
+            self._drop_runtime(run)
 
     def _drop_runtime(self, run: JobRun) -> None:
         self._drop_ahead(run)

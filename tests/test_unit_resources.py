@@ -201,3 +201,27 @@ def test_a_job_runner_that_crashes_leaves_no_run_behind(caplog: pytest.LogCaptur
     assert not manager.busy()
     assert f"job {job.job_id} runner failed" in caplog.text
     assert "a bug in the executor" in caplog.text
+
+
+def test_a_build_server_is_discarded_whatever_ends_the_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception no one listed (not even an Exception) raised while a job holds a build
+    server and a step run ahead discards both and unpins the job."""
+    instances, jobs = RecordingInstances(), FakeJobs()
+    runner = executor(instances, jobs, tmp_path)
+    job = SimpleNamespace(job_id="j" * 32, attempts=0)
+    run = se.JobRun(job.job_id)
+
+    def crash(job: Any, *_args: Any) -> None:
+        run.runtime = handle("r" * 32, FakeRuntime())
+        run.ahead = handle("a" * 32, FakeRuntime())
+        instances.pin(job.job_id, {"/s/input"})
+        raise Injected
+
+    monkeypatch.setattr(runner, "_run_tasks", crash)
+    with pytest.raises(Injected):
+        runner.run(job, SimpleNamespace(normalized="psql -f a.sql"),  # type: ignore[arg-type]
+                   run, lambda _signature, _done: None)
+    assert sorted(instances.discarded) == ["a" * 32, "r" * 32]
+    assert run.runtime is None and run.ahead is None
+    assert instances.owners() == set() and heartbeats() == []
