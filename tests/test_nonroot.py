@@ -30,8 +30,11 @@ from conftest import (
     cleanup_store,
     container_postmaster_pid,
     docker_available,
+    exit_code,
+    output,
     poll,
     psql,
+    run_events,
     sql_via_run,
     without_warm_pool,
 )
@@ -386,3 +389,78 @@ def test_states_travel_as_yourself(workspace: Workspace, image: str) -> None:
     assert psql(pulled["result"]["dsn"], "select count(*) from t") == "50"
     origins = {state["state_id"]: state["origin"] for state in puller.get("/v1/states").json()}
     assert origins[state_id] == "pulled"
+
+
+@RUNTIMES
+def test_the_cli_flow_as_yourself(workspace: Workspace, image: str) -> None:
+    """The HTTP calls the sqlrs CLI makes for its end-to-end flow (contract §8), in its
+    order, against an engine of the ordinary user's: connect (health without the token,
+    the auth probe with it), prepare:psql watched to its end, the same prepare again (every
+    step a cache hit), run:psql with its exit codes and run:pgbench, ls, cache explain,
+    prepare:lb, and rm by id prefix (dry run, then for real). The real CLI is not on this
+    machine: this replays what it sends."""
+    engine = workspace.spawn(image_for(image))
+    assert engine.get("/v1/health", auth=False).status == 200
+    assert engine.get("/v1/prepare-jobs", auth=False).status == 401
+    assert engine.get("/v1/prepare-jobs").status == 200
+    schema = workspace.write("schema.sql", "create table items(id int primary key);\n")
+    data = workspace.write("data.sql", "insert into items select generate_series(1, 50);\n")
+    body = {"prepare_kind": "psql", "image_id": engine.image,
+            "psql_args": ["-v", "ON_ERROR_STOP=1", "-f", schema, "-f", data]}
+    jobs = []
+    for _ in range(2):  # prepare:psql, then the warm prepare
+        made = engine.post("/v1/prepare-jobs", body)
+        assert made.status == 201, made.body
+        events = engine.get(made.json()["events_url"], timeout=600)
+        assert events.status == 200 and events.ndjson()[-1]["type"] in ("status", "result")
+        jobs.append(engine.get(made.json()["status_url"]).json())
+    first, warm = jobs
+    assert first["status"] == "succeeded" and warm["status"] == "succeeded", jobs
+    steps = [task for task in warm["tasks"] if task["type"] == "state_execute"]
+    assert len(steps) == 2 and all(task["cached"] for task in steps), steps
+    instance_id = warm["result"]["instance_id"]
+    ok = engine.post("/v1/runs", {"instance_ref": instance_id, "kind": "psql", "args": [],
+                                  "steps": [
+                                      {"args": ["-XAt", "-c", "select count(*) from items"]},
+                                      {"args": ["-XAt", "-f", "-"], "stdin": "select 7;\n"}]})
+    assert exit_code(run_events(ok)) == 0 and output(run_events(ok)).split() == ["50", "7"]
+    failing = engine.post("/v1/runs", {"instance_ref": instance_id, "kind": "psql",
+                                       "args": ["-v", "ON_ERROR_STOP=1", "-c",
+                                                "select * from nope"]})
+    assert exit_code(run_events(failing)) == 1  # psql's status for a failed -c
+    assert 'relation "nope" does not exist' in output(run_events(failing), "stderr")
+    bench = engine.post("/v1/runs", {"instance_ref": instance_id, "kind": "pgbench",
+                                     "args": ["-i", "-s", "1", "-q"]})
+    assert exit_code(run_events(bench)) == 0
+    # ls: names, instances, states, jobs by prefix, tasks
+    assert engine.get("/v1/names").status == 200
+    listed = engine.get("/v1/instances").json()
+    assert {entry["instance_id"] for entry in listed} == {first["result"]["instance_id"],
+                                                          instance_id}
+    assert {state["state_id"] for state in engine.get("/v1/states").json()} == \
+        {task["output_state_id"] for task in steps}
+    assert [job["job_id"] for job in
+            engine.get(f"/v1/prepare-jobs?job={first['job_id'][:8]}").json()] == \
+        [first["job_id"]]
+    assert engine.get(f"/v1/tasks?job={first['job_id']}").json()
+    explained = engine.post("/v1/cache/explain/prepare", body)
+    assert explained.status == 200 and explained.json()["decision"] == "hit", explained.body
+    changelog = workspace.write("cl.sql", "--liquibase formatted sql\n\n"
+                                "--changeset dev:1\ncreate table pets(id int);\n")
+    lb = engine.post("/v1/prepare-jobs", {
+        "prepare_kind": "lb", "image_id": engine.image, "work_dir": str(workspace.root),
+        "liquibase_exec": "/opt/sqlrs-test/liquibase/bin/liquibase",
+        "liquibase_args": ["update", f"--changelog-file={changelog}"]})
+    assert lb.status == 201, lb.body
+    lb_job = engine.wait_job(lb.json()["job_id"], deadline_s=600)
+    assert lb_job["status"] == "succeeded", lb_job.get("error")
+    assert psql(lb_job["result"]["dsn"], "select count(*) from pets") == "0"
+    # rm <prefix>: resolve the prefix, then the deletion (a dry run first)
+    prefix = instance_id[:8]
+    assert [entry["instance_id"] for entry in
+            engine.get(f"/v1/instances?id_prefix={prefix}").json()] == [instance_id]
+    dry = engine.delete(f"/v1/instances/{instance_id}?force=true&dry_run=true")
+    assert dry.status == 200 and dry.json()["outcome"] == "would_delete", dry.body
+    gone = engine.delete(f"/v1/instances/{instance_id}?force=true")
+    assert gone.status == 200 and gone.json()["outcome"] == "deleted", gone.body
+    assert engine.get(f"/v1/instances/{instance_id}").status == 404
