@@ -3796,6 +3796,23 @@ class ExecAgent:
             pass
         return self.marks.ns_pid
 
+    def idle_and_alive(self) -> bool:
+        """Whether an idle agent can still be used: its channel is open with nothing unread
+        (a DSN holder may have killed the server user's agent; the container may be gone)."""
+        if self.broken:
+            return False
+        try:
+            self._socket.setblocking(False)
+            self._socket.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # open, and nothing to read
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self._socket.setblocking(True)
+        return False  # closed, or output that no command waits for
+
     def interrupt(self) -> None:
         """Kill the running foreground command (SIGTERM to the agent, which kills it)."""
         try:
@@ -3976,10 +3993,15 @@ class DockerRuntime:
 
     def _checkout(self, container_id: str, user: str) -> ExecAgent:
         """An idle agent of the container running as ``user``, or a new one."""
-        with self._agents_lock:
-            idle = self._agents.get((container_id, user))
-            if idle:
-                return idle.pop()
+        while True:
+            with self._agents_lock:
+                idle = self._agents.get((container_id, user))
+                found = idle.pop() if idle else None
+            if found is None:
+                break
+            if found.idle_and_alive():
+                return found
+            found.close()
         agent: ExecAgent = self._call(ExecAgent, self.docker().api, container_id, user,
                                       {**CLIENT_ENV, "PGAPPNAME": "sqlrs-engine"})
         return agent

@@ -175,3 +175,22 @@ def test_a_cancel_ends_a_running_psql_in_the_container(engine: EngineProcess) ->
     assert job["status"] == "failed" and job["error"]["code"] == "cancelled", job
     assert engine.get("/v1/states").json() == []
     poll(lambda: containers_of(engine.store) == [], 60, what="the job's container to go")
+
+
+def test_a_killed_command_agent_is_replaced(engine: EngineProcess, scripts: Path) -> None:
+    """A DSN holder may kill the server user's command agent (it runs as that user): the
+    engine's next command in the container goes to a new agent."""
+    without_warm_pool(engine)
+    job = engine.prepare(["-f", str(scripts / "schema.sql")])
+    assert job["status"] == "succeeded", job
+    container = engine.get(f"/v1/instances/{job['result']['instance_id']}").json()["runtime_id"]
+    top = subprocess.run(["docker", "top", container, "-o", "pid,user,args"], check=True,
+                         capture_output=True, text=True).stdout
+    agents = [int(line.split()[0]) for line in top.splitlines()[1:] if "sqlrs-agent" in line
+              and line.split()[1] != "root"]
+    assert agents, top
+    for pid in agents:
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+    reset = engine.post(f"/v1/instances/{job['result']['instance_id']}/reset")
+    assert reset.status == 200, reset.body
+    assert psql(job["result"]["dsn"], "select count(*) from items") == "0"
