@@ -3530,6 +3530,18 @@ class RuntimeUnavailable(ApiError):
                          f"{details} (start Docker and retry)")
 
 
+class DockerRefused(ApiError):
+    """The container engine answered a call with an error (its message says why)."""
+
+    def __init__(self, explanation: str) -> None:
+        super().__init__(HTTPStatus.BAD_GATEWAY, "docker_error", "docker refused a call",
+                         explanation)
+
+
+class DockerNotFound(DockerRefused):
+    """What a call named (a container, an image, an exec) does not exist."""
+
+
 class Runtime(Protocol):
     """What the engine needs from a place where Postgres runs (host or container)."""
 
@@ -3588,10 +3600,17 @@ MOUNTING_CONTAINER: dict[str, Any] = {"cap_add": ["SYS_ADMIN"],
                                       "security_opt": ["no-new-privileges"]}
 
 
+#: a call into the Docker SDK through its runtime's one translation point
+#: (``DockerRuntime._call``: the SDK's errors become the engine's)
+DockerCall = Callable[..., Any]
+
+
 class DockerClient(ClientProcess):
     """A client program run with ``docker exec`` over an attached socket (stdin supported)."""
 
-    def __init__(self, api: Any, exec_id: str, sock: Any, stdin: bytes | None) -> None:
+    def __init__(self, call: DockerCall, api: Any, exec_id: str, sock: Any,
+                 stdin: bytes | None) -> None:
+        self.call = call
         self.api = api
         self.exec_id = exec_id
         self.sock = sock
@@ -3620,7 +3639,7 @@ class DockerClient(ClientProcess):
     def wait(self) -> int:
         deadline = time.monotonic() + self.linger_seconds
         while True:
-            info = self.api.exec_inspect(self.exec_id)
+            info = self.call(self.api.exec_inspect, self.exec_id)
             if not info.get("Running"):
                 return int(info.get("ExitCode") or 0)
             if time.monotonic() > deadline:
@@ -3630,17 +3649,13 @@ class DockerClient(ClientProcess):
             time.sleep(0.01)
 
     def kill(self) -> None:
-        import docker.errors
-        import requests.exceptions
-
         try:
-            pid = int(self.api.exec_inspect(self.exec_id).get("Pid") or 0)
+            pid = int(self.call(self.api.exec_inspect, self.exec_id).get("Pid") or 0)
             if pid > 0:
                 os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it has ended by itself
-        except (OSError, docker.errors.DockerException,
-                requests.exceptions.RequestException) as exc:
+        except (OSError, EngineError) as exc:
             log.warning("cannot kill docker exec %s: %s", self.exec_id[:12], exc)
 
 
@@ -3736,17 +3751,17 @@ class ExecAgent:
     exec's attached socket). One caller at a time uses it (``DockerRuntime._agent`` hands it
     out); after any failure to talk to it, it is ``broken`` and is dropped."""
 
-    def __init__(self, api: Any, container_id: str, user: str,
+    def __init__(self, call: DockerCall, api: Any, container_id: str, user: str,
                  environment: Mapping[str, str]) -> None:
+        self.call = call
         self.api = api
         self.container_id = container_id
         self.user = user
-        created = api.exec_create(container_id, ["sh", "-c", AGENT_SCRIPT, "sqlrs-agent"],
-                                  stdin=True, user=user, workdir="/",
-                                  environment=dict(environment))
+        created = call(api.exec_create, container_id, ["sh", "-c", AGENT_SCRIPT, "sqlrs-agent"],
+                       stdin=True, user=user, workdir="/", environment=dict(environment))
         self.exec_id: str = created["Id"]
-        sock = api.exec_start(self.exec_id, socket=True)
-        self._socket: socket.socket = getattr(sock, "_sock", sock)
+        sock: Any = call(api.exec_start, self.exec_id, socket=True)
+        self._socket: socket.socket = sock._sock if hasattr(sock, "_sock") else sock
         self.marks = AgentOutput(random_hex(16).encode())
         self.broken = False
         self._send(self.marks.nonce + b"\n")
@@ -3816,12 +3831,12 @@ class ExecAgent:
     def interrupt(self) -> None:
         """Kill the running foreground command (SIGTERM to the agent, which kills it)."""
         try:
-            pid = int(self.api.exec_inspect(self.exec_id).get("Pid") or 0)
+            pid = int(self.call(self.api.exec_inspect, self.exec_id).get("Pid") or 0)
             if pid > 0:
                 os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             self.broken = True
-        except Exception as exc:
+        except (OSError, EngineError) as exc:
             self.broken = True
             log.warning("cannot interrupt a container command: %s", exc)
 
@@ -3948,32 +3963,42 @@ class DockerRuntime:
 
     def _connect(self) -> Any:
         import docker
-        import requests.exceptions
         from docker.utils import kwargs_from_env
 
-        try:
+        def connect() -> Any:
             options: dict[str, Any] = {"timeout": 60, "num_pools": 256, "max_pool_size": 64,
                                        "base_url": f"unix://{self.socket_path}",
                                        **kwargs_from_env()}
             client = docker.DockerClient(**options)
             client.ping()
             return client
-        except (docker.errors.DockerException, requests.exceptions.ConnectionError) as exc:
-            raise RuntimeUnavailable(str(exc)) from None
-        except (requests.exceptions.RequestException, ValueError) as exc:
+
+        try:
+            return self._call(connect)
+        except ValueError as exc:  # a malformed DOCKER_HOST or TLS setting
             log.warning("docker client: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "docker_error", "cannot talk to docker",
                            str(exc)) from None
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, a call into the Docker SDK: the one place its errors (and
+        those of ``requests`` below it) become the engine's. A daemon that cannot be reached
+        is ``RuntimeUnavailable`` (and the client is made again next time), an error answer
+        ``DockerRefused`` (``DockerNotFound`` for a missing object), a helper container that
+        failed a ``DbmsError`` with its stderr."""
         import docker.errors
         import requests.exceptions
 
         try:
             return fn(*args, **kwargs)
+        except docker.errors.ContainerError as exc:
+            command = " ".join(exc.command) if isinstance(exc.command, list) else exc.command
+            raise DbmsError(f"{command} failed: {exc.stderr!r}") from None
+        except docker.errors.NotFound as exc:  # a missing image too
+            raise DockerNotFound(str(exc.explanation or exc)) from None
+        except docker.errors.APIError as exc:
+            raise DockerRefused(str(exc.explanation or exc)) from None
         except (requests.exceptions.ConnectionError, docker.errors.DockerException) as exc:
-            if isinstance(exc, docker.errors.APIError | docker.errors.ImageNotFound):
-                raise
             with self._lock:
                 self._client = None
             raise RuntimeUnavailable(str(exc)) from None
@@ -3982,13 +4007,11 @@ class DockerRuntime:
                            str(exc)) from None
 
     def _container(self, container_id: str | None) -> Any:
-        import docker.errors
-
         if not container_id:
             return None
         try:
             return self._call(self.docker().containers.get, container_id)
-        except docker.errors.NotFound:
+        except DockerNotFound:
             return None
 
     def _checkout(self, container_id: str, user: str) -> ExecAgent:
@@ -4002,9 +4025,8 @@ class DockerRuntime:
             if found.idle_and_alive():
                 return found
             found.close()
-        agent: ExecAgent = self._call(ExecAgent, self.docker().api, container_id, user,
-                                      {**CLIENT_ENV, "PGAPPNAME": "sqlrs-engine"})
-        return agent
+        return ExecAgent(self._call, self.docker().api, container_id, user,
+                         {**CLIENT_ENV, "PGAPPNAME": "sqlrs-engine"})
 
     def _checkin(self, agent: ExecAgent) -> None:
         """An agent back to the idle ones (a broken one is closed instead)."""
@@ -4084,36 +4106,38 @@ class DockerRuntime:
         return result
 
     def _find_or_pull(self, image_id: str, note: Callable[[str], None] | None) -> Any:
-        import docker.errors
-
         images = self.docker().images
         candidates = [image_id]
         if "@" in image_id:
             candidates.append(image_id.split("@", 1)[1])
         for ref in candidates:
-            with contextlib.suppress(docker.errors.ImageNotFound, docker.errors.APIError):
+            with contextlib.suppress(DockerRefused):
                 return self._call(images.get, ref)
         if note:
             note(f"docker: pull {image_id}")
         repo, _, tag = image_id.partition("@")[0].rpartition(":")
         if not repo or "/" in tag:
             repo, tag = image_id, "latest"
-        try:
+
+        def pull() -> Any:
             last = 0.0
-            for progress in self._call(self.docker().api.pull, repo, tag=tag, stream=True,
-                                       decode=True):
+            for progress in self.docker().api.pull(repo, tag=tag, stream=True, decode=True):
                 if note and time.monotonic() - last > 0.5:
                     note(f"docker: {progress.get('status', '')} {progress.get('progress', '')}"
                          .strip())
                     last = time.monotonic()
-            return self._call(images.get, image_id)
-        except docker.errors.APIError as exc:
-            if re.search(r"connection refused|no such host|i/o timeout|dial tcp", str(exc)):
+            return images.get(image_id)
+
+        try:
+            return self._call(pull)
+        except DockerRefused as exc:
+            if re.search(r"connection refused|no such host|i/o timeout|dial tcp",
+                         str(exc.details)):
                 raise JobFailure("registry_unavailable",
                                  f"cannot reach the registry of image {image_id}",
-                                 str(exc)) from None
+                                 exc.details) from None
             raise JobFailure("image_not_found", f"cannot pull image {image_id}",
-                             str(exc)) from None
+                             exc.details) from None
 
     def _postgres_owner(self, image_ref: str) -> tuple[int, int]:
         """The uid/gid the container's server runs as: the engine's own when it is not root,
@@ -4154,19 +4178,13 @@ class DockerRuntime:
     def _run_helper(self, image_ref: str, command: list[str], pgdata: str | None,
                     user: str = "root", binds: Mapping[str, str] | None = None,
                     **options: Any) -> bytes:
-        import docker.errors
-
         volumes = self._volumes(pgdata)
         volumes.update({source: {"bind": target, "mode": "rw"}
                         for source, target in (binds or {}).items()})
-        try:
-            output: bytes = self._call(
-                self.docker().containers.run, image_ref, command, user=user, remove=True,
-                volumes=volumes, labels=self._labels(),
-                stdout=True, stderr=True, **options)
-            return output
-        except docker.errors.ContainerError as exc:
-            raise DbmsError(f"{' '.join(command)} failed: {exc.stderr!r}") from None
+        output: bytes = self._call(
+            self.docker().containers.run, image_ref, command, user=user, remove=True,
+            volumes=volumes, labels=self._labels(), stdout=True, stderr=True, **options)
+        return output
 
     def init_base(self, image: ResolvedImage, pgdata: str) -> None:
         self._run_helper(self._image_ref(image),
@@ -4180,8 +4198,6 @@ class DockerRuntime:
             self.snapshots.mount_mode(handle.runtime_dir) == "container"
 
     def _create(self, handle: RuntimeHandle) -> Any:
-        import docker.errors
-
         volumes = self._volumes(handle.data_dir)
         volumes[handle.socket_dir] = {"bind": SOCKET_IN_CONTAINER, "mode": "rw"}
         options: dict[str, Any] = {}
@@ -4203,12 +4219,12 @@ class DockerRuntime:
                     volumes=volumes, ports={"5432/tcp": ("127.0.0.1", port)},
                     environment={"PGDATA": PGDATA_IN_CONTAINER}, **options)
                 break
-            except docker.errors.APIError as exc:
-                taken = "port is already allocated" in str(exc) or \
-                    "address already in use" in str(exc)
+            except DockerRefused as exc:
+                taken = "port is already allocated" in exc.details or \
+                    "address already in use" in exc.details
                 if port is None or not taken:
                     raise
-                with contextlib.suppress(docker.errors.APIError):
+                with contextlib.suppress(DockerRefused):
                     self._call(self.docker().api.remove_container, name, force=True)
         handle.container_id = container.id
         return container
@@ -4259,7 +4275,7 @@ class DockerRuntime:
                 raise DbmsError(f"postgres did not start in the container: {log_tail}")
             time.sleep(READY_POLL_SECONDS)
         if not container.ports.get("5432/tcp"):  # not known at its creation
-            container.reload()
+            self._call(container.reload)
         handle.port = int(container.ports["5432/tcp"][0]["HostPort"])
 
     def _exec(self, container: Any, image: ResolvedImage, command: list[str],
@@ -4352,8 +4368,6 @@ class DockerRuntime:
             remove_tree(staged)
 
     def discard(self, handle: RuntimeHandle) -> None:
-        import docker.errors
-
         ids = {handle.container_id} if handle.container_id else set()
         try:
             ids |= {c.id for c in self._labelled({LABEL_KEY: handle.key})}
@@ -4361,7 +4375,7 @@ class DockerRuntime:
                 self._empty_work_dir(handle, ids)
             for container_id in ids:
                 self._forget_agents(container_id)
-                with contextlib.suppress(docker.errors.NotFound):
+                with contextlib.suppress(DockerNotFound):
                     self._call(self.docker().api.remove_container, container_id, force=True)
         except RuntimeUnavailable as exc:
             if ids:  # nothing to remove when there was never a container
@@ -4438,8 +4452,6 @@ class DockerRuntime:
     def sweep(self, keep: set[str]) -> list[str]:
         """Remove containers an earlier process of this engine left whose runtime key is not
         in ``keep`` (this process's own are never touched: the sweep runs while it serves)."""
-        import docker.errors
-
         removed = []
         for container in self._labelled({}):
             if container.labels.get(LABEL_KEY) in keep or \
@@ -4447,10 +4459,11 @@ class DockerRuntime:
                 continue
             try:
                 self._call(container.remove, force=True)
-            except docker.errors.NotFound:
+            except DockerNotFound:
                 continue
-            except (docker.errors.APIError, ApiError) as exc:
-                log.warning("sweep: cannot remove container %s: %s", container.id[:12], exc)
+            except ApiError as exc:
+                log.warning("sweep: cannot remove container %s: %s", container.id[:12],
+                            exc.details)
                 continue
             removed.append(container.id)
         return removed
@@ -4482,7 +4495,7 @@ class DockerRuntime:
                              stdin=True, user=self._server_user(handle.image), workdir="/",
                              environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
         sock = self._call(api.exec_start, created["Id"], socket=True)
-        return DockerClient(api, created["Id"], sock, stdin)
+        return DockerClient(self._call, api, created["Id"], sock, stdin)
 
     def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
         return handle.socket_dir, 5432
@@ -6163,19 +6176,30 @@ class RegistryClient:
         """``https://host``, or ``http://host`` when plain HTTP is allowed and TLS does not
         answer there."""
         if self._base is None:
-            import requests
-
             base = f"https://{self.host}"
             if self._plain:
-                try:
-                    self._session.get(f"{base}/v2/", timeout=REMOTE_TIMEOUTS, stream=True,
-                                      allow_redirects=False).close()
-                except requests.exceptions.SSLError:
+                probe = self._send("GET", f"{base}/v2/", tls_probe=True, allow_redirects=False)
+                if probe is None:
                     base = f"http://{self.host}"
-                except requests.RequestException as exc:
-                    raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
+                else:
+                    probe.close()
             self._base = base
         return self._base
+
+    def _send(self, method: str, url: str, tls_probe: bool = False, **options: Any) -> Any:
+        """One streamed, bounded request: the one place the remote cache turns ``requests``'
+        errors into ``RemoteError`` (with ``tls_probe``, a TLS failure is None instead)."""
+        import requests
+
+        try:
+            return self._session.request(method, url, stream=True, timeout=REMOTE_TIMEOUTS,
+                                         **options)
+        except requests.exceptions.SSLError as exc:
+            if tls_probe:
+                return None
+            raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
+        except requests.RequestException as exc:
+            raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
 
     def _own(self, url: str) -> bool:
         """Whether ``url`` is on the registry's own origin (scheme, host and port)."""
@@ -6187,8 +6211,6 @@ class RegistryClient:
               missing_ok: bool = False) -> Any:
         """One request, streamed (again once after answering the registry's 401); None for
         a 404 when ``missing_ok``. The caller reads (and closes) the response."""
-        import requests
-
         url = path if path.startswith(("http://", "https://")) else self.base() + path
         for attempt in (1, 2):
             sent = dict(headers or {})
@@ -6196,11 +6218,7 @@ class RegistryClient:
                 sent["Authorization"] = self._authorization
             if hasattr(data, "seek"):
                 data.seek(0)
-            try:
-                response = self._session.request(method, url, headers=sent, data=data,
-                                                 stream=True, timeout=REMOTE_TIMEOUTS)
-            except requests.RequestException as exc:
-                raise RemoteError(f"registry {self.host} unreachable", str(exc)) from None
+            response = self._send(method, url, headers=sent, data=data)
             if response.status_code == 401 and attempt == 1 and self._own(response.url):
                 challenge = response.headers.get("WWW-Authenticate", "")
                 response.close()
@@ -6231,22 +6249,19 @@ class RegistryClient:
         if scheme != "bearer" or not realm.startswith(("https://", "http://")):
             raise RemoteError(f"registry {self.host} asks for an unknown authentication",
                               scheme)
-        import requests
-
         where = urllib.parse.urlsplit(realm)
         trusted = where.scheme == "https" or where.hostname == urllib.parse.urlsplit(
             self.base()).hostname
         actions = "pull" if method in ("GET", "HEAD") else "pull,push"
         query = {"service": params.get("service", ""),
                  "scope": params.get("scope") or f"repository:{self.repository}:{actions}"}
+        answer = self._send("GET", realm, params=query, allow_redirects=False,
+                            auth=self._credentials if trusted else None)
         try:
-            answer = self._session.get(realm, params=query, timeout=REMOTE_TIMEOUTS,
-                                       stream=True, allow_redirects=False,
-                                       auth=self._credentials if trusted else None)
             body = _bounded_body(answer, MAX_MANIFEST_BYTES)
             token = json.loads(body).get("token") or json.loads(body).get("access_token") \
                 if answer.status_code == 200 else None
-        except (requests.RequestException, ValueError, AttributeError) as exc:
+        except (ValueError, AttributeError) as exc:
             raise RemoteError(f"registry {self.host}: no token", str(exc)) from None
         if not isinstance(token, str) or not token:
             raise RemoteError(f"registry {self.host} refused a token", answer.status_code)

@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
+from conftest import poll
 
 import sqlrs_engine as se
 
@@ -102,12 +104,11 @@ def test_background_commands_return_at_once_and_append_to_their_log(
     assert list(agent.output()) == [] and agent.marks.exit_code == 0
     pid = agent.marks.ns_pid
     try:
-        os.kill(pid, 0)  # still running
         assert agent.run(["echo", "served on"]) == (0, b"served on\n")
+        poll(lambda: Path(log).read_bytes() == b"started\n", 30, what="its output in its log")
+        os.kill(pid, 0)  # still running
     finally:
         os.kill(pid, signal.SIGKILL)
-    with open(log, "rb") as handle:
-        assert handle.read() == b"started\n"
 
 
 def test_sigterm_ends_the_foreground_command_and_the_agent_serves_on(agent: LocalAgent) -> None:

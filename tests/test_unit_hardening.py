@@ -4,6 +4,7 @@ happen (fakes stand in for Docker only here)."""
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -65,11 +66,15 @@ class RunningForever:
 
 
 def test_docker_client_still_running_is_not_a_success() -> None:
-    api = RunningForever()
-    client = se.DockerClient.__new__(se.DockerClient)
-    client.api, client.exec_id, client.linger_seconds = api, "e" * 64, 0.05
-    with pytest.raises(se.DbmsError, match="kept running"):
-        client.wait()
+    def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        client = se.DockerClient(call, RunningForever(), "e" * 64, ours, None)
+        client.linger_seconds = 0.05
+        with pytest.raises(se.DbmsError, match="kept running"):
+            client.wait()
 
 
 class FailingDeletion:
