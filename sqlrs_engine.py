@@ -45,6 +45,12 @@ Where things happen:
 - Whose overlay: ``SnapshotManager`` (its docstring): the engine mounts it as root; when not
   root each host server mounts its own in a user namespace (``NamespaceMount``, run between
   fork and exec); a Docker container mounts its own as its root (``DockerRuntime.start``).
+- Commands in a container (mount, the postmaster, a build's psql, umount): a command agent
+  kept open per container and user (``ExecAgent``, ``DockerRuntime._agent``), not an exec
+  each; a run's clients are execs (``DockerClient``).
+- Foreign errors become the engine's at one place per library: Docker SDK and its
+  ``requests`` in ``DockerRuntime._call``, the registry's ``requests`` in
+  ``RegistryClient._send``, psycopg2 in the engine's sessions (``admin_session``).
 - States that travel: ``RemoteCache`` (its docstring). On a miss ``Executor._pulled`` asks
   it for the deepest missing step (``RemoteCache.pull``: ``RegistryClient``, ``scan_layer``,
   ``apply_layer``, ``_materialize``); a published state is queued for a push
@@ -52,9 +58,11 @@ Where things happen:
 - Background threads (``Engine.running`` starts them and stops them with the server;
   resources are taken in ``with`` blocks that release them on every path: pins
   ``InstanceManager.holding``, claims ``claiming``, pooled hand-outs ``WarmPool.handout``,
-  a job's clients ``JobRun.client``, its heartbeat ``EventEmitter.heartbeat``): the warm pool's
-  refill (``WarmPool.run``), the remote cache's pushes (``RemoteCache.run_pushes``), the
-  read watchdog that cuts slow clients (``ReadWatch.run``), the TTL reaper
+  a job's clients ``JobRun.client``, its build servers ``Executor._building``, its
+  heartbeat ``EventEmitter.heartbeat``, a container's command agent
+  ``DockerRuntime._agent``): the warm pool's refill (``WarmPool.run``), the remote cache's
+  pushes (``RemoteCache.run_pushes``), the read watchdog that cuts slow clients
+  (``ReadWatch.run``), the TTL reaper
   (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
   (``EventEmitter._beat``), and the job workers (``PrepareManager``'s pool).
 - Start-up: ``run_engine`` checks the state dir, store and run dir are the engine's own,
@@ -3649,14 +3657,22 @@ class DockerClient(ClientProcess):
             time.sleep(0.01)
 
     def kill(self) -> None:
-        try:
-            pid = int(self.call(self.api.exec_inspect, self.exec_id).get("Pid") or 0)
-            if pid > 0:
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it has ended by itself
-        except (OSError, EngineError) as exc:
-            log.warning("cannot kill docker exec %s: %s", self.exec_id[:12], exc)
+        signal_exec(self.call, self.api, self.exec_id, signal.SIGKILL)
+
+
+def signal_exec(call: DockerCall, api: Any, exec_id: str, signum: int) -> bool:
+    """Send ``signum`` to a ``docker exec``'s process (by its pid as seen from here); False
+    when it has ended or cannot be signalled (logged)."""
+    try:
+        pid = int(call(api.exec_inspect, exec_id).get("Pid") or 0)
+        if pid > 0:
+            os.kill(pid, signum)
+        return pid > 0
+    except ProcessLookupError:
+        return False  # it has ended by itself
+    except (OSError, EngineError) as exc:
+        log.warning("cannot signal docker exec %s: %s", exec_id[:12], exc)
+        return False
 
 
 #: the shell an ``ExecAgent`` keeps running in a container (POSIX sh; a constant: what it
@@ -3830,15 +3846,8 @@ class ExecAgent:
 
     def interrupt(self) -> None:
         """Kill the running foreground command (SIGTERM to the agent, which kills it)."""
-        try:
-            pid = int(self.call(self.api.exec_inspect, self.exec_id).get("Pid") or 0)
-            if pid > 0:
-                os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+        if not signal_exec(self.call, self.api, self.exec_id, signal.SIGTERM):
             self.broken = True
-        except (OSError, EngineError) as exc:
-            self.broken = True
-            log.warning("cannot interrupt a container command: %s", exc)
 
     def close(self) -> None:
         """End the agent (it reads the end of its input and exits)."""
