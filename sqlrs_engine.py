@@ -46,7 +46,7 @@ Where things happen:
   root each host server mounts its own in a user namespace (``NamespaceMount``, run between
   fork and exec); a Docker container mounts its own as its root (``DockerRuntime.start``).
 - Commands in a container (mount, the postmaster, a build's psql, umount): a command agent
-  kept open per container and user (``ExecAgent``, ``DockerRuntime._agent``), not an exec
+  kept open per container and user (``ExecAgent``, ``AgentPool``), not an exec
   each; a run's clients are execs (``DockerClient``).
 - Foreign errors become the engine's at one place per library: Docker SDK and its
   ``requests`` in ``DockerRuntime._call``, the registry's ``requests`` in
@@ -60,7 +60,7 @@ Where things happen:
   ``InstanceManager.holding``, claims ``claiming``, pooled hand-outs ``WarmPool.handout``,
   a job's clients ``JobRun.client``, its build servers ``Executor._building``, its
   heartbeat ``EventEmitter.heartbeat``, a container's command agent
-  ``DockerRuntime._agent``): the warm pool's refill (``WarmPool.run``), the remote cache's
+  ``AgentPool.use``): the warm pool's refill (``WarmPool.run``), the remote cache's
   pushes (``RemoteCache.run_pushes``), the read watchdog that cuts slow clients
   (``ReadWatch.run``), the TTL reaper
   (``Reaper.run``), the idle timer (``watch_idle``), per job a heartbeat
@@ -3764,7 +3764,7 @@ class ExecAgent:
     """One ``docker exec`` of AGENT_SCRIPT kept running in a container as one user: it runs
     the engine's commands one at a time, each for the cost of a fork in there instead of a
     ``docker exec`` (≈60 ms each here). Only the engine can reach it (its stdin is the
-    exec's attached socket). One caller at a time uses it (``DockerRuntime._agent`` hands it
+    exec's attached socket). One caller at a time uses it (``AgentPool`` hands it
     out); after any failure to talk to it, it is ``broken`` and is dropped."""
 
     def __init__(self, call: DockerCall, api: Any, container_id: str, user: str,
@@ -3875,9 +3875,11 @@ class AgentClient(ClientProcess):
         try:
             yield from self.agent.output(None)
         finally:
-            self._end()
+            self.finish()
 
-    def _end(self) -> None:
+    def finish(self) -> None:
+        """The client's end: its stdin file goes, and its agent back to the pool (closed,
+        its command killed, when the command's end was not seen)."""
         if self._ended:
             return
         self._ended = True
@@ -3901,6 +3903,62 @@ class AgentClient(ClientProcess):
     def kill(self) -> None:
         if not self._ended:
             self.agent.interrupt()
+
+
+class AgentPool:
+    """The idle command agents of containers (``ExecAgent``), by container and user: one is
+    handed out to one caller at a time (``use`` for a block; ``checkout`` and ``checkin``
+    for a client that outlives a block), a new one made (``new``) when none is idle, a dead
+    or broken one closed instead of being handed out or kept."""
+
+    def __init__(self, new: Callable[[str, str], ExecAgent]) -> None:
+        self.new = new
+        #: guards ``_idle`` (taken alone)
+        self._lock = threading.Lock()
+        #: idle agents by (container id, user)
+        self._idle: dict[tuple[str, str], list[ExecAgent]] = {}
+
+    def checkout(self, container_id: str, user: str) -> ExecAgent:
+        """An idle agent of the container running as ``user``, or a new one."""
+        while True:
+            with self._lock:
+                idle = self._idle.get((container_id, user))
+                found = idle.pop() if idle else None
+            if found is None:
+                return self.new(container_id, user)
+            if found.idle_and_alive():
+                return found
+            found.close()
+
+    def checkin(self, agent: ExecAgent) -> None:
+        """An agent back to the idle ones (a broken one is closed instead)."""
+        if agent.broken:
+            agent.close()
+            return
+        with self._lock:
+            self._idle.setdefault((agent.container_id, agent.user), []).append(agent)
+
+    @contextlib.contextmanager
+    def use(self, container_id: str, user: str) -> Iterator[ExecAgent]:
+        """An agent of the container for the block; one the block raised through is closed."""
+        agent = self.checkout(container_id, user)
+        try:
+            yield agent
+        except BaseException:
+            agent.close()
+            raise
+        finally:
+            self.checkin(agent)
+
+    def forget(self, container_id: str | None) -> None:
+        """Close the idle agents of a container that is going away."""
+        with self._lock:
+            gone = [agent for (owner, _user), agents in self._idle.items()
+                    if owner == container_id for agent in agents]
+            self._idle = {key: agents for key, agents in self._idle.items()
+                          if key[0] != container_id}
+        for agent in gone:
+            agent.close()
 
 
 class DockerRuntime:
@@ -3946,10 +4004,10 @@ class DockerRuntime:
         self._lock = threading.Lock()
         self._resolved: dict[str, ResolvedImage] = {}
         self._owners: dict[str, tuple[int, int]] = {}
-        #: idle command agents by (container id, user); guarded by ``_agents_lock``
-        self._agents: dict[tuple[str, str], list[ExecAgent]] = {}
-        #: guards ``_agents`` (taken alone, never with ``_lock``)
-        self._agents_lock = threading.Lock()
+        #: the command agents of this process's containers
+        self.agents = AgentPool(lambda container_id, user: ExecAgent(
+            self._call, self.docker().api, container_id, user,
+            {**CLIENT_ENV, "PGAPPNAME": "sqlrs-engine"}))
 
     # plumbing -----------------------------------------------------------------------------
     def configured(self) -> bool:
@@ -4022,51 +4080,6 @@ class DockerRuntime:
             return self._call(self.docker().containers.get, container_id)
         except DockerNotFound:
             return None
-
-    def _checkout(self, container_id: str, user: str) -> ExecAgent:
-        """An idle agent of the container running as ``user``, or a new one."""
-        while True:
-            with self._agents_lock:
-                idle = self._agents.get((container_id, user))
-                found = idle.pop() if idle else None
-            if found is None:
-                break
-            if found.idle_and_alive():
-                return found
-            found.close()
-        return ExecAgent(self._call, self.docker().api, container_id, user,
-                         {**CLIENT_ENV, "PGAPPNAME": "sqlrs-engine"})
-
-    def _checkin(self, agent: ExecAgent) -> None:
-        """An agent back to the idle ones (a broken one is closed instead)."""
-        if agent.broken:
-            agent.close()
-            return
-        with self._agents_lock:
-            self._agents.setdefault((agent.container_id, agent.user), []).append(agent)
-
-    @contextlib.contextmanager
-    def _agent(self, container_id: str, user: str) -> Iterator[ExecAgent]:
-        """An agent of the container for the block (see ``ExecAgent``)."""
-        agent = self._checkout(container_id, user)
-        try:
-            yield agent
-        except BaseException:
-            agent.close()
-            raise
-        finally:
-            self._checkin(agent)
-
-    def _forget_agents(self, container_id: str | None) -> None:
-        """Close the idle agents of a container that is going away."""
-        with self._agents_lock:
-            gone = [agents for (owner, _user), agents in self._agents.items()
-                    if owner == container_id]
-            self._agents = {key: agents for key, agents in self._agents.items()
-                            if key[0] != container_id}
-        for agents in gone:
-            for agent in agents:
-                agent.close()
 
     @property
     def mounter(self) -> str:
@@ -4249,7 +4262,7 @@ class DockerRuntime:
         container = self._container(handle.container_id)
         if container is None or container.status != "running":
             if container is not None:
-                self._forget_agents(container.id)
+                self.agents.forget(container.id)
                 self._call(container.remove, force=True)
             container = self._create(handle)
             handle.mounted = False
@@ -4266,7 +4279,7 @@ class DockerRuntime:
         write_hba(handle.files_dir, handle.image.owner)
         settings = [word for setting in server_settings(handle.serving)
                     if not setting.startswith("listen") for word in ("-c", setting)]
-        with self._agent(container.id, self._server_user(handle.image)) as agent:
+        with self.agents.use(container.id, self._server_user(handle.image)) as agent:
             ns_pid = agent.background(
                 ["postgres", "-D", PGDATA_IN_CONTAINER, "-c", "listen_addresses=*", "-p",
                  "5432", "-k", SOCKET_IN_CONTAINER, *settings], "/tmp/postgres.log")
@@ -4292,7 +4305,7 @@ class DockerRuntime:
         """Run ``command`` in the container as the server's user (or ``user``); its output.
         A failure raises DbmsError, or with ``check=False`` is logged and its output
         returned."""
-        with self._agent(container.id, user or self._server_user(image)) as agent:
+        with self.agents.use(container.id, user or self._server_user(image)) as agent:
             exit_code, output = agent.run(command)
         if exit_code:
             if check:
@@ -4383,7 +4396,7 @@ class DockerRuntime:
             if self.as_self and self._mounts_own(handle):
                 self._empty_work_dir(handle, ids)
             for container_id in ids:
-                self._forget_agents(container_id)
+                self.agents.forget(container_id)
                 with contextlib.suppress(DockerNotFound):
                     self._call(self.docker().api.remove_container, container_id, force=True)
         except RuntimeUnavailable as exc:
@@ -4486,25 +4499,32 @@ class DockerRuntime:
         its stdin goes through a file in the runtime's socket directory)."""
         assert handle.container_id, "a client needs the runtime's container"
         if merged:
-            stdin_name = f".stdin-{random_hex(8)}"
-            if stdin is not None:
-                write_file_in(handle.socket_dir, stdin_name, stdin, 0o600, handle.image.owner)
-            agent = self._checkout(handle.container_id, self._server_user(handle.image))
-            try:
-                agent.submit(["env", f"PGAPPNAME=sqlrs-{program}", program, *args], "fg",
-                             f"{SOCKET_IN_CONTAINER}/{stdin_name}" if stdin is not None
-                             else "/dev/null")
-            except BaseException:
-                agent.close()
-                raise
-            return AgentClient(agent, self._checkin, os.path.join(handle.socket_dir, stdin_name)
-                               if stdin is not None else None)
+            return self._agent_client(handle, program, args, stdin)
         api = self.docker().api
         created = self._call(api.exec_create, handle.container_id, [program, *args],
                              stdin=True, user=self._server_user(handle.image), workdir="/",
                              environment={**CLIENT_ENV, "PGAPPNAME": f"sqlrs-{program}"})
         sock = self._call(api.exec_start, created["Id"], socket=True)
         return DockerClient(self._call, api, created["Id"], sock, stdin)
+
+    def _agent_client(self, handle: RuntimeHandle, program: str, args: Sequence[str],
+                      stdin: bytes | None) -> AgentClient:
+        """A client run by an agent of the server user's; its stdin goes through a file in
+        the runtime's socket directory (removed when the client ends)."""
+        stdin_name = f".stdin-{random_hex(8)}" if stdin is not None else None
+        if stdin is not None and stdin_name:
+            write_file_in(handle.socket_dir, stdin_name, stdin, 0o600, handle.image.owner)
+        stdin_file = os.path.join(handle.socket_dir, stdin_name) if stdin_name else None
+        assert handle.container_id
+        agent = self.agents.checkout(handle.container_id, self._server_user(handle.image))
+        client = AgentClient(agent, self.agents.checkin, stdin_file)
+        try:
+            agent.submit(["env", f"PGAPPNAME=sqlrs-{program}", program, *args], "fg",
+                         f"{SOCKET_IN_CONTAINER}/{stdin_name}" if stdin_name else "/dev/null")
+        except BaseException:
+            client.finish()
+            raise
+        return client
 
     def admin_endpoint(self, handle: RuntimeHandle) -> tuple[str, int]:
         return handle.socket_dir, 5432

@@ -105,7 +105,8 @@ def test_background_commands_return_at_once_and_append_to_their_log(
     pid = agent.marks.ns_pid
     try:
         assert agent.run(["echo", "served on"]) == (0, b"served on\n")
-        poll(lambda: Path(log).read_bytes() == b"started\n", 30, what="its output in its log")
+        poll(lambda: Path(log).exists() and Path(log).read_bytes() == b"started\n", 30,
+             what="its output in its log")
         os.kill(pid, 0)  # still running
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -144,3 +145,53 @@ def test_a_forged_mark_needs_the_nonce() -> None:
     assert marks.feed(b"ffffffffffffffffffffffffffffffff rc 0\n") == [
         b"ffffffffffffffffffffffffffffffff rc 0\n"]
     assert marks.exit_code is None
+
+
+class FakeAgent:
+    """An agent as the pool sees it: alive until closed or told otherwise."""
+
+    def __init__(self, container_id: str, user: str) -> None:
+        self.container_id, self.user = container_id, user
+        self.broken = False
+        self.closed = False
+        self.alive = True
+
+    def idle_and_alive(self) -> bool:
+        return self.alive and not self.broken
+
+    def close(self) -> None:
+        self.closed = self.broken = True
+
+
+class Injected(BaseException):
+    """Raised inside a block: not an Exception, so no ``except Exception`` swallows it."""
+
+
+def test_the_agent_pool_hands_out_live_agents_one_caller_at_a_time() -> None:
+    made: list[FakeAgent] = []
+
+    def new(container_id: str, user: str) -> FakeAgent:
+        made.append(FakeAgent(container_id, user))
+        return made[-1]
+
+    pool = se.AgentPool(new)  # type: ignore[arg-type]
+    with pool.use("c1", "999:999") as first, pool.use("c1", "999:999") as second:
+        assert first is not second  # one caller at a time
+    with pool.use("c1", "999:999") as again:
+        assert again in (first, second)  # an idle one is used again
+    with pool.use("c1", "root") as other_user:
+        assert other_user not in (first, second)
+    again.alive = False  # e.g. a DSN holder killed it while it was idle
+    with pool.use("c1", "999:999") as replacement:
+        assert replacement is not again and again.closed
+    with pytest.raises(Injected), pool.use("c1", "999:999") as raised_through:
+        raise Injected
+    assert raised_through.closed  # not handed out again
+    broken = pool.checkout("c2", "root")
+    broken.broken = True
+    pool.checkin(broken)
+    assert broken.closed
+    idle = [agent for agent in made if not agent.closed]
+    pool.forget("c1")
+    assert all(agent.closed for agent in idle if agent.container_id == "c1")
+    assert pool.checkout("c1", "999:999") not in made[:-1]

@@ -140,6 +140,9 @@ class FailingAgent:
     def run(self, command: list[str]) -> tuple[int, str]:
         return 1, "tail: cannot open"
 
+    def idle_and_alive(self) -> bool:
+        return not self.broken
+
     def close(self) -> None:
         self.broken = True
 
@@ -147,7 +150,7 @@ class FailingAgent:
 def test_a_failing_exec_is_an_error_or_logged(caplog: pytest.LogCaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = se.DockerRuntime("label")
-    monkeypatch.setattr(runtime, "_checkout", lambda container_id, user: FailingAgent())
+    monkeypatch.setattr(runtime.agents, "new", lambda container_id, user: FailingAgent())
     container = SimpleNamespace(id=FailingAgent.container_id)
     image = se.ResolvedImage("img", "img@sha256:0", "docker", "img", owner=(100, 102))
     with pytest.raises(se.DbmsError, match="cannot open"):
