@@ -13,6 +13,13 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
 ruff check .
 mypy
 started=$EPOCHREALTIME
-python3 -m pytest -q -p no:cacheprovider -m unit "$@"
+# the unit part collects only the files that are unit tests as a whole (tests/test_layers.py
+# holds every other file to that), so it does not import and rewrite the whole suite
+if [ "$#" -eq 0 ]; then
+  mapfile -t unit_files < <(grep -l '^pytestmark = pytest.mark.unit$' tests/test_*.py)
+  python3 -m pytest -q -p no:cacheprovider -m unit "${unit_files[@]}"
+else
+  python3 -m pytest -q -p no:cacheprovider -m unit "$@"
+fi
 echo "unit tests: $(awk -v a="$started" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
 python3 -m pytest -q -p no:cacheprovider -m "not unit" "$@"

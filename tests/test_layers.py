@@ -108,3 +108,14 @@ def test_no_reach_through_chains() -> None:
             chains.add(f"line {node.lineno}: self.{'.'.join(reversed(hops))}."
                        f"{node.func.attr}(...)")
     assert not chains, "\n".join(sorted(chains))
+
+
+def test_unit_tests_are_whole_files() -> None:
+    """``scripts/test.sh`` runs the unit part over the files marked unit as a whole
+    (``pytestmark = pytest.mark.unit``); a unit test anywhere else would run in neither
+    part."""
+    tests = Path(__file__).resolve().parent
+    for path in sorted(tests.glob("test_*.py")):
+        text = path.read_text()
+        whole = re.search(r"^pytestmark = pytest\.mark\.unit$", text, re.M)
+        assert whole or "mark.unit" not in text, f"{path.name}: unit tests in a mixed file"

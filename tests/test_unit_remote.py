@@ -281,7 +281,7 @@ def token_registry() -> Iterator[Callable[[], str]]:
             self.wfile.write(body)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield lambda: f"127.0.0.1:{server.server_address[1]}/r"
     server.shutdown()
     server.server_close()
@@ -343,7 +343,7 @@ def test_a_trickling_registry_is_cut_off(monkeypatch: pytest.MonkeyPatch,
                     time.sleep(0.2)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     try:
         monkeypatch.setattr(se, "BLOB_GRACE_S", 1.0)
         client = se.RegistryClient(f"127.0.0.1:{server.server_address[1]}/r", False)
