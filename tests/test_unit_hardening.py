@@ -104,14 +104,12 @@ class BrokenInstances:
 
 
 def test_a_runtime_that_cannot_be_discarded_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    executor = se.Executor.__new__(se.Executor)
-    executor.instances = BrokenInstances()  # type: ignore[assignment]
     run = se.JobRun("j" * 32)
-    run.runtime = se.RuntimeHandle.__new__(se.RuntimeHandle)
-    run.runtime.key = "k" * 32
+    handle = se.RuntimeHandle(key="k" * 32, image=None, runtime=None,  # type: ignore[arg-type]
+                              runtime_dir="/nonexistent", data_dir="/nonexistent",
+                              socket_dir="/nonexistent")
     with caplog.at_level(logging.ERROR, logger="sqlrs-engine"):
-        executor._drop_runtime(run)
-    assert run.runtime is None
+        se.discard_quietly(BrokenInstances(), run, handle)  # type: ignore[arg-type]
     assert f"cannot discard its runtime {'k' * 32}" in caplog.text
     assert "device busy" in caplog.text
 
