@@ -3780,7 +3780,11 @@ class ExecAgent:
         self._socket: socket.socket = sock._sock if hasattr(sock, "_sock") else sock
         self.marks = AgentOutput(random_hex(16).encode())
         self.broken = False
-        self._send(self.marks.nonce + b"\n")
+        try:
+            self._send(self.marks.nonce + b"\n")
+        except BaseException:
+            self.close()
+            raise
 
     def _send(self, data: bytes) -> None:
         try:
