@@ -396,6 +396,35 @@ def ensure_private_dir(path: str) -> None:
     os.chmod(path, 0o700)
 
 
+SMALL_FILE_LIMIT = 16 << 20  #: a server's top-level file the engine copies (its configuration)
+
+
+def read_small_file(dir_path: str, name: str) -> bytes:
+    """The bytes of the regular file ``dir_path/name`` (see ``read_regular_file``); one over
+    ``SMALL_FILE_LIMIT`` is an OSError, not a truncated copy."""
+    content = read_regular_file(os.path.join(dir_path, name), SMALL_FILE_LIMIT + 1)
+    if len(content) > SMALL_FILE_LIMIT:
+        raise OSError(errno.EFBIG, f"{os.path.join(dir_path, name)} is over 16 MB")
+    return content
+
+
+def _entry_at(dir_fd: int, name: str) -> str | bytes | None:
+    """What ``name`` in the directory ``dir_fd`` is, in ``make_server_dir``'s terms: a
+    symlink's target, a regular file's bytes, None for anything else."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        return os.readlink(name, dir_fd=dir_fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > SMALL_FILE_LIMIT:
+        return None
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(SMALL_FILE_LIMIT + 1)
+    finally:
+        os.close(fd)
+
+
 def remove_tree(path: str) -> None:
     """Remove ``path`` and everything below it without following links; a directory of our
     own that we may not list (an overlay's ``work/work`` is mode 000) is opened up first."""
@@ -1921,6 +1950,13 @@ MS_BIND = 4096
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 FICLONE = 0x40049409
+#: an instance's server directory (``SnapshotManager.make_server_dir``) and what in it is the
+#: postmaster's own (never copied into or out of its data)
+SERVER_DIR_NAME = "pgdata"
+SERVER_OWN_FILES = ("postmaster.pid", "postmaster.opts")
+#: what a postmaster reads when it starts (and reloads): a reset in place keeps what it read
+SERVER_CONFIG_FILES = ("PG_VERSION", "postgresql.conf", "postgresql.auto.conf", "pg_hba.conf",
+                       "pg_ident.conf")
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 #: written into a published state's directory last: a state without it is half-built
 STATE_MARKER = ".build.ok"
@@ -2248,6 +2284,9 @@ class SnapshotManager:
         """Where the engine reads and writes the server's own files from outside."""
         if self._in_namespace(runtime_dir):
             return os.path.join(runtime_dir, "upper")
+        server_dir = os.path.join(os.path.dirname(data_dir), SERVER_DIR_NAME)
+        if self.uses_server_dir(runtime_dir) and os.path.isdir(server_dir):
+            return server_dir
         return data_dir
 
     def exposed_path(self, key: str) -> str:
@@ -2318,6 +2357,7 @@ class SnapshotManager:
             if handle.read() != boot_id():
                 raise conflict("instance data did not survive a reboot",
                                "the instance's writes were never flushed; delete it")
+        self.sync_server_dir(key)  # (its server directory goes: made again at its start)
         self.unexpose(key)
         if self._in_namespace(runtime_dir):
             return os.path.join(runtime_dir, "data")  # mounted by the server's next start
@@ -2722,7 +2762,104 @@ class SnapshotManager:
         _runtime_file(runtime_dir, "source", source)
         if not self._in_namespace(runtime_dir):
             self._mount_overlay(source, runtime_dir, self._mount_point(key))
+        if self.uses_server_dir(runtime_dir) and os.path.isdir(self.server_dir_for(key)):
+            self.make_server_dir(key, owner)
         return seeded
+
+    # server directories: an instance's host server as root does not run in its overlay but
+    # in a directory of its own beside it (``<exposed>/pgdata``): a symlink to each top-level
+    # directory of the data and its own copy of each top-level file. Its working directory is
+    # then not the overlay, so a reset can put a new overlay under a running postmaster
+    # (``HostRuntime.freeze``). The server writes its top-level files there (its lock file,
+    # ALTER SYSTEM's postgresql.auto.conf, a recovered backup's backup_label.old):
+    # ``sync_server_dir`` writes them back into the data before its upper layer is copied.
+    def server_dir_for(self, key: str) -> str:
+        return os.path.join(self.exposed_path(key), SERVER_DIR_NAME)
+
+    def uses_server_dir(self, runtime_dir: str) -> bool:
+        """Whether an instance's server of this runtime runs in a server directory."""
+        return self.mount_mode(runtime_dir) == "engine"
+
+    def make_server_dir(self, key: str, owner: tuple[int, int]) -> None:
+        """Make runtime ``key``'s server directory (mode 0700, ``owner``'s) match its mounted
+        data: a symlink for each top-level directory, a copy of each top-level file (what is
+        the same already stays); the postmaster's own files (``SERVER_OWN_FILES``) stay and
+        anything else goes. Nothing is followed: the server user owns both."""
+        data = os.path.join(self.exposed_path(key), "data")
+        path = self.server_dir_for(key)
+        wanted: dict[str, str | bytes] = {}  # name -> a symlink's target or a file's bytes
+        with os.scandir(data) as entries:
+            for entry in entries:
+                if entry.name in SERVER_OWN_FILES:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    wanted[entry.name] = entry.path
+                elif entry.is_file(follow_symlinks=False):
+                    wanted[entry.name] = read_small_file(data, entry.name)
+                else:
+                    log.warning("%s is neither a directory nor a file: not in the server's"
+                                " directory", entry.path)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(dir_fd).st_uid != owner[0]:
+                os.fchown(dir_fd, *owner)
+            os.fchmod(dir_fd, 0o700)
+            for name in os.listdir(dir_fd):
+                if name in SERVER_OWN_FILES:
+                    continue
+                if name in wanted and _entry_at(dir_fd, name) == wanted[name]:
+                    del wanted[name]
+                elif stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+            for name, target in wanted.items():
+                if isinstance(target, str):
+                    os.symlink(target, name, dir_fd=dir_fd)
+                    os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                else:
+                    write_file_in(path, name, target, 0o600, owner)
+        finally:
+            os.close(dir_fd)
+
+    def server_files(self, key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        """The bytes of the server directory's files ``names`` (None: not a file there)."""
+        path = self.server_dir_for(key)
+        found: dict[str, bytes | None] = {}
+        for name in names:
+            try:
+                found[name] = read_small_file(path, name)
+            except OSError:
+                found[name] = None
+        return found
+
+    def sync_server_dir(self, key: str) -> None:
+        """Write back into runtime ``key``'s data what its server changed among the top-level
+        files of its server directory (a file whose bytes differ; the removal of one the
+        directory no longer has, such as a recovered backup's label), so that a copy of the
+        data's upper layer holds them. Nothing to do without a server directory or a
+        mounted overlay."""
+        path, data = self.server_dir_for(key), os.path.join(self.exposed_path(key), "data")
+        if not self.expose_root or not os.path.isdir(path) or not os.path.ismount(data):
+            return
+        st = os.lstat(path)
+        owner = (st.st_uid, st.st_gid)
+        with os.scandir(path) as entries:
+            ours = {entry.name for entry in entries if entry.name not in SERVER_OWN_FILES
+                    and entry.is_file(follow_symlinks=False)}
+        for name in ours:
+            content = read_small_file(path, name)
+            with contextlib.suppress(OSError):
+                if read_small_file(data, name) == content:
+                    continue
+            write_file_in(data, name, content, 0o600, owner)
+        with os.scandir(data) as entries:
+            for entry in entries:
+                if entry.name not in ours and entry.name not in SERVER_OWN_FILES \
+                        and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
 
 
 def copy_layer(source: str, dest: str) -> None:
@@ -2852,11 +2989,14 @@ READY_POLL_SECONDS = 0.002
 
 def server_settings(serving: bool) -> tuple[str, ...]:
     """The settings of a server: a build's writes the least WAL (``wal_level=minimal``); an
-    instance's (``serving``) enough for an online backup, which a snapshot of it takes."""
+    instance's (``serving``) enough for an online backup, which a snapshot of it takes, and
+    a restart of its processes after a crash (which a reset in place is, see
+    ``HostRuntime.freeze``) that neither ALTER SYSTEM can turn off nor spends time looking
+    for the temporary files of data that is thrown away."""
     if not serving:
         return SERVER_SETTINGS
-    return tuple("wal_level=replica" if s == "wal_level=minimal" else s
-                 for s in SERVER_SETTINGS)
+    return (*("wal_level=replica" if s == "wal_level=minimal" else s for s in SERVER_SETTINGS),
+            "restart_after_crash=on", "remove_temp_files_after_crash=off")
 
 
 def write_hba(data_dir: str, owner: tuple[int, int]) -> None:
@@ -2939,6 +3079,25 @@ def pid_alive(pid: int) -> bool:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
         return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     return True
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z``...); "" when
+    there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_children(pid: int) -> list[int]:
+    """The children of process ``pid`` (of each of its threads)."""
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+            children += [int(word) for word in handle.read().split()]
+    return children
 
 
 def free_port() -> int:
@@ -3038,7 +3197,7 @@ class PostgresDbms:
         for attempt in range(5):
             port = port if port and attempt < 3 else free_port()
             pid = self._spawn(bindir, data_dir, socket_dir, log_path, port, enter, settings)
-            outcome = self._wait_ready(pid, files_dir, port, time.monotonic() + deadline_s)
+            outcome = self.wait_ready(pid, files_dir, port, deadline_s)
             if outcome == "ready":
                 return pid, port
             last_error = tail_file(log_path)
@@ -3069,10 +3228,16 @@ class PostgresDbms:
             self._children[proc.pid] = proc
         return proc.pid
 
-    def _wait_ready(self, pid: int, data_dir: str, port: int, deadline: float) -> str:
+    def wait_ready(self, pid: int, data_dir: str, port: int | None = None,
+                   deadline_s: float = 60.0) -> str:
+        """``ready`` once the server's lock file says so (and its ``port`` takes a TCP
+        connection, when given), else ``exited`` or ``timeout``."""
+        deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             lines = read_postmaster_pid(data_dir)
             if len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready":
+                if port is None:
+                    return "ready"
                 with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", port), timeout=1
                 ):
@@ -3417,9 +3582,15 @@ class HostRuntime:
         """Start the server; one started while the previous server of the runtime was still
         ending (``abandon``) gets the port once that has exited, and is started again in the
         unlikely case that the old one removed their shared socket files after it."""
+        data_dir = handle.data_dir
+        if handle.serving and self.snapshots.uses_server_dir(handle.runtime_dir):
+            data_dir = self.snapshots.server_dir_for(handle.key)
+            if not os.path.isdir(data_dir):
+                self.snapshots.make_server_dir(handle.key, handle.image.owner)
+            handle.files_dir = data_dir
         while True:
             pid, port = self.dbms.start(
-                handle.image.bindir, handle.data_dir, handle.files_dir, handle.socket_dir,
+                handle.image.bindir, data_dir, handle.files_dir, handle.socket_dir,
                 handle.log_path,
                 self.snapshots.namespace_for(handle.runtime_dir, handle.data_dir),
                 handle.port, server_settings(handle.serving), port_freed=handle.ending)
@@ -3440,15 +3611,80 @@ class HostRuntime:
 
     def abandon(self, handle: RuntimeHandle) -> None:
         """SIGQUIT now; the wait (and SIGKILL after 5 s) is ``handle.ending``. A server
-        whose data is replaced in place (not layered) is waited for here."""
+        whose data is replaced in place (not layered), or whose server directory the next
+        one uses, is waited for here."""
         if handle.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(handle.pid, signal.SIGQUIT)
             handle.ending = partial(self.dbms.kill, handle.pid)
             handle.pid = None
-        if handle.ending and not self.snapshots.swaps_data(handle.runtime_dir):
+        if handle.ending and (not self.snapshots.swaps_data(handle.runtime_dir) or
+                              self._in_server_dir(handle)):
             handle.ending()
             handle.ending = None
+
+    def _in_server_dir(self, handle: RuntimeHandle) -> bool:
+        return bool(self.snapshots.expose_root) and \
+            handle.files_dir == self.snapshots.server_dir_for(handle.key)
+
+    # resets in place ----------------------------------------------------------------------
+    def freeze(self, handle: RuntimeHandle) -> bool:
+        """Stop the server's postmaster (SIGSTOP) and kill every process it started (client
+        sessions, auxiliary processes), so that nothing of the server runs while its data is
+        replaced; its listening sockets stay open (connections wait in their backlog) and
+        ``thaw`` lets it start its processes again on the new data, the restart Postgres
+        makes after a crash, which re-reads the control file and makes its shared memory
+        anew. Only a server in its server directory can (its working directory is not the
+        data's overlay). False, with the server untouched, when it cannot be done: not in a
+        server directory, stopped already by someone else, or its processes not listed."""
+        pid = handle.pid
+        if not pid or not self._in_server_dir(handle) or \
+                process_state(pid) not in ("R", "S", "D"):
+            return False
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 5
+            while process_state(pid) not in ("T", "t"):
+                if time.monotonic() > deadline:
+                    raise OSError(errno.ETIMEDOUT, "the postmaster did not stop")
+                time.sleep(0.0002)
+            children = process_children(pid)
+            if not children:
+                raise OSError(errno.ESRCH, "the postmaster has no processes to restart")
+        except OSError as exc:
+            log.warning("server %d not reset in place: %s", pid, exc)
+            os.kill(pid, signal.SIGCONT)
+            return False
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        return True
+
+    def thaw(self, handle: RuntimeHandle, restart: bool = True) -> bool:
+        """Let a postmaster ``freeze`` stopped go on: it finds its processes gone and starts
+        them again on the data now under it. True once it accepts sessions (its lock file,
+        marked ``starting`` first, says ``ready`` again); False when it does not, or without
+        ``restart``: it is then killed and the caller starts a server."""
+        pid = handle.pid
+        assert pid, "only a frozen server thaws"
+        ready = False
+        try:
+            lines = read_postmaster_pid(handle.files_dir) if restart else []
+            if len(lines) >= 8 and lines[0].strip() == str(pid):
+                lines[7] = "starting"
+                write_file_in(handle.files_dir, "postmaster.pid",
+                              "".join(f"{line}\n" for line in lines).encode(), 0o600,
+                              handle.image.owner)
+                os.kill(pid, signal.SIGCONT)
+                ready = self.dbms.wait_ready(pid, handle.files_dir) == "ready"
+        finally:
+            if not ready:
+                log.warning("server %d not restarted in place: it is killed", pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.dbms.kill(pid)
+                handle.pid = None
+        return ready
 
     def discard(self, handle: RuntimeHandle) -> None:
         if handle.pid:
@@ -3489,11 +3725,17 @@ class HostRuntime:
         copy_live(sources, dest)
 
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool:
-        """Re-attach to a server left running by an earlier engine process."""
+        """Re-attach to a server left running by an earlier engine process; one it left
+        stopped (killed during a reset in place, see ``freeze``) is killed instead."""
         lines = read_postmaster_pid(handle.files_dir)
         if not runtime_id or not lines or f"host:{lines[0].strip()}" != runtime_id:
             return False
         pid = int(lines[0].strip())
+        if process_state(pid) in ("T", "t") and self.dbms.is_postgres(pid):
+            log.warning("server %d was left stopped: it is killed", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            return False
         if not pid_alive(pid) or len(lines) < 8 or lines[7].strip() != "ready":
             return False
         handle.pid, handle.port = pid, int(lines[3].strip())
@@ -3572,6 +3814,12 @@ class Runtime(Protocol):
         """Begin the immediate shutdown of a server whose data is thrown away; the next
         ``start`` may begin before it has ended (``handle.ending`` waits for that). A runtime
         that cannot overlap them waits here."""
+    def freeze(self, handle: RuntimeHandle) -> bool:
+        """Stop the server's processes for its data to be replaced under it, its port kept
+        (a reset in place); False, the server untouched, where it cannot be done."""
+    def thaw(self, handle: RuntimeHandle, restart: bool = True) -> bool:
+        """Restart a frozen server on its new data; False when it did not (or without
+        ``restart``): it is then gone."""
     def discard(self, handle: RuntimeHandle) -> None: ...
     def alive(self, handle: RuntimeHandle) -> bool: ...
     def adopt(self, handle: RuntimeHandle, runtime_id: str | None) -> bool: ...
@@ -4321,6 +4569,14 @@ class DockerRuntime:
     def abandon(self, handle: RuntimeHandle) -> None:
         """A container's server ends before anything else (its overlay is the container's)."""
         self.stop(handle, immediate=True)
+
+    def freeze(self, handle: RuntimeHandle) -> bool:
+        """Never: a container's data is its own overlay, which the engine cannot replace
+        under its server (see ``HostRuntime.freeze``)."""
+        return False
+
+    def thaw(self, handle: RuntimeHandle, restart: bool = True) -> bool:
+        raise AssertionError("a container's server is never frozen")
 
     def stop(self, handle: RuntimeHandle, immediate: bool = False) -> None:
         """The postmaster is signalled from here (SIGINT fast, SIGQUIT immediate: the engine
@@ -5081,6 +5337,8 @@ class InstanceManager:
                                            " pg_backup_stop(false)")
                 return str(label), str(tablespaces or "")
 
+            self.snapshots.sync_server_dir(handle.key)  # its top-level files, into its layer
+
             return self.snapshots.publish_online(
                 handle.runtime_dir, handle.data_dir, final_dir,
                 lambda: query("SELECT pg_backup_start(%s, true)", f"sqlrs {state_id}"), stop,
@@ -5112,13 +5370,19 @@ class InstanceManager:
     def _reset(self, row: InstanceRow, state: StateRow) -> tuple[InstanceRow, int]:
         image, source = self.source_of(state)
         handle = self.live_handle(row)
-        disconnected = 0
+        disconnected, frozen = 0, False
         if handle is not None:
             with contextlib.suppress(ConntrackError):
                 disconnected = self.conntrack.active(handle)
-            # every session ends; no checkpoint: the data is thrown away; the new server
-            # starts while the old one is still ending (it binds the port after it)
-            handle.runtime.abandon(handle)
+            # every session ends; no checkpoint: the data is thrown away. With a seed of the
+            # state, the server's processes restart on the new data under its postmaster (a
+            # reset in place); else the new server starts while the old one is still ending
+            # (it binds the port after it)
+            frozen = state.state_id == row.state_id and \
+                self.snapshots.reset_seed(handle.runtime_dir, state.state_id) is not None and \
+                handle.runtime.freeze(handle)
+            if not frozen:
+                handle.runtime.abandon(handle)
         else:
             handle = self._handle(row.instance_id, image)
             handle.runtime.discard(handle)
@@ -5130,11 +5394,20 @@ class InstanceManager:
             seed = self.snapshots.reset_seed(handle.runtime_dir, state.state_id)
             self.snapshots.begin_reset(handle.runtime_dir, state.state_id)  # from here on: the
             pause_point("reset")                                             # new state's data
+            config = self.snapshots.server_files(handle.key, SERVER_CONFIG_FILES) if frozen \
+                else None
             seeded = self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner,
                                                  source, seed)
-            if not seeded and row.password and self.snapshots.can_seed(handle.runtime_dir):
-                seeded = self._seed(handle, row, state)
-            handle.runtime.start(handle)
+            if frozen:  # the postmaster keeps the configuration it read: only the same goes on
+                same = self.snapshots.server_files(handle.key, SERVER_CONFIG_FILES) == config
+                frozen = False  # (a thaw that fails kills the server)
+                restarted = handle.runtime.thaw(handle, restart=same)
+            else:
+                restarted = False
+            if not restarted:
+                if not seeded and row.password and self.snapshots.can_seed(handle.runtime_dir):
+                    seeded = self._seed(handle, row, state)
+                handle.runtime.start(handle)
             self.store.update_instance_runtime(row.instance_id, handle.runtime_id, handle.port,
                                                "active")  # a restart finds (adopts) this server
             pause_point("reset-started")
@@ -5150,6 +5423,10 @@ class InstanceManager:
             in_background("after-reset", self._after_reset, row.instance_id, handle.runtime_dir,
                           state.state_id)
             return reset, disconnected
+        except BaseException:
+            if frozen:  # a failure while its processes were stopped: the server goes
+                handle.runtime.thaw(handle, restart=False)
+            raise
         finally:
             if handle.ending:  # a reset that failed before its start: the old server's end
                 handle.ending()  # is waited for all the same
@@ -5182,6 +5459,7 @@ class InstanceManager:
             pause_point("reset-seed-server")
             handle.runtime.stop(handle)
             pause_point("reset-seed")
+            self.snapshots.sync_server_dir(handle.key)
             self.snapshots.save_seed(handle.runtime_dir, state.state_id)
             return True
         except (DbmsError, OSError) as exc:  # its resets keep setting the password

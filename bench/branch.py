@@ -25,7 +25,9 @@ vacuum of its own, which would copy its 1 GB segment files up into the instance'
     (the instance had a table created since, which must be gone; ``select 1`` on the same DSN
     must work, also timed as a second row), against ``POST /v1/instances`` with the pool off
     until its answer (its ``select 1`` likewise). Goals: reset median <= 50 ms and <= 0.6x the
-    new instance.
+    new instance. The instance's server log splits each reset into phases, by kind: in place
+    (its postmaster stays and restarts its processes on the new data: every reset after the
+    first) or with a new server (the first, which makes the instance's seed of the state).
 
 Snapshot states are deleted after their sample; everything runs on a throw-away engine that is
 cleaned up at the end.
@@ -103,10 +105,21 @@ EXTRA_PHASES = ("cp -a pg_wal again", "syncfs of the copy")
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC \[\d+\] \w+:  (.*)$")
 CHECKPOINT_MARKS = ("checkpoint starting:", "checkpoint complete:")
 SNAPSHOT_PHASES = ("POST -> checkpoint starts", "checkpoint", "checkpoint done -> answer")
-RESET_MARKS = ("received .*shutdown request", "database system is shut down",
-               "starting PostgreSQL", "database system is ready to accept connections")
-RESET_PHASES = ("POST -> shutdown request", "shutdown", "shut down -> postgres starts",
-                "postgres start -> ready", "ready -> answer")
+#: the log lines of each kind of reset, and the phases between them: in place (the postmaster
+#: stays, its processes restart on the new data) or with a new server (the first reset to a
+#: state, which makes its seed, and any that cannot be made in place)
+RESET_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "in place": (
+        (r".* was terminated by signal 9", "all server processes terminated; reinitializing",
+         "database system was shut down", "database system is ready to accept connections"),
+        ("POST -> processes killed", "killed -> shared memory anew",
+         "shared memory -> startup process", "startup -> ready", "ready -> answer")),
+    "new server": (
+        ("received .*shutdown request", "database system is shut down", "starting PostgreSQL",
+         "database system is ready to accept connections"),
+        ("POST -> shutdown request", "shutdown", "shut down -> postgres starts",
+         "postgres start -> ready", "ready -> answer")),
+}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -514,7 +527,8 @@ class ResetRuns:
     create_s: list[float] = field(default_factory=list)
     create_ready_s: list[float] = field(default_factory=list)
     windows: list[tuple[float, float]] = field(default_factory=list)  #: wall clock of resets
-    phases: dict[str, list[float]] = field(default_factory=dict)
+    #: kind of reset -> phase -> seconds
+    phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -554,8 +568,11 @@ def measure_resets(engine: Engine, state: BuiltState, count: int) -> ResetRuns:
             reset_sample(engine, instance_id, dsn, runs)
         events = server_log(engine, instance_id)
         for started, ended in runs.windows:
-            add_phases(runs.phases, RESET_PHASES,
-                       log_phases(events, started, ended, RESET_MARKS))
+            for kind, (marks, names) in RESET_KINDS.items():
+                found = log_phases(events, started, ended, marks)
+                if found:
+                    add_phases(runs.phases.setdefault(kind, {}), names, found)
+                    break
     finally:
         delete_instance(engine, instance_id)
     return runs
@@ -571,11 +588,11 @@ def report_resets(state: BuiltState, runs: ResetRuns, server_s: list[float]) -> 
                       runs.create_ready_s, create)]
     print_table(f"(2) Reset in place vs a new instance, {state.label} state",
                 ["measurement", "runs", "median", "min", "max", "vs new instance"], rows)
-    if runs.phases:
-        print_table("Where a reset's time goes (the instance's server log, ms resolution)",
-                    ["phase", "runs", "median", "min", "max"],
+    for kind, phases in runs.phases.items():
+        print_table(f"Where a reset's time goes, {kind} (the instance's server log, ms"
+                    " resolution)", ["phase", "runs", "median", "min", "max"],
                     [[name, str(len(values)), fmt_s(median(values)), fmt_s(min(values)),
-                      fmt_s(max(values))] for name, values in runs.phases.items()])
+                      fmt_s(max(values))] for name, values in phases.items()])
     if server_s:
         print(f"engine.log: POST reset handled in {fmt_s(median(server_s))} (median of "
               f"{len(server_s)}, server side)")

@@ -226,27 +226,102 @@ def test_a_state_of_another_image_is_refused(engine_factory: Any, tmp_path: Path
         assert psql(job["result"]["dsn"], "select count(*) from t") == "0"
 
 
-@pytest.mark.parametrize("point", ["reset", "reset-started", "reset-seed-server",
-                                   "reset-seed"])
+def server_pid(engine: EngineProcess, instance_id: str) -> int:
+    runtime_id = engine.get(f"/v1/instances/{instance_id}").json()["runtime_id"]
+    assert runtime_id.startswith("host:"), runtime_id
+    return int(runtime_id.removeprefix("host:"))
+
+
+def test_later_resets_keep_the_postmaster_and_its_port(engine: EngineProcess,
+                                                        tmp_path: Path) -> None:
+    """As root on the host, a reset with the instance's seed of the state is made in place:
+    the postmaster stays (its pid, its listening socket) and restarts its processes on the
+    new data, as after a crash; the open session is disconnected, the data is the state's,
+    the password still required, and the server accepts sessions at the answer."""
+    if not seeds_resets(engine):
+        pytest.skip("resets in place are made for root's host overlays only")
+    job = prepared(engine, tmp_path, "base", "create table t(x int); insert into t values (1);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    reset(engine, instance_id)  # the first makes the seed
+    postmaster = server_pid(engine, instance_id)
+    server_log = engine.store / "instances" / instance_id / "postgres.log"
+    for round_ in range(2):
+        conn = psycopg2.connect(dsn)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("insert into t values (2); create table scratch(y int)")
+            restarts = server_log.read_text(errors="replace").count("reinitializing")
+            entry = reset(engine, instance_id)
+            with psycopg2.connect(dsn, connect_timeout=5) as fresh, fresh.cursor() as cur:
+                cur.execute("select string_agg(x::text, ','), to_regclass('scratch') from t")
+                assert cur.fetchone() == ("1", None), f"round {round_}"
+            assert entry["dsn"] == dsn and entry["disconnected_sessions"] >= 1
+            assert server_pid(engine, instance_id) == postmaster, "a new postmaster started"
+            assert server_log.read_text(errors="replace").count("reinitializing") == restarts + 1
+            with pytest.raises(psycopg2.OperationalError), conn.cursor() as cur:
+                cur.execute("select 1")
+        finally:
+            conn.close()
+    parts = urllib.parse.urlsplit(dsn)
+    wrong = parts._replace(netloc=f"{parts.username}:wrong@{parts.hostname}:{parts.port}")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(urllib.parse.urlunsplit(wrong)).close()
+
+
+def test_a_changed_configuration_gets_a_new_postmaster(engine: EngineProcess,
+                                                       tmp_path: Path) -> None:
+    """ALTER SYSTEM changed the instance's configuration, which a postmaster reads only when
+    it starts (or reloads): the reset starts a new one, and the state's settings are back;
+    the next reset is made in place again."""
+    if not seeds_resets(engine):
+        pytest.skip("resets in place are made for root's host overlays only")
+    job = prepared(engine, tmp_path, "base", "create table t(x int);")
+    instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    reset(engine, instance_id)
+    before = server_pid(engine, instance_id)
+    default = psql(dsn, "show work_mem")
+    psql(dsn, "alter system set work_mem = '77MB'")
+    psql(dsn, "select pg_reload_conf()")
+    poll(lambda: psql(dsn, "show work_mem") == "77MB", 30, what="the reload")
+    reset(engine, instance_id)
+    assert psql(dsn, "show work_mem") == default
+    after = server_pid(engine, instance_id)
+    assert after != before, "the postmaster that read the changed configuration went on"
+    reset(engine, instance_id)
+    assert server_pid(engine, instance_id) == after
+
+
+@pytest.mark.parametrize("point,in_place", [
+    ("reset", False), ("reset-started", False), ("reset-seed-server", False),
+    ("reset-seed", False), ("reset", True), ("reset-started", True)])
 def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any, tmp_path: Path,
-                                                      point: str) -> None:
+                                                      point: str, in_place: bool) -> None:
     """The engine is killed (-9) at the pause point ``reset`` (the server stopped, the intent
     written, the data not yet replaced), ``reset-started`` (the server runs on the new data,
     without the instance's password, the row not updated), ``reset-seed-server`` (a first
-    reset's seed server runs on a port of its own) or ``reset-seed`` (it stopped cleanly):
-    the next engine finishes the reset (and stops a seed server left behind); the
-    instance holds the state's data (not a mix), its row says so, and it answers with the
-    same DSN on the next run."""
+    reset's seed server runs on a port of its own) or ``reset-seed`` (it stopped cleanly);
+    ``in_place``: during a later reset, made in place (at ``reset`` its postmaster is
+    stopped, SIGSTOP, and its processes killed): the next engine finishes the reset (and
+    stops a seed server left behind, kills a postmaster left stopped); the instance holds
+    the state's data (not a mix), its row says so, and it answers with the same DSN on the
+    next run."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     engine: EngineProcess = without_warm_pool(engine_factory(
         env={"SQLRS_TEST_HOOKS_DIR": str(hooks)}))
-    if point.startswith("reset-seed") and not seeds_resets(engine):
+    if (point.startswith("reset-seed") or in_place) and not seeds_resets(engine):
         pytest.skip("reset seeds are made for root's host overlays only")
     job = prepared(engine, tmp_path, "base", "create table t(x int);")
     instance_id, dsn = job["result"]["instance_id"], job["result"]["dsn"]
+    old_pid = None
+    if in_place:
+        reset(engine, instance_id)
+        old_pid = server_pid(engine, instance_id)
     psql(dsn, "insert into t values (1)")
     killed_at(engine, hooks, point, "POST", f"/v1/instances/{instance_id}/reset")
+    if old_pid and point == "reset":  # the postmaster is left stopped, holding the port
+        assert Path(f"/proc/{old_pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
     again: EngineProcess = engine_factory(state_dir=engine.state_dir)
     entry = again.get(f"/v1/instances/{instance_id}").json()
     assert entry["state_id"] == job["result"]["state_id"]
@@ -256,14 +331,18 @@ def test_a_kill_during_a_reset_finishes_it_on_restart(engine_factory: Any, tmp_p
     out = subprocess.run([f"{PG_BIN}/psql", "-XAt", dsn, "-c", "select 1"],
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.stdout.strip() == "1", out.stderr
+    if old_pid and point == "reset":
+        poll(lambda: not os.path.exists(f"/proc/{old_pid}")
+             or "zombie" in Path(f"/proc/{old_pid}/status").read_text().lower(), 30,
+             what="the stopped postmaster gone")
 
 
 def test_a_reset_whose_old_server_is_slow_to_end_keeps_its_port(engine: EngineProcess,
                                                                  tmp_path: Path) -> None:
-    """On the host the new server starts while the old one is still ending; arranged here:
-    the old postmaster is stopped (SIGSTOP) so that it holds the port through the reset. The
-    new server cannot bind it, the engine waits for the old one (SIGKILL after its grace)
-    and starts the new one again on the same port: the same DSN, the state's data."""
+    """The old postmaster is stopped (SIGSTOP) by someone else, so that it holds the port
+    through the reset and cannot end: the reset is not made in place (a stopped server is not
+    the engine's to restart), the engine waits for it (SIGKILL after its grace) and starts a
+    new server on the same port: the same DSN, the state's data."""
     if engine.image != HOST_IMAGE:
         pytest.skip("a Docker instance's server ends inside its container before the next")
     job = prepared(engine, tmp_path, "base", "create table t(x int); insert into t values (1);")
@@ -280,8 +359,6 @@ def test_a_reset_whose_old_server_is_slow_to_end_keeps_its_port(engine: EnginePr
             os.kill(old_pid, signal.SIGCONT)
     assert entry["dsn"] == dsn and entry["runtime_id"] != runtime_id
     assert psql(dsn, "select string_agg(x::text, ',') from t") == "1"
-    server_log = engine.store / "instances" / instance_id / "postgres.log"
-    assert "could not bind" in server_log.read_text(errors="replace")  # the race was arranged
     poll(lambda: not os.path.exists(f"/proc/{old_pid}")
          or "zombie" in Path(f"/proc/{old_pid}/status").read_text().lower(), 30,
          what="the old postmaster gone")

@@ -6,6 +6,8 @@ deletion trees); a kill -9 during one leaves no half state."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -16,6 +18,7 @@ from typing import Any
 
 import psycopg2
 from conftest import (
+    HOST_IMAGE,
     PG_BIN,
     RUNTIMES,
     EngineProcess,
@@ -23,6 +26,7 @@ from conftest import (
     killed_at,
     poll,
     psql,
+    sql_via_run,
     state_dirs,
     without_warm_pool,
 )
@@ -188,6 +192,36 @@ def test_ddl_during_a_snapshot_and_branches_of_branches(engine: EngineProcess) -
                         .json()["state_id"]})
     assert back.status == 200, back.body
     assert psql(source["dsn"], "select count(*) from pg_tables where tablename = 'base'") == "1"
+
+
+def test_a_snapshot_keeps_alter_system_and_its_instances_restart(
+        engine: EngineProcess) -> None:
+    """What ALTER SYSTEM wrote (postgresql.auto.conf, a top-level file of the data) is in the
+    snapshot and in its branches; an instance of a snapshot whose server died (the first
+    start of which recovered the backup and set its label aside) starts again from its own
+    data, not from the backup again (whose WAL is gone by then)."""
+    source = instance_of(engine, "create table t(x int)")
+    psql(source["dsn"], "alter system set work_mem = '77MB'")
+    psql(source["dsn"], "insert into t values (1)")
+    child = new_instance(engine, snapshot(engine, source["instance_id"])["state_id"])
+    assert psql(child["dsn"], "show work_mem") == "77MB"
+    psql(child["dsn"], "insert into t values (2)")
+    if engine.image == HOST_IMAGE:
+        runtime_id = engine.get(f"/v1/instances/{child['instance_id']}").json()["runtime_id"]
+        pid = int(runtime_id.removeprefix("host:"))
+        for _ in range(4):  # the WAL from the backup's start goes
+            psql(child["dsn"], "select pg_switch_wal()")
+            psql(child["dsn"], "checkpoint")
+        os.kill(pid, signal.SIGKILL)
+        poll(lambda: not os.path.exists(f"/proc/{pid}")
+             or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), 30,
+             what="the child's postmaster gone")
+        assert sql_via_run(engine, child["instance_id"],
+                           "select string_agg(x::text, ',' order by x) from t") == "1,2"
+        assert sql_via_run(engine, child["instance_id"], "show work_mem") == "77MB"
+    grandchild = new_instance(engine, snapshot(engine, child["instance_id"])["state_id"])
+    assert psql(grandchild["dsn"], "show work_mem") == "77MB"
+    assert psql(grandchild["dsn"], "select string_agg(x::text, ',' order by x) from t") == "1,2"
 
 
 def test_snapshots_in_deletion_trees(engine: EngineProcess) -> None:
