@@ -39,7 +39,10 @@ Where things happen:
   ``InstanceManager.snapshot`` makes a state of a live one (an online backup,
   ``SnapshotManager.publish_online``), ``InstanceManager.reset`` gives it a state's data
   again in place (from the second reset to a state on, with a seed: ``InstanceManager._seed``,
-  ``SnapshotManager.reset_seed``); client sessions are counted by ``ConnectionTracker``;
+  ``SnapshotManager.reset_seed``; as root on the host its postmaster stays and restarts its
+  processes on a new overlay, ``HostRuntime.freeze``/``thaw``, for it runs in a server
+  directory, ``SnapshotManager.make_server_dir``); client sessions are counted by
+  ``ConnectionTracker``;
   deletion trees (``DeletionManager``) and eviction (``CacheManager``) never
   remove what a row, a pin or a claim protects.
 - Whose overlay: ``SnapshotManager`` (its docstring): the engine mounts it as root; when not
@@ -404,7 +407,8 @@ def read_small_file(dir_path: str, name: str) -> bytes:
     ``SMALL_FILE_LIMIT`` is an OSError, not a truncated copy."""
     content = read_regular_file(os.path.join(dir_path, name), SMALL_FILE_LIMIT + 1)
     if len(content) > SMALL_FILE_LIMIT:
-        raise OSError(errno.EFBIG, f"{os.path.join(dir_path, name)} is over 16 MB")
+        raise OSError(errno.EFBIG, f"{os.path.join(dir_path, name)} is over {SMALL_FILE_LIMIT}"
+                      " bytes")
     return content
 
 
@@ -3091,6 +3095,13 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def process_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
 def process_children(pid: int) -> list[int]:
     """The children of process ``pid`` (of each of its threads)."""
     children: list[int] = []
@@ -3731,7 +3742,8 @@ class HostRuntime:
         if not runtime_id or not lines or f"host:{lines[0].strip()}" != runtime_id:
             return False
         pid = int(lines[0].strip())
-        if process_state(pid) in ("T", "t") and self.dbms.is_postgres(pid):
+        if process_state(pid) in ("T", "t") and self.dbms.is_postgres(pid) and \
+                self._in_server_dir(handle) and process_cwd(pid) == handle.files_dir:
             log.warning("server %d was left stopped: it is killed", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -5378,6 +5390,8 @@ class InstanceManager:
             # state, the server's processes restart on the new data under its postmaster (a
             # reset in place); else the new server starts while the old one is still ending
             # (it binds the port after it)
+            with self._lock:  # not live meanwhile: a run that starts now waits for the lock
+                self._handles.pop(row.instance_id, None)
             frozen = state.state_id == row.state_id and \
                 self.snapshots.reset_seed(handle.runtime_dir, state.state_id) is not None and \
                 handle.runtime.freeze(handle)
