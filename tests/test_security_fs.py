@@ -319,7 +319,7 @@ def test_a_fifo_for_postmaster_pid_does_not_hang_a_restart(engine_factory: Any) 
     assert pid is not None
     sql_via_run(engine, instance_id,
                 "copy (select 1) to program 'rm -f postmaster.pid; mkfifo postmaster.pid'")
-    pid_file = data_dir_of(engine, instance_id) / "postmaster.pid"
+    pid_file = Path(f"/proc/{pid}/cwd") / "postmaster.pid"  # its data or server directory
     assert stat.S_ISFIFO(os.lstat(pid_file).st_mode), "the server did not plant the FIFO"
     kill_engine(engine)
     os.kill(pid, signal.SIGKILL)
@@ -330,6 +330,48 @@ def test_a_fifo_for_postmaster_pid_does_not_hang_a_restart(engine_factory: Any) 
     deleted = again.delete(f"/v1/instances/{instance_id}?force=true", timeout=HEALTHY_DEADLINE)
     assert deleted.status == 200, deleted.body
     assert again.get(f"/v1/instances/{instance_id}").status == 404
+
+
+@RUNTIMES
+def test_hostile_top_level_files_neither_hang_nor_leak_a_snapshot_or_reset(
+        engine_factory: Any) -> None:
+    """The server replaces top-level files where it runs (as root on the host, its server
+    directory, which the engine copies to and from) with a FIFO and a symlink to a root-only
+    file: a snapshot (which writes them back into the data) and resets (which make the
+    directory again) neither block on the FIFO nor copy the symlink's target; the instance
+    and an instance of the snapshot work. (In a container the FIFO would be in the snapshot:
+    Postgres itself then waits on it, until the engine's start deadline.)"""
+    engine: EngineProcess = without_warm_pool(engine_factory())
+    if engine.image != HOST_IMAGE:
+        pytest.skip("the server directory is the host runtime's")
+    job = prepared(engine, "-c", "create table t(x int)")
+    instance_id = job["result"]["instance_id"]
+    secret = Path(tempfile.mkdtemp()) / "secret"
+    secret.write_text("root's secret\n")
+    secret.chmod(0o600)
+    try:
+        assert engine.post(f"/v1/instances/{instance_id}/reset").status == 200  # (a seed)
+        sql_via_run(engine, instance_id, "copy (select 1) to program 'rm -f postgresql.auto.conf;"
+                    f" mkfifo postgresql.auto.conf; ln -sf {secret} pg_ident.conf;"
+                    f" ln -sf {secret} stolen'")
+        made = engine.post(f"/v1/instances/{instance_id}/snapshot", timeout=HEALTHY_DEADLINE)
+        assert made.status == 201, made.body
+        branch = engine.post("/v1/instances", {"state_id": made.json()["state_id"]},
+                             timeout=HEALTHY_DEADLINE)
+        assert branch.status == 201, branch.body
+        assert sql_via_run(engine, branch.json()["instance_id"], "select count(*) from t") == "0"
+        for _ in range(2):
+            reset = engine.post(f"/v1/instances/{instance_id}/reset", timeout=HEALTHY_DEADLINE)
+            assert reset.status == 200, reset.body
+            assert sql_via_run(engine, instance_id, "select count(*) from t") == "0"
+        stolen = sql_via_run(engine, instance_id, "select count(*) from pg_ls_dir('.') d"
+                             " where d in ('stolen', 'pg_ident.conf')")
+        assert stolen in ("0", "1"), stolen  # pg_ident.conf again, no 'stolen'
+        for path in engine.store.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+                assert b"root's secret" not in path.read_bytes(), path
+    finally:
+        shutil.rmtree(secret.parent)
 
 
 @RUNTIMES
