@@ -399,17 +399,67 @@ def ensure_private_dir(path: str) -> None:
     os.chmod(path, 0o700)
 
 
-SMALL_FILE_LIMIT = 16 << 20  #: a server's top-level file the engine copies (its configuration)
+SMALL_FILE_LIMIT = 16 << 20  #: a server's top-level files the engine copies (configuration)
 
 
-def read_small_file(dir_path: str, name: str) -> bytes:
+def read_small_file(dir_path: str, name: str, limit: int | None = None) -> bytes:
     """The bytes of the regular file ``dir_path/name`` (see ``read_regular_file``); one over
-    ``SMALL_FILE_LIMIT`` is an OSError, not a truncated copy."""
-    content = read_regular_file(os.path.join(dir_path, name), SMALL_FILE_LIMIT + 1)
-    if len(content) > SMALL_FILE_LIMIT:
-        raise OSError(errno.EFBIG, f"{os.path.join(dir_path, name)} is over {SMALL_FILE_LIMIT}"
-                      " bytes")
+    ``limit`` (``SMALL_FILE_LIMIT``) is an OSError, not a truncated copy."""
+    limit = SMALL_FILE_LIMIT if limit is None else limit
+    content = read_regular_file(os.path.join(dir_path, name), limit + 1)
+    if len(content) > limit:
+        raise OSError(errno.EFBIG, f"{os.path.join(dir_path, name)}: top-level files over"
+                      f" {SMALL_FILE_LIMIT} bytes (in all)")
     return content
+
+
+def remove_untrusted(dir_fd: int, name: str) -> None:
+    """Remove ``name`` in the directory ``dir_fd`` and all below it, in a directory another
+    user controls and may change meanwhile: never following a link nor opening anything
+    but a directory (``O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK``: a FIFO or a link swapped in is
+    unlinked, not opened); the walk is iterative (no depth limit) and gives up (OSError)
+    after a million steps of someone racing it."""
+    stack: list[tuple[int, str, int | None]] = [(dir_fd, name, None)]  # parent, name, own fd
+    try:
+        for _step in range(1_000_000):
+            if not stack:
+                return
+            parent, entry, fd = stack[-1]
+            if fd is None:
+                try:
+                    os.unlink(entry, dir_fd=parent)
+                    stack.pop()
+                    continue
+                except FileNotFoundError:
+                    stack.pop()
+                    continue
+                except IsADirectoryError:
+                    pass
+                try:
+                    fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                 | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+                except (NotADirectoryError, OSError) as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        continue  # swapped for a file or a link meanwhile: unlinked next time
+                    raise
+                stack[-1] = (parent, entry, fd)
+                stack += [(fd, child, None) for child in os.listdir(fd)]
+                continue
+            stack.pop()
+            os.close(fd)
+            try:
+                os.rmdir(entry, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # filled (or swapped) meanwhile: again
+                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                stack.append((parent, entry, None))
+        raise OSError(errno.EBUSY, f"{name} keeps changing: not removed")
+    finally:
+        for _parent, _entry, fd in stack:
+            if fd is not None:
+                os.close(fd)
 
 
 def _entry_at(dir_fd: int, name: str) -> str | bytes | None:
@@ -1958,9 +2008,17 @@ FICLONE = 0x40049409
 #: postmaster's own (never copied into or out of its data)
 SERVER_DIR_NAME = "pgdata"
 SERVER_OWN_FILES = ("postmaster.pid", "postmaster.opts")
+#: the top-level files a server renames away (a recovered backup's)
+RENAMED_BY_SERVER = ("backup_label", "tablespace_map")
 #: what a postmaster reads when it starts (and reloads): a reset in place keeps what it read
 SERVER_CONFIG_FILES = ("PG_VERSION", "postgresql.conf", "postgresql.auto.conf", "pg_hba.conf",
                        "pg_ident.conf")
+#: a line that makes a server read other files: ``include``, ``include_dir``... in its
+#: configuration, ``@file`` in pg_hba.conf and pg_ident.conf
+INCLUDE_DIRECTIVES = {"postgresql.conf": re.compile(rb"(?m)^[ \t]*include(?:_dir|_if_exists)?\b"),
+                      "pg_hba.conf": re.compile(rb"(?m)^[^#\n]*@"),
+                      "pg_ident.conf": re.compile(rb"(?m)^[^#\n]*@")}
+INCLUDE_DIRECTIVES["postgresql.auto.conf"] = INCLUDE_DIRECTIVES["postgresql.conf"]
 MAX_LOWER_CHARS = 3000  # mount options must fit in one page, upper and work dirs included
 #: written into a published state's directory last: a state without it is half-built
 STATE_MARKER = ".build.ok"
@@ -2788,10 +2846,13 @@ class SnapshotManager:
         """Make runtime ``key``'s server directory (mode 0700, ``owner``'s) match its mounted
         data: a symlink for each top-level directory, a copy of each top-level file (what is
         the same already stays); the postmaster's own files (``SERVER_OWN_FILES``) stay and
-        anything else goes. Nothing is followed: the server user owns both."""
+        anything else goes. A new one is made aside and renamed into place, so one that
+        exists is whole. Nothing is followed or waited on: the server user owns both, and
+        its top-level files may take ``SMALL_FILE_LIMIT`` bytes in all (they are configuration)."""
         data = os.path.join(self.exposed_path(key), "data")
         path = self.server_dir_for(key)
         wanted: dict[str, str | bytes] = {}  # name -> a symlink's target or a file's bytes
+        budget = SMALL_FILE_LIMIT
         with os.scandir(data) as entries:
             for entry in entries:
                 if entry.name in SERVER_OWN_FILES:
@@ -2799,34 +2860,37 @@ class SnapshotManager:
                 if entry.is_dir(follow_symlinks=False):
                     wanted[entry.name] = entry.path
                 elif entry.is_file(follow_symlinks=False):
-                    wanted[entry.name] = read_small_file(data, entry.name)
+                    content = read_small_file(data, entry.name, budget)
+                    budget -= len(content)
+                    wanted[entry.name] = content
                 else:
                     log.warning("%s is neither a directory nor a file: not in the server's"
                                 " directory", entry.path)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fresh = not os.path.isdir(path)
+        making = os.path.join(self.exposed_path(key), f".{SERVER_DIR_NAME}-{random_hex(4)}")
+        if fresh:
+            os.mkdir(making, 0o700)  # root's until it is whole
+        dir_fd = os.open(making if fresh else path,
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if os.fstat(dir_fd).st_uid != owner[0]:
-                os.fchown(dir_fd, *owner)
-            os.fchmod(dir_fd, 0o700)
             for name in os.listdir(dir_fd):
                 if name in SERVER_OWN_FILES:
                     continue
                 if name in wanted and _entry_at(dir_fd, name) == wanted[name]:
                     del wanted[name]
-                elif stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    shutil.rmtree(name, dir_fd=dir_fd)
                 else:
-                    os.unlink(name, dir_fd=dir_fd)
+                    remove_untrusted(dir_fd, name)
             for name, target in wanted.items():
                 if isinstance(target, str):
-                    os.symlink(target, name, dir_fd=dir_fd)
-                    os.chown(name, *owner, dir_fd=dir_fd, follow_symlinks=False)
+                    os.symlink(target, name, dir_fd=dir_fd)  # (whose it is does not matter)
                 else:
-                    write_file_in(path, name, target, 0o600, owner)
+                    write_file_in(making if fresh else path, name, target, 0o600, owner)
+            os.fchown(dir_fd, *owner)
+            os.fchmod(dir_fd, 0o700)
         finally:
             os.close(dir_fd)
+        if fresh:
+            os.rename(making, path)
 
     def server_files(self, key: str, names: Sequence[str]) -> dict[str, bytes | None]:
         """The bytes of the server directory's files ``names`` (None: not a file there)."""
@@ -2841,10 +2905,10 @@ class SnapshotManager:
 
     def sync_server_dir(self, key: str) -> None:
         """Write back into runtime ``key``'s data what its server changed among the top-level
-        files of its server directory (a file whose bytes differ; the removal of one the
-        directory no longer has, such as a recovered backup's label), so that a copy of the
-        data's upper layer holds them. Nothing to do without a server directory or a
-        mounted overlay."""
+        files of its server directory (a file whose bytes differ; the removal of a file the
+        server renames away, ``RENAMED_BY_SERVER``, such as a recovered backup's label), so
+        that a copy of the data's upper layer holds them. Nothing to do without a server
+        directory or a mounted overlay."""
         path, data = self.server_dir_for(key), os.path.join(self.exposed_path(key), "data")
         if not self.expose_root or not os.path.isdir(path) or not os.path.ismount(data):
             return
@@ -2859,11 +2923,9 @@ class SnapshotManager:
                 if read_small_file(data, name) == content:
                     continue
             write_file_in(data, name, content, 0o600, owner)
-        with os.scandir(data) as entries:
-            for entry in entries:
-                if entry.name not in ours and entry.name not in SERVER_OWN_FILES \
-                        and entry.is_file(follow_symlinks=False):
-                    os.unlink(entry.path)
+        for name in RENAMED_BY_SERVER:
+            if name not in ours and os.path.isfile(os.path.join(data, name)):
+                os.unlink(os.path.join(data, name))
 
 
 def copy_layer(source: str, dest: str) -> None:
@@ -3095,11 +3157,40 @@ def process_state(pid: int) -> str:
         return ""
 
 
-def process_cwd(pid: int) -> str | None:
+def works_in(pid: int, directory: str) -> bool:
+    """Whether process ``pid``'s working directory is ``directory`` (the same inode)."""
     try:
-        return os.readlink(f"/proc/{pid}/cwd")
+        here, there = os.stat(f"/proc/{pid}/cwd"), os.stat(directory)
     except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def signal_checked(pid: int, signum: int, check: Callable[[int], bool]) -> bool:
+    """Send ``signum`` to process ``pid`` when ``check(pid)`` holds, through a pidfd taken
+    before the check, so that a pid reused meanwhile is never signalled. False when not
+    sent."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not check(pid):
+            return False
+        signal.pidfd_send_signal(pidfd, signum)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def process_children(pid: int) -> list[int]:
@@ -3648,11 +3739,11 @@ class HostRuntime:
         anew. Only a server in its server directory can (its working directory is not the
         data's overlay). False, with the server untouched, when it cannot be done: not in a
         server directory, stopped already by someone else, or its processes not listed."""
-        pid = handle.pid
-        if not pid or not self._in_server_dir(handle) or \
-                process_state(pid) not in ("R", "S", "D"):
+        pid, server_dir = handle.pid, handle.files_dir
+        if not pid or not self._in_server_dir(handle) or not signal_checked(
+                pid, signal.SIGSTOP, lambda p: process_state(p) in ("R", "S", "D")
+                and works_in(p, server_dir) and self.dbms.is_postgres(p)):
             return False
-        os.kill(pid, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 5
             while process_state(pid) not in ("T", "t"):
@@ -3666,9 +3757,8 @@ class HostRuntime:
             log.warning("server %d not reset in place: %s", pid, exc)
             os.kill(pid, signal.SIGCONT)
             return False
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+        for child in children:  # (the server user may let it go on meanwhile: only its own)
+            signal_checked(child, signal.SIGKILL, lambda c: parent_of(c) == pid)
         return True
 
     def thaw(self, handle: RuntimeHandle, restart: bool = True) -> bool:
@@ -3742,11 +3832,11 @@ class HostRuntime:
         if not runtime_id or not lines or f"host:{lines[0].strip()}" != runtime_id:
             return False
         pid = int(lines[0].strip())
-        if process_state(pid) in ("T", "t") and self.dbms.is_postgres(pid) and \
-                self._in_server_dir(handle) and process_cwd(pid) == handle.files_dir:
-            log.warning("server %d was left stopped: it is killed", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        if process_state(pid) in ("T", "t"):  # never adopted; the instance's own is killed
+            log.warning("server %d was left stopped: not adopted", pid)
+            if self._in_server_dir(handle):
+                signal_checked(pid, signal.SIGKILL, lambda p: process_state(p) in ("T", "t")
+                               and works_in(p, handle.files_dir) and self.dbms.is_postgres(p))
             return False
         if not pid_alive(pid) or len(lines) < 8 or lines[7].strip() != "ready":
             return False
@@ -5413,7 +5503,10 @@ class InstanceManager:
             seeded = self.snapshots.finish_reset(handle.runtime_dir, handle.key, image.owner,
                                                  source, seed)
             if frozen:  # the postmaster keeps the configuration it read: only the same goes on
-                same = self.snapshots.server_files(handle.key, SERVER_CONFIG_FILES) == config
+                after = self.snapshots.server_files(handle.key, SERVER_CONFIG_FILES)
+                same = after == config and not any(  # (and not files it names)
+                    pattern.search(after.get(name) or b"")
+                    for name, pattern in INCLUDE_DIRECTIVES.items())
                 frozen = False  # (a thaw that fails kills the server)
                 restarted = handle.runtime.thaw(handle, restart=same)
             else:

@@ -56,8 +56,10 @@ def test_a_remake_keeps_the_postmasters_files_and_replaces_the_rest(tmp_path: Pa
     (server / "postmaster.pid").write_text("1234\n")
     (server / "postgresql.auto.conf").write_text("work_mem = '77MB'\n")  # ALTER SYSTEM
     (server / "backup_label.old").write_text("START WAL LOCATION\n")
-    (server / "junk").mkdir()
+    (server / "junk" / "deeper").mkdir(parents=True)
     (server / "junk" / "file").write_text("x")
+    os.mkfifo(server / "junk" / "deeper" / "fifo")  # removed, never opened
+    os.mkfifo(server / "fifo")
     base_link = os.lstat(server / "base")
     snapshots.make_server_dir(KEY, owner())
     assert sorted(p.name for p in server.iterdir()) == ["base", "postgresql.auto.conf",
@@ -65,6 +67,7 @@ def test_a_remake_keeps_the_postmasters_files_and_replaces_the_rest(tmp_path: Pa
     assert (server / "postmaster.pid").read_text() == "1234\n"
     assert (server / "postgresql.auto.conf").read_text() == "work_mem = '4MB'\n"
     assert os.lstat(server / "base").st_ino == base_link.st_ino  # what is right stays
+    assert [p.name for p in server.parent.iterdir() if p.name.startswith(".")] == []
     assert snapshots.server_files(KEY, ["postgresql.auto.conf", "nothing"]) == {
         "postgresql.auto.conf": b"work_mem = '4MB'\n", "nothing": None}
 
@@ -91,10 +94,36 @@ def test_links_and_special_files_are_never_followed(tmp_path: Path) -> None:
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
 
 
-def test_a_file_too_big_to_be_configuration_is_refused(tmp_path: Path,
+def test_files_too_big_to_be_configuration_are_refused(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    snapshots, data, _server = manager(tmp_path)
+    """Top-level files over ``SMALL_FILE_LIMIT`` bytes in all are refused (not copied to a
+    tmpfs, not held in memory), and no half-made server directory is left."""
+    snapshots, data, server = manager(tmp_path)
     monkeypatch.setattr(se, "SMALL_FILE_LIMIT", 8)
-    (data / "postgresql.conf").write_text("x" * 9)
-    with pytest.raises(OSError, match="over"):
+    (data / "postgresql.conf").write_text("x" * 5)
+    (data / "pg_ident.conf").write_text("y" * 5)
+    with pytest.raises(OSError, match="over 8 bytes"):
         snapshots.make_server_dir(KEY, owner())
+    assert sorted(p.name for p in server.parent.iterdir()) == ["data"]
+
+
+def test_an_untrusted_tree_is_removed_without_following(tmp_path: Path) -> None:
+    """``remove_untrusted`` removes a deep tree with FIFOs and links without opening them or
+    following the links (their targets stay)."""
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("kept")
+    top = tmp_path / "top"
+    deep = top.joinpath(*["d"] * 300)
+    deep.mkdir(parents=True)
+    os.mkfifo(deep / "fifo")
+    (deep / "link").symlink_to(keep)
+    (top / "link").symlink_to(keep / "file")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        se.remove_untrusted(fd, "top")
+        se.remove_untrusted(fd, "nothing")  # gone already: nothing to do
+    finally:
+        os.close(fd)
+    assert not top.exists()
+    assert (keep / "file").read_text() == "kept"
