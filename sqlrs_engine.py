@@ -480,12 +480,23 @@ def _entry_at(dir_fd: int, name: str) -> str | bytes | None:
 
 
 def remove_tree(path: str) -> None:
-    """Remove ``path`` and everything below it without following links; a directory of our
-    own that we may not list (an overlay's ``work/work`` is mode 000) is opened up first."""
-    if os.path.lexists(path):
+    """Remove ``path`` and everything below it without following links. As root (whose
+    trees hold the server user's, who may change them meanwhile) nothing but a directory
+    is ever opened (``remove_untrusted``); otherwise (the engine's own user's trees) a
+    directory we may not list (an overlay's ``work/work`` is mode 000) is opened up first."""
+    if not os.path.lexists(path):
+        return
+    if os.geteuid() == 0:
+        parent = os.open(os.path.dirname(os.path.abspath(path)),
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            remove_untrusted(parent, os.path.basename(os.path.abspath(path)))
+        finally:
+            os.close(parent)
+    else:
         shutil.rmtree(path, onerror=_open_up_and_retry)
-        if os.path.lexists(path):
-            raise OSError(errno.EBUSY, f"cannot remove {path}")
+    if os.path.lexists(path):
+        raise OSError(errno.EBUSY, f"cannot remove {path}")
 
 
 def _open_up_and_retry(function: Callable[..., Any], path: str, exc_info: Any) -> None:
