@@ -29,6 +29,7 @@ vacuum of its own, which would copy its 1 GB segment files up into the instance'
     (its postmaster stays and restarts its processes on the new data: every reset after the
     first) or with a new server (the first, which makes the instance's seed of the state).
 
+The resets are measured first, on a machine not yet loaded by the snapshots' pgbench runs.
 Snapshot states are deleted after their sample; everything runs on a throw-away engine that is
 cleaned up at the end.
 """
@@ -633,10 +634,11 @@ def bench(options: Options) -> None:
             big = None if options.extra.resets_only else \
                 build_state(engine, size_label(big_rows), big_rows)
             pool_off(engine)
+            os.sync()  # the builds' writes are not flushed under the resets
+            print(f"resets: {options.runs} runs, interleaved with new instances", flush=True)
+            resets = measure_resets(engine, small, options.runs)  # (before pgbench's load)
             results = {} if big is None else \
                 measure_snapshots(engine, (small, big), work, seconds, options.runs)
-            print(f"resets: {options.runs} runs, interleaved with new instances", flush=True)
-            resets = measure_resets(engine, small, options.runs)
             snapshot_server, reset_server = served_in(engine, "snapshot"), served_in(engine,
                                                                                       "reset")
         reset, create = median(resets.reset_s), median(resets.create_s)
