@@ -3177,6 +3177,14 @@ def works_in(pid: int, directory: str) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
+def process_cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read(1 << 16)
+    except OSError:
+        return b""
+
+
 def parent_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
@@ -3402,11 +3410,15 @@ class PostgresDbms:
                 del self._children[pid]
 
     def stop_by_data_dir(self, data_dir: str) -> None:
-        """Stop whatever server holds ``data_dir`` (used when cleaning up after a crash)."""
+        """Stop whatever server holds ``data_dir`` (used when cleaning up after a crash). The
+        lock file is the server user's, so its pid is believed only for a postgres process
+        whose command line names the runtime (the directory above ``data_dir``, a random
+        key): never another instance's server, nor a container's (whose pids are not ours)."""
         lines = read_postmaster_pid(data_dir)
         if lines and lines[0].strip().isdigit():
             pid = int(lines[0].strip())
-            if pid_alive(pid) and self.is_postgres(pid):
+            key = os.path.basename(os.path.dirname(os.path.abspath(data_dir))).encode()
+            if pid_alive(pid) and self.is_postgres(pid) and key in process_cmdline(pid):
                 self.kill(pid)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(data_dir, "postmaster.pid"))

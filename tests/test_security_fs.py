@@ -332,6 +332,33 @@ def test_a_fifo_for_postmaster_pid_does_not_hang_a_restart(engine_factory: Any) 
     assert again.get(f"/v1/instances/{instance_id}").status == 404
 
 
+def test_a_lock_file_naming_another_server_does_not_get_it_killed(engine_factory: Any) -> None:
+    """The server of instance A writes the pid of instance B's postmaster into its own lock
+    file; A's server and the engine die; deleting A (which stops whatever server its lock
+    file names) leaves B's server alone: a pid from a lock file is believed only for a
+    postgres process whose command line names A's runtime."""
+    engine: EngineProcess = without_warm_pool(engine_factory())
+    if not on_host(engine):
+        pytest.skip("a container's pids are not the engine's to signal")
+    first = prepared(engine, "-c", "create table a(x int)")["result"]
+    second = prepared(engine, "-c", "create table b(x int)")["result"]
+    victim = postmaster_pid(engine, second["instance_id"])
+    own = postmaster_pid(engine, first["instance_id"])
+    assert victim and own
+    sql_via_run(engine, first["instance_id"],
+                f"copy (select 1) to program 'echo {victim} > postmaster.pid'")
+    kill_engine(engine)
+    os.kill(own, signal.SIGKILL)
+    poll(lambda: gone(own), 30, what=f"postmaster {own} to exit")
+    again: EngineProcess = engine_factory(state_dir=engine.state_dir, wait=False)
+    again.wait_ready(HEALTHY_DEADLINE)
+    deleted = again.delete(f"/v1/instances/{first['instance_id']}?force=true",
+                           timeout=HEALTHY_DEADLINE)
+    assert deleted.status == 200, deleted.body
+    assert not gone(victim), "another instance's server was killed"
+    assert psql(second["dsn"], "select count(*) from b") == "0"
+
+
 @RUNTIMES
 def test_hostile_top_level_files_neither_hang_nor_leak_a_snapshot_or_reset(
         engine_factory: Any) -> None:
