@@ -2006,8 +2006,8 @@ def event_index(digits: str) -> int:
 
 ###############################################################################
 # snapshot: writable clones of immutable directories and atomic publication of states.
-# Owns mounts under the expose root and the directories it is handed; may call nothing but ids
-# and errors.
+# Owns mounts under the expose root, instances' server directories beside them and the
+# directories it is handed; may call nothing but ids and errors.
 ###############################################################################
 
 MS_RDONLY = 1
